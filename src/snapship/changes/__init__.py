@@ -1,0 +1,1 @@
+"""Change sources: which byte ranges of a volume changed since its last backup."""

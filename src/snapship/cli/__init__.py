@@ -1,0 +1,1 @@
+"""The `snapship` command line: parses arguments, builds concrete objects, prints results."""

@@ -1,0 +1,57 @@
+"""Entry point: the argument parser and the one place errors become messages and exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+from snapship import __version__
+from snapship.cli import repo_commands, transfer_commands
+from snapship.errors import SnapshipError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--repo", default=os.environ.get("SNAPSHIP_REPO"),
+                        help="repository directory (default: $SNAPSHIP_REPO)")
+    common.add_argument("--passphrase-file", metavar="FILE",
+                        help="read the passphrase from FILE (default: $SNAPSHIP_PASSPHRASE, "
+                        "else a prompt)")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+
+    parser = argparse.ArgumentParser(
+        prog="snapship", description="Block-level, deduplicating, encrypted backups."
+    )
+    parser.add_argument("--version", action="version", version=f"snapship {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    repo_commands.register(sub, common)
+    transfer_commands.register(sub, common)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except SnapshipError as e:
+        print(f"snapship: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("snapship: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 141
+    except Exception as e:  # a bug: say so in one line, trace only on request
+        print(f"snapship: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        if os.environ.get("SNAPSHIP_DEBUG"):
+            traceback.print_exc()
+        else:
+            print("snapship: set SNAPSHIP_DEBUG=1 for a traceback", file=sys.stderr)
+        return 70
+
+
+if __name__ == "__main__":
+    sys.exit(main())

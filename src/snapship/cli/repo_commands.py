@@ -1,0 +1,176 @@
+"""`snapship init`, `versions`, `show` and `verify`: creating and inspecting a repository."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from snapship.cli.context import open_repository, open_storage, passphrase_source
+from snapship.cli.output import TerminalProgress, human_bytes, parse_size, print_json
+from snapship.cli.transfer_commands import parse_ref
+from snapship.engine.verify import run_verify
+from snapship.errors import UsageError
+from snapship.formats.constants import DEFAULT_CHUNK_SIZE, ENCRYPTION_AES_GCM, ENCRYPTIONS
+from snapship.formats.manifest import Manifest
+from snapship.repository.repo import Repository
+from snapship.types import ZERO_ID
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    try:
+        chunk_size = parse_size(args.chunk_size)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    repo = Repository.create(
+        open_storage(args.repo),
+        encryption=args.encryption,
+        chunk_size=chunk_size,
+        passphrase=passphrase_source(args, confirm=True),
+    )
+    info = {
+        "repository": repo.storage.describe(),
+        "id": repo.config.repo_id,
+        "chunk_size": repo.chunk_size,
+        "encryption": repo.config.encryption,
+    }
+    if args.json:
+        print_json(info)
+    else:
+        print(
+            f"created repository {info['repository']} (chunk size "
+            f"{human_bytes(repo.chunk_size)}, encryption {repo.config.encryption})"
+        )
+    return 0
+
+
+def version_summary(m: Manifest) -> dict[str, Any]:
+    """What `show` reports: sizes, what the version costs in the repository, and its ratios."""
+    unique = m.unique_chunks()
+    nonzero = sum(1 for i in range(m.count) if m.chunk(i) != ZERO_ID)
+    data_bytes = sum(m.chunk_span(i)[1] for i in range(m.count) if m.chunk(i) != ZERO_ID)
+    s = m.stats
+    return {
+        "volume": m.volume,
+        "version": m.version,
+        "created": m.created,
+        "source": m.source,
+        "parent": m.parent,
+        "labels": m.labels,
+        "size": m.size,
+        "chunk_size": m.chunk_size,
+        "chunks": m.count,
+        "zero_chunks": m.count - nonzero,
+        "unique_chunks": len(unique),
+        "data_bytes": data_bytes,
+        "stored_bytes": sum(unique.values()),
+        "new_bytes_stored": s.get("bytes_new_stored", 0),
+        "dedup_ratio": round(nonzero / len(unique), 3) if unique else 1.0,
+        "compression_ratio": round(s["bytes_new"] / s["bytes_new_stored"], 3)
+        if s.get("bytes_new_stored")
+        else None,
+        "duration": s.get("duration"),
+        "stats": s,
+    }
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    repo = open_repository(args)
+    rows = [version_summary(repo.load_manifest(v, ver)) for v, ver in
+            repo.list_versions(args.volume)]
+    if args.json:
+        print_json(rows)
+        return 0
+    if not rows:
+        print("no versions")
+    for r in rows:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(r["labels"].items()))
+        print(
+            f"{r['volume']}@{r['version']}  {r['created']}  {human_bytes(r['size']):>10}  "
+            f"+{human_bytes(r['new_bytes_stored']):>10} new  {labels}"
+        )
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    repo = open_repository(args)
+    volume, version = repo.resolve(parse_ref(args.version_ref))
+    info = version_summary(repo.load_manifest(volume, version))
+    if args.json:
+        print_json(info)
+        return 0
+    s = info["stats"]
+    comp = info["compression_ratio"]
+    lines = [
+        f"version      {volume}@{version}",
+        f"created      {info['created']}  ({s.get('mode')}, {info['duration']} s)",
+        f"source       {info['source']}",
+        f"parent       {info['parent'] or '-'}",
+        f"size         {human_bytes(info['size'])} ({info['size']} bytes), "
+        f"{info['chunks']} chunks of {human_bytes(info['chunk_size'])}",
+        f"data         {human_bytes(info['data_bytes'])} non-zero, "
+        f"{info['zero_chunks']} zero chunks (not stored)",
+        f"stored       {human_bytes(info['stored_bytes'])} in {info['unique_chunks']} "
+        "unique chunks",
+        f"new          {human_bytes(info['new_bytes_stored'])} added by this version "
+        f"({s.get('chunks_new', 0)} chunks)",
+        f"dedup        {info['dedup_ratio']}x within the version; compression of new data "
+        + (f"{comp}x" if comp else "-"),
+        f"read         {human_bytes(s.get('bytes_read', 0))} in {s.get('chunks_read')} chunks",
+    ]
+    if info["labels"]:
+        lines.append("labels       " + ", ".join(f"{k}={v}" for k, v in info["labels"].items()))
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    repo = open_repository(args)
+    report = run_verify(
+        repo, deep=args.deep, volume=args.volume, progress=TerminalProgress("verify")
+    )
+    if args.json:
+        print_json(
+            {
+                "ok": report.ok,
+                "deep": args.deep,
+                "versions": report.versions,
+                "chunks": report.chunks,
+                "bytes_checked": report.bytes_checked,
+                "bad_manifests": report.bad_manifests,
+                "bad_chunks": report.bad_chunks,
+                "affected_versions": report.affected,
+            }
+        )
+    else:
+        for name, problem in report.bad_manifests.items():
+            print(f"BAD manifest {name}: {problem}")
+        for hexid, problem in report.bad_chunks.items():
+            print(f"BAD chunk {hexid}: {problem}")
+        for name, hexids in report.affected.items():
+            print(f"AFFECTED {name}: {len(hexids)} bad chunk(s)")
+        mode = "deep" if args.deep else "fast"
+        status = "ok" if report.ok else "FAILED"
+        print(f"verify ({mode}): {report.versions} versions, {report.chunks} chunks: {status}")
+    return 0 if report.ok else 1
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+             common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("init", parents=[common], help="create a repository")
+    p.add_argument("--encryption", choices=ENCRYPTIONS, default=ENCRYPTION_AES_GCM)
+    p.add_argument("--chunk-size", default=str(DEFAULT_CHUNK_SIZE),
+                   help="power of two from 64K to 16M (default: %(default)s bytes)")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("versions", parents=[common], help="list versions")
+    p.add_argument("--volume", help="only this volume")
+    p.set_defaults(func=cmd_versions)
+
+    p = sub.add_parser("show", parents=[common], help="details of one version")
+    p.add_argument("version_ref", metavar="VOLUME[@VERSION]")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("verify", parents=[common], help="check that every version is restorable")
+    p.add_argument("--deep", action="store_true", help="read, decrypt and hash every chunk")
+    p.add_argument("--volume", help="only versions of this volume")
+    p.set_defaults(func=cmd_verify)

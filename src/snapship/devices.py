@@ -1,0 +1,136 @@
+"""The edge to block devices and image files: opening, sizing, reading and writing them.
+
+Everything that touches a backup source or a restore target goes through here, so the engines
+can be tested against plain files and the errors users see name the path and the offset.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+
+from snapship.errors import SourceError, TargetError
+
+_ZERO_BLOCK = bytes(1 << 20)
+
+
+def _kind(mode: int) -> str | None:
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISBLK(mode):
+        return "block device"
+    return None
+
+
+class Source:
+    """A file or block device opened for reading whole chunks by offset."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise SourceError(f"cannot open source {path}: {e.strerror or e}") from None
+        st = os.fstat(self.fd)
+        kind = _kind(st.st_mode)
+        if kind is None:
+            os.close(self.fd)
+            raise SourceError(f"source {path} is not a regular file or a block device")
+        self.kind = kind
+        self.size = os.lseek(self.fd, 0, os.SEEK_END) if kind == "block device" else st.st_size
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Exactly `length` bytes at `offset` (pread releases the GIL)."""
+        try:
+            data = os.pread(self.fd, length, offset)
+            while len(data) < length:
+                more = os.pread(self.fd, length - len(data), offset + len(data))
+                if not more:
+                    raise SourceError(
+                        f"source {self.path} ended at {offset + len(data)}, "
+                        f"before its size {self.size} (did it shrink during the backup?)"
+                    )
+                data += more
+        except OSError as e:
+            raise SourceError(
+                f"cannot read source {self.path} at offset {offset}: {e.strerror or e}"
+            ) from None
+        return data
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class Target:
+    """A restore target: a regular file made sparse, or a block device written in full."""
+
+    path: str
+    fd: int
+    is_block: bool
+
+    @classmethod
+    def open(cls, path: str, size: int) -> Target:
+        try:
+            st: os.stat_result | None = os.stat(path)
+        except FileNotFoundError:
+            st = None
+        except OSError as e:
+            raise TargetError(f"cannot open target {path}: {e.strerror or e}") from None
+        if st is not None and _kind(st.st_mode) is None:
+            raise TargetError(f"target {path} is not a regular file or a block device")
+        is_block = st is not None and stat.S_ISBLK(st.st_mode)
+        try:
+            if is_block:
+                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+                dev_size = os.lseek(fd, 0, os.SEEK_END)
+                if dev_size < size:
+                    os.close(fd)
+                    raise TargetError(
+                        f"target device {path} is too small: {dev_size} bytes, need {size}"
+                    )
+            else:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                # Emptying first leaves holes wherever the image has zero chunks.
+                os.ftruncate(fd, 0)
+                os.ftruncate(fd, size)
+        except OSError as e:
+            raise TargetError(f"cannot prepare target {path}: {e.strerror or e}") from None
+        return cls(path, fd, is_block)
+
+    def write(self, offset: int, data: bytes) -> None:
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.pwrite(self.fd, view, offset)
+                view, offset = view[n:], offset + n
+        except OSError as e:
+            raise TargetError(
+                f"cannot write target {self.path} at offset {offset}: {e.strerror or e}"
+            ) from None
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Zero a range. Files already read as zero there (holes); devices must be written."""
+        if not self.is_block:
+            return
+        while length:
+            n = min(length, len(_ZERO_BLOCK))
+            self.write(offset, _ZERO_BLOCK[:n] if n < len(_ZERO_BLOCK) else _ZERO_BLOCK)
+            offset, length = offset + n, length - n
+
+    def close(self) -> None:
+        try:
+            os.fsync(self.fd)
+        except OSError as e:
+            raise TargetError(f"cannot flush target {self.path}: {e.strerror or e}") from None
+        finally:
+            os.close(self.fd)

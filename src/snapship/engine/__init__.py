@@ -1,0 +1,1 @@
+"""Engines: backup, restore and verify, written against `Repository` and `devices` only."""

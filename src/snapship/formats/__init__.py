@@ -1,0 +1,1 @@
+"""Byte-level codecs of the repository format v1 (see docs/format.md); no I/O here."""

@@ -1,0 +1,130 @@
+"""The repository's `config` object and its passphrase-wrapped key file (both JSON).
+
+`config` says how the repository is laid out (format version, chunk size, encryption). In an
+encrypted repository it carries a MAC made with a key derived from the master secret, so that
+whoever controls the storage cannot silently change, say, the chunk size or switch encryption
+off. The key file `keys/repokey` holds the master secret wrapped under a passphrase-derived key.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from snapship.errors import FormatError
+from snapship.formats.constants import (
+    ENCRYPTION_NONE,
+    ENCRYPTIONS,
+    FORMAT_VERSION,
+    KEYFILE_VERSION,
+    MAX_CHUNK_SIZE,
+    MIN_CHUNK_SIZE,
+)
+
+
+def _canonical(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class RepoConfig:
+    repo_id: str
+    chunk_size: int
+    encryption: str
+    created: str
+    format: str = "snapship"
+    version: int = FORMAT_VERSION
+    hash: str = "blake3"
+    compression: str = "zstd"
+
+    @property
+    def encrypted(self) -> bool:
+        return self.encryption != ENCRYPTION_NONE
+
+    def signed_part(self) -> bytes:
+        return _canonical(asdict(self))
+
+
+def encode_config(cfg: RepoConfig, mac: bytes | None) -> bytes:
+    obj: dict[str, Any] = asdict(cfg)
+    if mac is not None:
+        obj["mac"] = mac.hex()
+    return json.dumps(obj, sort_keys=True, indent=1).encode() + b"\n"
+
+
+def decode_config(data: bytes) -> tuple[RepoConfig, bytes | None]:
+    """Parse and check `config`; returns it with its MAC (checked later, once unlocked)."""
+    try:
+        obj = json.loads(data)
+        if obj.get("format") != "snapship":
+            raise FormatError("not a snapship repository (config has no snapship format tag)")
+        if obj.get("version") != FORMAT_VERSION:
+            raise FormatError(
+                f"repository format version {obj.get('version')} is not supported "
+                f"(this snapship reads version {FORMAT_VERSION})"
+            )
+        mac_hex = obj.pop("mac", None)
+        cfg = RepoConfig(**obj)
+        mac = bytes.fromhex(mac_hex) if mac_hex is not None else None
+    except (ValueError, TypeError, AttributeError) as e:
+        raise FormatError(f"repository config is malformed: {e}") from None
+    cs = cfg.chunk_size
+    if not isinstance(cs, int) or cs < MIN_CHUNK_SIZE or cs > MAX_CHUNK_SIZE or cs & (cs - 1):
+        raise FormatError(f"repository config has an invalid chunk size {cs!r}")
+    if cfg.encryption not in ENCRYPTIONS:
+        raise FormatError(f"repository uses unknown encryption {cfg.encryption!r}")
+    if (cfg.hash, cfg.compression) != ("blake3", "zstd"):
+        raise FormatError(f"repository uses unknown hash/compression {cfg.hash}/{cfg.compression}")
+    if cfg.encrypted and mac is None:
+        raise FormatError("encrypted repository config has no MAC")
+    return cfg, mac
+
+
+@dataclass(frozen=True)
+class KeyFile:
+    kdf: str
+    n: int
+    r: int
+    p: int
+    salt: bytes
+    nonce: bytes
+    wrapped: bytes
+    version: int = KEYFILE_VERSION
+
+
+def _b64(b: bytes) -> str:
+    return base64.b64encode(b).decode()
+
+
+def encode_keyfile(k: KeyFile) -> bytes:
+    obj = {
+        "version": k.version,
+        "kdf": {"name": k.kdf, "n": k.n, "r": k.r, "p": k.p, "salt": _b64(k.salt)},
+        "cipher": "aes-256-gcm",
+        "nonce": _b64(k.nonce),
+        "wrapped": _b64(k.wrapped),
+    }
+    return json.dumps(obj, indent=1).encode() + b"\n"
+
+
+def decode_keyfile(data: bytes) -> KeyFile:
+    try:
+        obj = json.loads(data)
+        if obj["version"] != KEYFILE_VERSION:
+            raise FormatError(f"key file version {obj['version']} is not supported")
+        kdf = obj["kdf"]
+        if kdf["name"] != "scrypt" or obj["cipher"] != "aes-256-gcm":
+            raise FormatError(f"key file uses unknown kdf/cipher {kdf['name']}/{obj['cipher']}")
+        return KeyFile(
+            kdf="scrypt",
+            n=int(kdf["n"]),
+            r=int(kdf["r"]),
+            p=int(kdf["p"]),
+            salt=base64.b64decode(kdf["salt"], validate=True),
+            nonce=base64.b64decode(obj["nonce"], validate=True),
+            wrapped=base64.b64decode(obj["wrapped"], validate=True),
+        )
+    except (ValueError, KeyError, TypeError) as e:
+        raise FormatError(f"repository key file is malformed: {e}") from None

@@ -1,0 +1,41 @@
+"""Every magic number, version and limit of the repository format, in one place."""
+
+from __future__ import annotations
+
+FORMAT_VERSION = 1
+"""Version of the repository layout; `config` carries it and readers reject any other."""
+
+CONFIG_KEY = "config"
+KEY_KEY = "keys/repokey"
+CHUNK_PREFIX = "chunks/"
+VERSION_PREFIX = "versions/"
+
+OBJECT_MAGIC = b"SNPO"
+OBJECT_VERSION = 1
+OBJECT_HEADER_LEN = 8
+KIND_CHUNK = 1
+KIND_MANIFEST = 2
+FLAG_ZSTD = 0x01
+FLAG_ENCRYPTED = 0x02
+KNOWN_FLAGS = FLAG_ZSTD | FLAG_ENCRYPTED
+NONCE_LEN = 12
+TAG_LEN = 16
+CHECKSUM_LEN = 32
+
+MANIFEST_MAGIC = b"SNPM"
+MANIFEST_VERSION = 1
+
+KEYFILE_VERSION = 1
+
+ENCRYPTION_AES_GCM = "aes-256-gcm"
+ENCRYPTION_NONE = "none"
+ENCRYPTIONS = (ENCRYPTION_AES_GCM, ENCRYPTION_NONE)
+
+MIN_CHUNK_SIZE = 64 * 1024
+MAX_CHUNK_SIZE = 16 * 1024 * 1024
+DEFAULT_CHUNK_SIZE = 1024 * 1024
+
+ZSTD_LEVEL = 1
+MAX_MANIFEST_HEADER = 1 << 20
+
+ID_LEN = 32

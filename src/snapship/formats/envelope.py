@@ -1,0 +1,110 @@
+"""The object envelope: how a chunk or manifest is compressed, encrypted and checked.
+
+Layout (docs/format.md, "Objects"): an 8-byte header `magic "SNPO" | version u8 | kind u8 |
+flags u8 | reserved u8`, then either `nonce(12) | AES-256-GCM ciphertext+tag` (encrypted) or
+`payload | BLAKE3(header | name | payload)` (unencrypted). The header and the object's name are
+authenticated, so an object cannot be altered, truncated, or moved to another name unnoticed.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+
+import zstandard
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from snapship import crypto
+from snapship.errors import Corrupt, FormatError
+from snapship.formats.constants import (
+    CHECKSUM_LEN,
+    FLAG_ENCRYPTED,
+    FLAG_ZSTD,
+    KNOWN_FLAGS,
+    NONCE_LEN,
+    OBJECT_HEADER_LEN,
+    OBJECT_MAGIC,
+    OBJECT_VERSION,
+    TAG_LEN,
+    ZSTD_LEVEL,
+)
+
+_HEADER = struct.Struct("<4sBBBB")
+_local = threading.local()
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    # zstd contexts are not thread-safe; one per thread avoids re-allocating per chunk.
+    c: zstandard.ZstdCompressor | None = getattr(_local, "cctx", None)
+    if c is None:
+        c = _local.cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    return c
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    d: zstandard.ZstdDecompressor | None = getattr(_local, "dctx", None)
+    if d is None:
+        d = _local.dctx = zstandard.ZstdDecompressor()
+    return d
+
+
+def seal(
+    kind: int, name: bytes, payload: bytes | memoryview, aead: AESGCM | None, compress: bool = True
+) -> bytes:
+    """Encode `payload` as a stored object called `name`; zstd is kept only if it shrinks it."""
+    flags = 0
+    body: bytes | memoryview = payload
+    if compress:
+        packed = _compressor().compress(payload)
+        if len(packed) < len(payload):
+            body, flags = packed, FLAG_ZSTD
+    if aead is not None:
+        flags |= FLAG_ENCRYPTED
+    header = _HEADER.pack(OBJECT_MAGIC, OBJECT_VERSION, kind, flags, 0)
+    if aead is not None:
+        return header + crypto.encrypt(aead, body, header + name)
+    return b"".join((header, body, crypto.checksum(header, name, body)))
+
+
+def open_sealed(
+    kind: int, name: bytes, blob: bytes, aead: AESGCM | None, max_size: int, what: str
+) -> bytes:
+    """Check and decode a stored object; `what` names it in errors (e.g. "chunk 3fa9...")."""
+    if len(blob) < OBJECT_HEADER_LEN:
+        raise Corrupt(f"{what} is damaged: truncated to {len(blob)} bytes")
+    magic, version, got_kind, flags, _ = _HEADER.unpack_from(blob)
+    if magic != OBJECT_MAGIC:
+        raise Corrupt(f"{what} is damaged: bad magic {magic!r}")
+    if version != OBJECT_VERSION:
+        raise FormatError(f"{what} has object format version {version}; this snapship reads 1")
+    if got_kind != kind:
+        raise Corrupt(f"{what} is damaged: object kind {got_kind}, expected {kind}")
+    if flags & ~KNOWN_FLAGS:
+        raise FormatError(f"{what} uses unknown flags {flags:#x}")
+    encrypted = bool(flags & FLAG_ENCRYPTED)
+    if encrypted != (aead is not None):
+        state = "encrypted" if encrypted else "unencrypted"
+        raise Corrupt(f"{what} is {state}, which does not match the repository")
+    header = blob[:OBJECT_HEADER_LEN]
+    mv = memoryview(blob)[OBJECT_HEADER_LEN:]
+    if aead is not None:
+        if len(mv) < NONCE_LEN + TAG_LEN:
+            raise Corrupt(f"{what} is damaged: truncated to {len(blob)} bytes")
+        try:
+            body = crypto.decrypt(aead, mv, header + name)
+        except InvalidTag:
+            raise Corrupt(f"{what} is damaged or tampered with (authentication failed)") from None
+    else:
+        if len(mv) < CHECKSUM_LEN:
+            raise Corrupt(f"{what} is damaged: truncated to {len(blob)} bytes")
+        body_mv = mv[:-CHECKSUM_LEN]
+        if crypto.checksum(header, name, body_mv) != mv[-CHECKSUM_LEN:]:
+            raise Corrupt(f"{what} is damaged (checksum mismatch)")
+        body = bytes(body_mv)
+    if flags & FLAG_ZSTD:
+        try:
+            return _decompressor().decompress(body, max_output_size=max_size)
+        except zstandard.ZstdError as e:
+            raise Corrupt(f"{what} is damaged: {e}") from None
+    return body

@@ -1,0 +1,191 @@
+"""The version manifest: one backup of one volume as a fixed index of chunk ids.
+
+Plaintext layout (docs/format.md, "Manifests"), sealed in an object envelope of kind MANIFEST:
+`magic "SNPM" | version u16 | reserved u16 | header_len u32 | header JSON | count u64 |
+ids (count x 32 bytes) | stored sizes (count x u32)`, integers little-endian. Chunk `i` covers
+bytes [i*chunk_size, min((i+1)*chunk_size, size)); the all-zero id marks an all-zero chunk.
+Every manifest lists every chunk, so any version restores without reading another one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import sys
+from array import array
+from dataclasses import dataclass, field
+from typing import Any
+
+from snapship.errors import FormatError, UsageError
+from snapship.formats.constants import (
+    ID_LEN,
+    MANIFEST_MAGIC,
+    MANIFEST_VERSION,
+    MAX_CHUNK_SIZE,
+    MAX_MANIFEST_HEADER,
+    MIN_CHUNK_SIZE,
+)
+from snapship.types import ZERO_ID
+
+_PREFIX = struct.Struct("<4sHHI")
+_COUNT = struct.Struct("<Q")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+
+
+def check_name(kind: str, name: str) -> str:
+    """Volume names and version ids become object keys: keep them to a safe alphabet."""
+    if not _NAME.fullmatch(name):
+        raise UsageError(
+            f"invalid {kind} name {name!r}: use letters, digits and . _ + - (at most 128)"
+        )
+    return name
+
+
+def chunk_count(size: int, chunk_size: int) -> int:
+    return -(-size // chunk_size)
+
+
+def _le_u32(values: array[int]) -> bytes:
+    if sys.byteorder == "big":
+        values = array("I", values)
+        values.byteswap()
+    return values.tobytes()
+
+
+@dataclass
+class Manifest:
+    """One version. `ids` is the concatenation of the chunk ids, `sizes` their stored sizes."""
+
+    volume: str
+    version: str
+    size: int
+    chunk_size: int
+    created: str
+    source: str
+    parent: str | None
+    ids: bytes
+    sizes: array[int]
+    labels: dict[str, str] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        return len(self.sizes)
+
+    def chunk(self, index: int) -> bytes:
+        return self.ids[index * ID_LEN : (index + 1) * ID_LEN]
+
+    def chunk_span(self, index: int) -> tuple[int, int]:
+        """(offset, length) of chunk `index` in the volume."""
+        offset = index * self.chunk_size
+        return offset, min(self.chunk_size, self.size - offset)
+
+    def unique_chunks(self) -> dict[bytes, int]:
+        """Distinct non-zero chunk ids with their stored sizes."""
+        out: dict[bytes, int] = {}
+        for i in range(self.count):
+            cid = self.chunk(i)
+            if cid != ZERO_ID:
+                out[cid] = self.sizes[i]
+        return out
+
+    def header(self) -> dict[str, Any]:
+        return {
+            "volume": self.volume,
+            "version": self.version,
+            "size": self.size,
+            "chunk_size": self.chunk_size,
+            "created": self.created,
+            "source": self.source,
+            "parent": self.parent,
+            "labels": self.labels,
+            "stats": self.stats,
+        }
+
+
+def encode(m: Manifest) -> bytes:
+    validate(m)
+    header = json.dumps(m.header(), sort_keys=True, separators=(",", ":")).encode()
+    return b"".join(
+        (
+            _PREFIX.pack(MANIFEST_MAGIC, MANIFEST_VERSION, 0, len(header)),
+            header,
+            _COUNT.pack(m.count),
+            m.ids,
+            _le_u32(m.sizes),
+        )
+    )
+
+
+def decode(data: bytes, what: str) -> Manifest:
+    """Parse a manifest body; `what` names it in errors. Rejects anything not exactly v1."""
+    if len(data) < _PREFIX.size:
+        raise FormatError(f"{what} is truncated")
+    magic, version, _, header_len = _PREFIX.unpack_from(data)
+    if magic != MANIFEST_MAGIC:
+        raise FormatError(f"{what} is not a manifest (magic {magic!r})")
+    if version != MANIFEST_VERSION:
+        raise FormatError(f"{what} has manifest version {version}; this snapship reads 1")
+    if header_len > MAX_MANIFEST_HEADER:
+        raise FormatError(f"{what} has an oversized header ({header_len} bytes)")
+    pos = _PREFIX.size
+    try:
+        h = json.loads(data[pos : pos + header_len])
+        pos += header_len
+        (count,) = _COUNT.unpack_from(data, pos)
+        pos += _COUNT.size
+        ids = data[pos : pos + count * ID_LEN]
+        pos += count * ID_LEN
+        sizes = array("I")
+        sizes.frombytes(data[pos : pos + count * 4])
+        pos += count * 4
+        if sys.byteorder == "big":
+            sizes.byteswap()
+        m = Manifest(
+            volume=_typed(h, "volume", str),
+            version=_typed(h, "version", str),
+            size=_typed(h, "size", int),
+            chunk_size=_typed(h, "chunk_size", int),
+            created=_typed(h, "created", str),
+            source=_typed(h, "source", str),
+            parent=h["parent"] if h.get("parent") is None else _typed(h, "parent", str),
+            ids=ids,
+            sizes=sizes,
+            labels=_typed(h, "labels", dict),
+            stats=_typed(h, "stats", dict),
+        )
+    except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as e:
+        raise FormatError(f"{what} is malformed: {e}") from None
+    if pos != len(data) or len(ids) != count * ID_LEN:
+        raise FormatError(f"{what} has {len(data) - pos:+d} bytes beyond its chunk list")
+    try:
+        validate(m)
+    except (ValueError, UsageError) as e:
+        raise FormatError(f"{what} is inconsistent: {e}") from None
+    return m
+
+
+def _typed(h: dict[str, Any], key: str, typ: type) -> Any:
+    value = h[key]
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise ValueError(f"field {key!r} is not a {typ.__name__}")
+    return value
+
+
+def validate(m: Manifest) -> None:
+    check_name("volume", m.volume)
+    check_name("version", m.version)
+    if m.size < 0:
+        raise ValueError(f"negative size {m.size}")
+    cs = m.chunk_size
+    if cs < MIN_CHUNK_SIZE or cs > MAX_CHUNK_SIZE or cs & (cs - 1):
+        raise ValueError(f"chunk size {cs} is not a power of two in 64 KiB..16 MiB")
+    n = chunk_count(m.size, cs)
+    if len(m.sizes) != n or len(m.ids) != n * ID_LEN:
+        raise ValueError(f"{len(m.sizes)} chunks listed, {n} expected for {m.size} bytes")
+    for i in range(n):
+        if (m.chunk(i) == ZERO_ID) != (m.sizes[i] == 0):
+            raise ValueError(f"chunk {i}: zero marker and stored size disagree")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in m.labels.items()):
+        raise ValueError("labels must map strings to strings")

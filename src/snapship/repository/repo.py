@@ -1,0 +1,235 @@
+"""`Repository`: opens or creates a repository and reads and writes its objects.
+
+It turns plaintext chunks into sealed objects under content addresses and back, and keeps the
+write order that makes a repository crash-safe: chunks, then `flush()`, then the manifest, then
+`flush()` again. A manifest is therefore only ever visible when every chunk it lists is durable.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+import uuid
+from collections.abc import Callable
+
+from snapship import crypto
+from snapship.crypto import Keys, ScryptParams
+from snapship.errors import AuthFailed, Corrupt, NotFound, ObjectNotFound, UsageError
+from snapship.formats import envelope
+from snapship.formats import manifest as manifest_codec
+from snapship.formats.config import (
+    KeyFile,
+    RepoConfig,
+    decode_config,
+    decode_keyfile,
+    encode_config,
+    encode_keyfile,
+)
+from snapship.formats.constants import (
+    CHUNK_PREFIX,
+    CONFIG_KEY,
+    DEFAULT_CHUNK_SIZE,
+    ENCRYPTION_AES_GCM,
+    ENCRYPTION_NONE,
+    ENCRYPTIONS,
+    ID_LEN,
+    KEY_KEY,
+    KIND_CHUNK,
+    KIND_MANIFEST,
+    MAX_CHUNK_SIZE,
+    MIN_CHUNK_SIZE,
+    VERSION_PREFIX,
+)
+from snapship.formats.manifest import Manifest, check_name
+from snapship.storage.base import Storage
+from snapship.types import VersionRef
+
+PassphraseSource = Callable[[], bytes]
+_MAX_MANIFEST = 1 << 34
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def new_version_id() -> str:
+    """Sortable by time to the millisecond, unique by a random suffix."""
+    t = dt.datetime.now(dt.UTC)
+    return f"{t:%Y%m%d-%H%M%S}.{t.microsecond // 1000:03d}-{secrets.token_hex(2)}"
+
+
+class Repository:
+    def __init__(self, storage: Storage, config: RepoConfig, keys: Keys | None) -> None:
+        self.storage = storage
+        self.config = config
+        self.keys = keys
+        self._aead = keys.aead if keys else None
+        self._id_key = keys.id_key if keys else None
+
+    @property
+    def chunk_size(self) -> int:
+        return self.config.chunk_size
+
+    # -- creating and opening -------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        storage: Storage,
+        *,
+        encryption: str = ENCRYPTION_AES_GCM,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        passphrase: PassphraseSource | None = None,
+        kdf: ScryptParams | None = None,
+    ) -> Repository:
+        if encryption not in ENCRYPTIONS:
+            raise UsageError(f"unknown encryption {encryption!r}; use {' or '.join(ENCRYPTIONS)}")
+        cs = chunk_size
+        if cs < MIN_CHUNK_SIZE or cs > MAX_CHUNK_SIZE or cs & (cs - 1):
+            raise UsageError(f"chunk size {cs} is not a power of two between 64K and 16M")
+        if storage.stat(CONFIG_KEY) is not None:
+            raise UsageError(f"a repository already exists at {storage.describe()}")
+        cfg = RepoConfig(
+            repo_id=uuid.uuid4().hex, chunk_size=cs, encryption=encryption, created=now_iso()
+        )
+        keys: Keys | None = None
+        mac: bytes | None = None
+        if encryption != ENCRYPTION_NONE:
+            if passphrase is None:
+                raise UsageError("an encrypted repository needs a passphrase")
+            keys = Keys.generate()
+            params = (kdf or ScryptParams()).with_new_salt()
+            kek = crypto.derive_kek(passphrase(), params)
+            nonce, wrapped = crypto.wrap(kek, keys.master, _key_aad(cfg.repo_id))
+            keyfile = KeyFile("scrypt", params.n, params.r, params.p, params.salt, nonce, wrapped)
+            storage.put(KEY_KEY, encode_keyfile(keyfile))
+            mac = keys.mac(cfg.signed_part())
+        # The config goes last: a repository without one was never finished and can be re-made.
+        storage.flush()
+        storage.put(CONFIG_KEY, encode_config(cfg, mac))
+        storage.flush()
+        return cls(storage, cfg, keys)
+
+    @classmethod
+    def open(cls, storage: Storage, passphrase: PassphraseSource | None = None) -> Repository:
+        try:
+            cfg, mac = decode_config(storage.get(CONFIG_KEY))
+        except ObjectNotFound:
+            raise NotFound(f"no snapship repository at {storage.describe()}") from None
+        if not cfg.encrypted:
+            return cls(storage, cfg, None)
+        if passphrase is None:
+            raise AuthFailed("this repository is encrypted: a passphrase is needed")
+        try:
+            keyfile = decode_keyfile(storage.get(KEY_KEY))
+        except ObjectNotFound:
+            raise Corrupt(f"repository key file {KEY_KEY} is missing") from None
+        params = ScryptParams(keyfile.n, keyfile.r, keyfile.p, keyfile.salt)
+        kek = crypto.derive_kek(passphrase(), params)
+        keys = Keys(crypto.unwrap(kek, keyfile.nonce, keyfile.wrapped, _key_aad(cfg.repo_id)))
+        if mac != keys.mac(cfg.signed_part()):
+            raise Corrupt("repository config was altered (its MAC does not match)")
+        return cls(storage, cfg, keys)
+
+    # -- chunks ---------------------------------------------------------------------------
+
+    def chunk_id(self, data: bytes | memoryview) -> bytes:
+        return crypto.chunk_id(data, self._id_key)
+
+    @staticmethod
+    def chunk_key(cid: bytes) -> str:
+        h = cid.hex()
+        return f"{CHUNK_PREFIX}{h[:2]}/{h}"
+
+    def seal_chunk(self, cid: bytes, data: bytes | memoryview) -> bytes:
+        return envelope.seal(KIND_CHUNK, cid, data, self._aead)
+
+    def open_chunk(self, cid: bytes, blob: bytes) -> bytes:
+        """Decode a stored chunk and check it really is the chunk `cid` names."""
+        what = f"chunk {cid.hex()}"
+        data = envelope.open_sealed(KIND_CHUNK, cid, blob, self._aead, self.chunk_size, what)
+        if self.chunk_id(data) != cid:
+            raise Corrupt(f"{what} is damaged: its content does not match its id")
+        return data
+
+    def stat_chunk(self, cid: bytes) -> int | None:
+        return self.storage.stat(self.chunk_key(cid))
+
+    def put_chunk(self, cid: bytes, blob: bytes) -> None:
+        self.storage.put(self.chunk_key(cid), blob)
+
+    def get_chunk(self, cid: bytes) -> bytes:
+        return self.open_chunk(cid, self.storage.get(self.chunk_key(cid)))
+
+    def list_chunks(self) -> dict[bytes, int]:
+        """Every stored chunk id with its stored size."""
+        out: dict[bytes, int] = {}
+        for key, size in self.storage.list(CHUNK_PREFIX):
+            name = key.rsplit("/", 1)[-1]
+            try:
+                cid = bytes.fromhex(name)
+            except ValueError:
+                continue
+            if len(cid) == ID_LEN:
+                out[cid] = size
+        return out
+
+    # -- manifests ------------------------------------------------------------------------
+
+    @staticmethod
+    def manifest_key(volume: str, version: str) -> str:
+        return f"{VERSION_PREFIX}{check_name('volume', volume)}/{check_name('version', version)}"
+
+    def save_manifest(self, m: Manifest) -> None:
+        key = self.manifest_key(m.volume, m.version)
+        blob = envelope.seal(KIND_MANIFEST, key.encode(), manifest_codec.encode(m), self._aead)
+        self.storage.flush()
+        self.storage.put(key, blob)
+        self.storage.flush()
+
+    def load_manifest(self, volume: str, version: str) -> Manifest:
+        key = self.manifest_key(volume, version)
+        try:
+            blob = self.storage.get(key)
+        except ObjectNotFound:
+            raise NotFound(f"volume {volume} has no version {version}") from None
+        what = f"manifest of {volume}@{version}"
+        body = envelope.open_sealed(KIND_MANIFEST, key.encode(), blob, self._aead, _MAX_MANIFEST,
+                                    what)
+        m = manifest_codec.decode(body, what)
+        if (m.volume, m.version) != (volume, version):
+            raise Corrupt(f"{what} names itself {m.volume}@{m.version}")
+        if m.chunk_size != self.chunk_size:
+            raise Corrupt(f"{what} has chunk size {m.chunk_size}, repository {self.chunk_size}")
+        return m
+
+    def list_versions(self, volume: str | None = None) -> list[tuple[str, str]]:
+        """(volume, version) pairs, sorted by volume then age, without reading manifests."""
+        prefix = VERSION_PREFIX + (check_name("volume", volume) + "/" if volume else "")
+        out = []
+        for key, _size in self.storage.list(prefix):
+            parts = key[len(VERSION_PREFIX) :].split("/")
+            if len(parts) == 2:
+                out.append((parts[0], parts[1]))
+        return sorted(out)
+
+    def resolve(self, ref: VersionRef) -> tuple[str, str]:
+        """Turn `volume@version` into an existing version; accepts a unique id prefix."""
+        versions = [v for _, v in self.list_versions(ref.volume)]
+        if not versions:
+            raise NotFound(f"volume {ref.volume} has no versions in this repository")
+        if ref.version in (None, "latest"):
+            return ref.volume, versions[-1]
+        assert ref.version is not None
+        if ref.version in versions:
+            return ref.volume, ref.version
+        matches = [v for v in versions if v.startswith(ref.version)]
+        if len(matches) == 1:
+            return ref.volume, matches[0]
+        if matches:
+            raise UsageError(f"version {ref.version!r} of {ref.volume} is ambiguous")
+        raise NotFound(f"volume {ref.volume} has no version {ref.version}")
+
+
+def _key_aad(repo_id: str) -> bytes:
+    return b"snapship key v1 " + repo_id.encode()

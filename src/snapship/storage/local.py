@@ -1,0 +1,113 @@
+"""The local-directory backend, the embedded default.
+
+Each object is a file at `ROOT/<key>`; keys already fan out (`chunks/ab/<id>`), so no directory
+grows huge. A put writes a uniquely named temporary file in the target directory and renames
+it into place: a process killed at any moment leaves either no object or the whole object,
+plus at worst a `.tmp-*` file that listing ignores and `gc` removes. `flush()` calls syncfs(2)
+once for the whole file system instead of an fsync per chunk; the repository calls it before
+writing a manifest, so no durable manifest can point at a chunk still only in the page cache.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import secrets
+from collections.abc import Iterator
+
+from snapship.errors import ObjectNotFound, StorageError
+from snapship.storage.base import check_key
+
+TMP_PREFIX = ".tmp-"
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class LocalStorage:
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, check_key(key))
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        directory = os.path.dirname(path)
+        tmp = os.path.join(directory, TMP_PREFIX + secrets.token_hex(8))
+        try:
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileNotFoundError:
+                os.makedirs(directory, exist_ok=True)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            os.rename(tmp, path)
+        except OSError as e:
+            _unlink_quietly(tmp)
+            raise StorageError(f"cannot write {path}: {e.strerror or e}") from None
+
+    def get(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise ObjectNotFound(key) from None
+        except OSError as e:
+            raise StorageError(f"cannot read {path}: {e.strerror or e}") from None
+
+    def stat(self, key: str) -> int | None:
+        try:
+            return os.stat(self._path(key)).st_size
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise StorageError(f"cannot stat {self._path(key)}: {e.strerror or e}") from None
+
+    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+        # Walk only the directories that can hold keys with this prefix.
+        base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        start = os.path.join(self.root, base) if base else self.root
+        for dirpath, dirnames, filenames in os.walk(start):
+            dirnames[:] = [d for d in dirnames if not d.startswith(TMP_PREFIX)]
+            rel = os.path.relpath(dirpath, self.root)
+            rel = "" if rel == "." else rel + "/"
+            for name in filenames:
+                key = rel + name
+                if name.startswith(TMP_PREFIX) or not key.startswith(prefix):
+                    continue
+                try:
+                    size = os.stat(os.path.join(dirpath, name)).st_size
+                except FileNotFoundError:
+                    continue
+                yield key, size
+
+    def delete(self, key: str) -> None:
+        _unlink_quietly(self._path(key))
+
+    def flush(self) -> None:
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if _libc.syncfs(fd) != 0:
+                err = ctypes.get_errno()
+                raise StorageError(f"syncfs {self.root}: {os.strerror(err)}")
+        finally:
+            os.close(fd)
+
+    def describe(self) -> str:
+        return self.root
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            raise StorageError(f"cannot delete {path}: {e.strerror or e}") from None
