@@ -10,8 +10,8 @@ writing a manifest, so no durable manifest can point at a chunk still only in th
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
-import errno
 import os
 import secrets
 from collections.abc import Iterator
@@ -48,7 +48,8 @@ class LocalStorage:
                 os.close(fd)
             os.rename(tmp, path)
         except OSError as e:
-            _unlink_quietly(tmp)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
             raise StorageError(f"cannot write {path}: {e.strerror or e}") from None
 
     def get(self, key: str) -> bytes:
@@ -88,10 +89,19 @@ class LocalStorage:
                 yield key, size
 
     def delete(self, key: str) -> None:
-        _unlink_quietly(self._path(key))
+        path = self._path(key)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise StorageError(f"cannot delete {path}: {e.strerror or e}") from None
 
     def flush(self) -> None:
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            return  # nothing was ever put here
         try:
             if _libc.syncfs(fd) != 0:
                 err = ctypes.get_errno()
@@ -102,12 +112,3 @@ class LocalStorage:
     def describe(self) -> str:
         return self.root
 
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        if e.errno != errno.ENOENT:
-            raise StorageError(f"cannot delete {path}: {e.strerror or e}") from None

@@ -1,0 +1,71 @@
+"""Shared fixtures: repositories on memory and directory storage, with a cheap KDF."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from snapship.crypto import ScryptParams
+from snapship.formats.constants import ENCRYPTION_AES_GCM, ENCRYPTION_NONE
+from snapship.repository.repo import Repository
+from snapship.storage.local import LocalStorage
+from snapship.storage.memory import MemoryStorage
+
+FAST_KDF = ScryptParams(n=1 << 10, r=8, p=1)
+CHUNK = 64 * 1024
+
+RepoFactory = Callable[..., Repository]
+
+
+def make_repo(storage: LocalStorage | MemoryStorage, encryption: str, chunk_size: int = CHUNK
+              ) -> Repository:
+    return Repository.create(
+        storage,
+        encryption=encryption,
+        chunk_size=chunk_size,
+        passphrase=lambda: b"test passphrase",
+        kdf=FAST_KDF,
+    )
+
+
+@pytest.fixture(params=[ENCRYPTION_AES_GCM, ENCRYPTION_NONE])
+def encryption(request: pytest.FixtureRequest) -> str:
+    value: str = request.param
+    return value
+
+
+@pytest.fixture
+def local_repo(tmp_path: Path, encryption: str) -> Repository:
+    return make_repo(LocalStorage(str(tmp_path / "repo")), encryption)
+
+
+def write_sparse_image(path: Path, size: int, rng: random.Random, chunk: int = CHUNK) -> bytes:
+    """A file of `size` bytes mixing holes, zero runs, random and repeated data; returns it."""
+    data = bytearray(size)
+    pos = 0
+    pattern = rng.randbytes(chunk)
+    while pos < size:
+        n = min(size - pos, rng.choice([1, 100, 4096, chunk // 2, chunk, 3 * chunk + 7]))
+        kind = rng.random()
+        if kind < 0.35:
+            pass  # zeroes
+        elif kind < 0.7:
+            data[pos : pos + n] = rng.randbytes(n)
+        elif kind < 0.85:
+            data[pos : pos + n] = (pattern * (n // chunk + 1))[:n]
+        else:
+            data[pos : pos + n] = bytes([rng.randrange(256)]) * n
+        pos += n
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off in range(0, size, chunk):
+            piece = bytes(data[off : off + chunk])
+            if piece.count(0) != len(piece):
+                f.seek(off)
+                f.write(piece)
+    assert os.path.getsize(path) == size
+    return bytes(data)

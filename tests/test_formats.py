@@ -1,0 +1,161 @@
+"""Object envelope, manifest and config codecs: round trips and damage detection."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from array import array
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from snapship.crypto import Keys
+from snapship.errors import Corrupt, FormatError, UsageError
+from snapship.formats import envelope
+from snapship.formats import manifest as mf
+from snapship.formats.config import RepoConfig, decode_config, encode_config
+from snapship.formats.constants import KIND_CHUNK, KIND_MANIFEST
+from snapship.types import ZERO_ID
+
+KEYS = Keys(bytes(range(64)))
+AEADS = [None, KEYS.aead]
+
+
+@pytest.mark.parametrize("aead", AEADS, ids=["plain", "aes"])
+@given(payload=st.binary(max_size=5000), name=st.binary(min_size=1, max_size=40))
+def test_envelope_roundtrip(aead: object, payload: bytes, name: bytes) -> None:
+    blob = envelope.seal(KIND_CHUNK, name, payload, aead)  # type: ignore[arg-type]
+    assert envelope.open_sealed(KIND_CHUNK, name, blob, aead, 1 << 20, "x") == payload  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("aead", AEADS, ids=["plain", "aes"])
+@settings(max_examples=300)
+@given(payload=st.binary(min_size=0, max_size=3000), data=st.data())
+def test_envelope_any_flipped_byte_is_detected(aead: object, payload: bytes, data: st.DataObject
+                                               ) -> None:
+    payload = payload + b"compressible " * 20
+    blob = bytearray(envelope.seal(KIND_CHUNK, b"name", payload, aead))  # type: ignore[arg-type]
+    pos = data.draw(st.integers(0, len(blob) - 1))
+    blob[pos] ^= data.draw(st.integers(1, 255))
+    with pytest.raises(Corrupt):
+        envelope.open_sealed(KIND_CHUNK, b"name", bytes(blob), aead, 1 << 20, "x")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("aead", AEADS, ids=["plain", "aes"])
+def test_envelope_rejects_wrong_name_kind_truncation_and_encryption_mismatch(aead: object) -> None:
+    blob = envelope.seal(KIND_CHUNK, b"a", b"payload" * 100, aead)  # type: ignore[arg-type]
+    for args in [
+        (KIND_CHUNK, b"b", blob),  # moved to another name
+        (KIND_MANIFEST, b"a", blob),  # another kind
+        (KIND_CHUNK, b"a", blob[:-1]),
+        (KIND_CHUNK, b"a", blob[:5]),
+        (KIND_CHUNK, b"a", b""),
+    ]:
+        with pytest.raises(Corrupt):
+            envelope.open_sealed(args[0], args[1], args[2], aead, 1 << 20, "x")  # type: ignore[arg-type]
+    other = KEYS.aead if aead is None else None
+    with pytest.raises(Corrupt, match="does not match the repository"):
+        envelope.open_sealed(KIND_CHUNK, b"a", blob, other, 1 << 20, "x")
+
+
+def test_envelope_keeps_zstd_only_when_it_shrinks() -> None:
+    random_data = os.urandom(4096)
+    assert len(envelope.seal(KIND_CHUNK, b"n", random_data, None)) == 8 + 4096 + 32
+    assert len(envelope.seal(KIND_CHUNK, b"n", bytes(4096) + b"x", None)) < 200
+
+
+def test_envelope_rejects_unknown_object_version() -> None:
+    blob = bytearray(envelope.seal(KIND_CHUNK, b"n", b"data", None))
+    blob[4] = 2
+    with pytest.raises(FormatError, match="version 2"):
+        envelope.open_sealed(KIND_CHUNK, b"n", bytes(blob), None, 100, "x")
+
+
+@st.composite
+def manifests(draw: st.DrawFn) -> mf.Manifest:
+    cs = 1 << draw(st.integers(16, 24))
+    count = draw(st.integers(0, 40))
+    size = 0 if count == 0 else (count - 1) * cs + draw(st.integers(1, cs))
+    ids = b""
+    sizes = array("I")
+    for _ in range(count):
+        if draw(st.booleans()):
+            ids += ZERO_ID
+            sizes.append(0)
+        else:
+            ids += draw(st.binary(min_size=32, max_size=32).filter(lambda b: b != ZERO_ID))
+            sizes.append(draw(st.integers(1, 2**32 - 1)))
+    name = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,20}", fullmatch=True)
+    return mf.Manifest(
+        volume=draw(name),
+        version=draw(name),
+        size=size,
+        chunk_size=cs,
+        created="2026-11-26T00:00:00.000Z",
+        source=draw(st.text(max_size=30)),
+        parent=draw(st.none() | name),
+        ids=ids,
+        sizes=sizes,
+        labels=draw(st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=3)),
+        stats={"bytes_read": draw(st.integers(0, 2**40))},
+    )
+
+
+@given(manifests())
+def test_manifest_roundtrip(m: mf.Manifest) -> None:
+    assert mf.decode(mf.encode(m), "m") == m
+
+
+@settings(max_examples=300)
+@given(m=manifests(), data=st.data())
+def test_manifest_decode_never_crashes_on_garbage(m: mf.Manifest, data: st.DataObject) -> None:
+    body = bytearray(mf.encode(m))
+    for _ in range(data.draw(st.integers(1, 4))):
+        if data.draw(st.booleans()) and body:
+            body[data.draw(st.integers(0, len(body) - 1))] = data.draw(st.integers(0, 255))
+        else:
+            del body[data.draw(st.integers(0, len(body))) :]
+    with contextlib.suppress(FormatError):
+        mf.decode(bytes(body), "m")
+
+
+def test_manifest_rejects_inconsistent_counts_and_versions() -> None:
+    m = mf.Manifest("v", "1", 3 * 65536, 65536, "t", "s", None, ZERO_ID * 2, array("I", [0, 0]))
+    with pytest.raises(ValueError, match="3 expected"):
+        mf.encode(m)
+    m.ids += ZERO_ID
+    m.sizes.append(0)
+    body = bytearray(mf.encode(m))
+    body[4] = 9
+    with pytest.raises(FormatError, match="manifest version 9"):
+        mf.decode(bytes(body), "m")
+
+
+def test_volume_names_are_checked() -> None:
+    for bad in ["", "../x", "a/b", "-x", "a b", "x" * 129]:
+        with pytest.raises(UsageError):
+            mf.check_name("volume", bad)
+    assert mf.check_name("volume", "vg0-root_1.snap+x") == "vg0-root_1.snap+x"
+
+
+def test_config_roundtrip_and_rejections() -> None:
+    cfg = RepoConfig(repo_id="ab", chunk_size=1 << 20, encryption="aes-256-gcm", created="t")
+    mac = KEYS.mac(cfg.signed_part())
+    assert decode_config(encode_config(cfg, mac)) == (cfg, mac)
+    for change, message in [
+        ({"version": 2}, "format version 2"),
+        ({"format": "other"}, "not a snapship repository"),
+        ({"chunk_size": 3000}, "invalid chunk size"),
+        ({"encryption": "rot13"}, "unknown encryption"),
+        ({"mac": None}, "no MAC"),
+    ]:
+        obj = json.loads(encode_config(cfg, mac))
+        obj.update(change)
+        if obj.get("mac") is None:
+            obj.pop("mac")
+        with pytest.raises(FormatError, match=message):
+            decode_config(json.dumps(obj).encode())
+    with pytest.raises(FormatError):
+        decode_config(b"not json")
