@@ -78,7 +78,9 @@ def run_backup(
     count = chunk_count(size, cs)
     to_read = chunks_to_read(plan, size, cs)
     base = plan.base
-    known = base.unique_chunks() if base is not None else {}
+    # A chunk equal to the base's chunk at the same index is known to exist: unchanged data
+    # costs no storage lookup, and this needs no memory beyond the base manifest itself.
+    base_ids = base.ids if base is not None else b""
     ids = bytearray(count * 32)
     sizes = array("I", bytes(4 * count))
     if to_read is not None:
@@ -106,7 +108,7 @@ def run_backup(
         if data == (zero_full if n == cs else bytes(n)):
             return _Result(index, ZERO_ID, ZERO, n, 0)
         cid = repo.chunk_id(data)
-        if cid in known:
+        if base_ids[index * 32 : index * 32 + 32] == cid:
             return _Result(index, cid, KNOWN, n, 0)
         with lock:
             if cid in claimed:
@@ -135,7 +137,12 @@ def run_backup(
     progress.finish()
     for i in indices:
         cid = bytes(ids[i * 32 : i * 32 + 32])
-        sizes[i] = 0 if cid == ZERO_ID else known.get(cid) or stored_sizes[cid]
+        if cid == ZERO_ID:
+            sizes[i] = 0
+        elif base is not None and base_ids[i * 32 : i * 32 + 32] == cid:
+            sizes[i] = base.sizes[i]
+        else:
+            sizes[i] = stored_sizes[cid]
 
     m = Manifest(
         volume=volume,
