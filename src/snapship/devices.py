@@ -29,7 +29,8 @@ class Source:
     def __init__(self, path: str) -> None:
         self.path = path
         try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: opening a FIFO must not wait for a writer before we can refuse it.
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as e:
             raise SourceError(f"cannot open source {path}: {e.strerror or e}") from None
         st = os.fstat(self.fd)
@@ -38,6 +39,7 @@ class Source:
             os.close(self.fd)
             raise SourceError(f"source {path} is not a regular file or a block device")
         self.kind = kind
+        os.set_blocking(self.fd, True)
         self.size = os.lseek(self.fd, 0, os.SEEK_END) if kind == "block device" else st.st_size
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)

@@ -6,14 +6,22 @@ import argparse
 import os
 import sys
 import traceback
+from typing import NoReturn
 
 from snapship import __version__
 from snapship.cli import repo_commands, transfer_commands
 from snapship.errors import SnapshipError
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error (argparse prints the usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"snapship: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--repo", default=os.environ.get("SNAPSHIP_REPO"),
                         help="repository directory (default: $SNAPSHIP_REPO)")
     common.add_argument("--passphrase-file", metavar="FILE",
@@ -21,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "else a prompt)")
     common.add_argument("--json", action="store_true", help="machine-readable output")
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="snapship", description="Block-level, deduplicating, encrypted backups."
     )
     parser.add_argument("--version", action="version", version=f"snapship {__version__}")

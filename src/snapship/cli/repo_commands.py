@@ -9,7 +9,7 @@ from snapship.cli.context import open_repository, open_storage, passphrase_sourc
 from snapship.cli.output import TerminalProgress, human_bytes, parse_size, print_json
 from snapship.cli.transfer_commands import parse_ref
 from snapship.engine.verify import run_verify
-from snapship.errors import UsageError
+from snapship.errors import SnapshipError, UsageError
 from snapship.formats.constants import DEFAULT_CHUNK_SIZE, ENCRYPTION_AES_GCM, ENCRYPTIONS
 from snapship.formats.manifest import Manifest
 from snapship.repository.repo import Repository
@@ -74,21 +74,28 @@ def version_summary(m: Manifest) -> dict[str, Any]:
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
+    """Lists every version; a damaged manifest is listed as such (exit 1), not fatal."""
     repo = open_repository(args)
-    rows = [version_summary(repo.load_manifest(v, ver)) for v, ver in
-            repo.list_versions(args.volume)]
+    rows: list[dict[str, Any]] = []
+    for volume, version in repo.list_versions(args.volume):
+        try:
+            rows.append(version_summary(repo.load_manifest(volume, version)))
+        except SnapshipError as e:
+            rows.append({"volume": volume, "version": version, "error": str(e)})
     if args.json:
         print_json(rows)
-        return 0
-    if not rows:
+    elif not rows:
         print("no versions")
-    for r in rows:
+    for r in [] if args.json else rows:
+        if "error" in r:
+            print(f"{r['volume']}@{r['version']}  DAMAGED: {r['error']}")
+            continue
         labels = ",".join(f"{k}={v}" for k, v in sorted(r["labels"].items()))
         print(
             f"{r['volume']}@{r['version']}  {r['created']}  {human_bytes(r['size']):>10}  "
             f"+{human_bytes(r['new_bytes_stored']):>10} new  {labels}"
         )
-    return 0
+    return 1 if any("error" in r for r in rows) else 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -154,8 +161,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
-             common: argparse.ArgumentParser) -> None:
+def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("init", parents=[common], help="create a repository")
     p.add_argument("--encryption", choices=ENCRYPTIONS, default=ENCRYPTION_AES_GCM)
     p.add_argument("--chunk-size", default=str(DEFAULT_CHUNK_SIZE),

@@ -6,6 +6,7 @@ import argparse
 import os
 import re
 import sys
+from typing import Any
 
 from snapship.cli.context import open_repository
 from snapship.cli.output import TerminalProgress, human_bytes, print_json
@@ -38,7 +39,8 @@ def parse_ref(text: str) -> VersionRef:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    volume = check_name("volume", args.volume or default_volume_name(args.source))
+    volume = args.volume if args.volume is not None else default_volume_name(args.source)
+    check_name("volume", volume)
     labels = parse_labels(args.label)
     with Source(args.source) as source:
         repo = open_repository(args)
@@ -94,8 +96,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
-             common: argparse.ArgumentParser) -> None:
+def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("backup", parents=[common], help="back up a file or block device")
     p.add_argument("source", help="file or block device to back up")
     p.add_argument("--volume", help="volume name (default: the source's file name)")

@@ -115,10 +115,12 @@ def run_backup(
                 return _Result(index, cid, DUPLICATE, n, 0)
             claimed.add(cid)
         existing = repo.stat_chunk(cid)
-        if existing is not None:
+        blob = repo.seal_chunk(cid, data)
+        # The sealed size is deterministic: an object of another size under this name is
+        # damaged (or left by a crash of another tool) and is replaced, never trusted.
+        if existing == len(blob):
             stored_sizes[cid] = existing
             return _Result(index, cid, EXISTING, n, 0)
-        blob = repo.seal_chunk(cid, data)
         repo.put_chunk(cid, blob)
         stored_sizes[cid] = len(blob)
         return _Result(index, cid, NEW, n, len(blob))
@@ -146,7 +148,7 @@ def run_backup(
 
     m = Manifest(
         volume=volume,
-        version=new_version_id(),
+        version=new_version_id(base.version if base is not None else None),
         size=size,
         chunk_size=cs,
         created=now_iso(),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
+import time
 import uuid
 from collections.abc import Callable
 
@@ -52,10 +53,16 @@ def now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def new_version_id() -> str:
-    """Sortable by time to the millisecond, unique by a random suffix."""
-    t = dt.datetime.now(dt.UTC)
-    return f"{t:%Y%m%d-%H%M%S}.{t.microsecond // 1000:03d}-{secrets.token_hex(2)}"
+def new_version_id(after: str | None = None) -> str:
+    """Sortable by time to the millisecond, unique by a random suffix, and greater than
+    `after` (the version it is based on), so `latest` is never the older of two."""
+    for _ in range(1000):  # a clock set back by more than a second is not waited out
+        t = dt.datetime.now(dt.UTC)
+        vid = f"{t:%Y%m%d-%H%M%S}.{t.microsecond // 1000:03d}-{secrets.token_hex(2)}"
+        if after is None or vid[:19] > after[:19]:
+            break
+        time.sleep(0.001)
+    return vid
 
 
 class Repository:

@@ -2,10 +2,11 @@
 
 Each object is a file at `ROOT/<key>`; keys already fan out (`chunks/ab/<id>`), so no directory
 grows huge. A put writes a uniquely named temporary file in the target directory and renames
-it into place: a process killed at any moment leaves either no object or the whole object,
-plus at worst a `.tmp-*` file that listing ignores and `gc` removes. `flush()` calls syncfs(2)
-once for the whole file system instead of an fsync per chunk; the repository calls it before
-writing a manifest, so no durable manifest can point at a chunk still only in the page cache.
+it into place after an fsync: a process killed, or a machine losing power, at any moment leaves
+either no object or the whole object under its name, plus at worst a `.tmp-*` file that listing
+ignores (to be removed by gc). `flush()` calls syncfs(2) once to make the renames durable; the
+repository calls it before writing a manifest, so no durable manifest can point at a chunk
+whose name is not durable yet.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class LocalStorage:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
+                os.fsync(fd)
             finally:
                 os.close(fd)
             os.rename(tmp, path)

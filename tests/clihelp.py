@@ -1,0 +1,276 @@
+"""Helpers for the tests that drive the `snapship` command line as a subprocess.
+
+A plain module (not a conftest): test_cli_errors.py, test_crash_safety.py and
+test_concurrency.py import what they need from here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+PASSPHRASE = "correct horse battery staple"
+CHUNK = 64 * 1024
+CLI = [sys.executable, "-m", "snapship.cli.main"]
+CLI_TIMEOUT = 120.0
+
+Result = subprocess.CompletedProcess[str]
+Args = list[str | Path]
+
+
+def cli_env(passphrase: str | None = PASSPHRASE) -> dict[str, str]:
+    """The environment of a CLI call: ours minus any SNAPSHIP_* setting, plus the passphrase."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SNAPSHIP_")}
+    if passphrase is not None:
+        env["SNAPSHIP_PASSPHRASE"] = passphrase
+    return env
+
+
+def run_cli(
+    *args: str | os.PathLike[str],
+    passphrase: str | None = PASSPHRASE,
+    timeout: float = CLI_TIMEOUT,
+    prefix: Sequence[str] = (),
+) -> Result:
+    """Run `snapship ARGS...` to completion; stdin is /dev/null so it never prompts."""
+    return subprocess.run(
+        [*prefix, *CLI, *map(str, args)],
+        env=cli_env(passphrase),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def start_cli(
+    *args: str | os.PathLike[str], passphrase: str | None = PASSPHRASE
+) -> subprocess.Popen[str]:
+    """Start `snapship ARGS...` without waiting; the caller must wait() or kill() it."""
+    return subprocess.Popen(
+        [*CLI, *map(str, args)],
+        env=cli_env(passphrase),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def describe(r: Result) -> str:
+    return f"exit {r.returncode}\n--- stdout\n{r.stdout}--- stderr\n{r.stderr}"
+
+
+def ok(r: Result) -> Result:
+    """Assert a call succeeded quietly (no warnings or errors on stderr)."""
+    assert r.returncode == 0, describe(r)
+    assert "error" not in r.stderr.lower(), describe(r)
+    return r
+
+
+def assert_one_line_error(r: Result, *fragments: str, code: int | None = None) -> str:
+    """A user error: non-zero exit, exactly one `snapship: error:` line, no traceback.
+
+    Every fragment must occur in the message (case-insensitive); returns the line.
+    """
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0, describe(r)
+    if code is not None:
+        assert r.returncode == code, describe(r)
+    assert len(lines) == 1, describe(r)
+    line = lines[0]
+    assert line.startswith("snapship: error: "), describe(r)
+    assert "Traceback" not in r.stderr and "internal error" not in r.stderr, describe(r)
+    for fragment in fragments:
+        assert fragment.lower() in line.lower(), f"{fragment!r} not in {line!r}"
+    return line
+
+
+# -- repository operations through the CLI ------------------------------------------------
+
+
+def init_repo(repo: Path, encryption: str = "aes-256-gcm", chunk_size: str = "64K") -> None:
+    """`snapship init`, with the real scrypt cost (about 0.3 s per later command)."""
+    ok(run_cli("init", "--repo", repo, "--encryption", encryption, "--chunk-size", chunk_size))
+
+
+def init_repo_fast_kdf(
+    repo: Path, encryption: str = "aes-256-gcm", chunk_size: int = CHUNK
+) -> None:
+    """Create a repository as `init` does, but with a cheap scrypt cost in its key file.
+
+    Every later CLI command unlocks it in milliseconds instead of 0.3 s; nothing else differs
+    (the cost parameters are stored in the key file, the CLI reads them from there).
+    """
+    from snapship.crypto import ScryptParams
+    from snapship.repository.repo import Repository
+    from snapship.storage.local import LocalStorage
+
+    Repository.create(
+        LocalStorage(str(repo)),
+        encryption=encryption,
+        chunk_size=chunk_size,
+        passphrase=lambda: PASSPHRASE.encode(),
+        kdf=ScryptParams(n=1 << 10),
+    )
+
+
+def backup(repo: Path, source: Path, volume: str, *labels: str) -> str:
+    """Back up `source` as a new version of `volume`; returns the version id."""
+    label_args = [a for label in labels for a in ("--label", label)]
+    r = ok(run_cli("backup", "--repo", repo, source, "--volume", volume, *label_args, "--json"))
+    info = json.loads(r.stdout)
+    assert info["volume"] == volume
+    version: str = info["version"]
+    return version
+
+
+def restore(repo: Path, ref: str, target: Path) -> None:
+    ok(run_cli("restore", "--repo", repo, ref, target))
+
+
+def verify(repo: Path, deep: bool = True) -> tuple[int, dict[str, Any]]:
+    """(exit code, JSON report) of `snapship verify`."""
+    r = run_cli("verify", "--repo", repo, "--json", *(["--deep"] if deep else []))
+    assert r.returncode in (0, 1), describe(r)
+    assert r.stderr == "", describe(r)
+    report: dict[str, Any] = json.loads(r.stdout)
+    assert report["ok"] is (r.returncode == 0), describe(r)
+    return r.returncode, report
+
+
+def assert_verify_ok(repo: Path, deep: bool = True) -> dict[str, Any]:
+    code, report = verify(repo, deep)
+    assert code == 0 and report["ok"] is True, report
+    assert not report["bad_chunks"] and not report["bad_manifests"], report
+    return report
+
+
+def version_ids(repo: Path, volume: str | None = None) -> list[tuple[str, str]]:
+    """(volume, version) of every version, as `snapship versions --json` lists them."""
+    extra = ["--volume", volume] if volume else []
+    r = ok(run_cli("versions", "--repo", repo, "--json", *extra))
+    return [(row["volume"], row["version"]) for row in json.loads(r.stdout)]
+
+
+# -- files, images and loop devices -------------------------------------------------------
+
+
+def sha256_file(path: Path, length: int | None = None) -> str:
+    """SHA-256 of a file or block device, or of its first `length` bytes."""
+    h = hashlib.sha256()
+    remaining = length
+    with open(path, "rb") as f:
+        while remaining is None or remaining > 0:
+            want = 1 << 20 if remaining is None else min(1 << 20, remaining)
+            block = f.read(want)
+            if not block:
+                break
+            h.update(block)
+            if remaining is not None:
+                remaining -= len(block)
+    if remaining:
+        raise AssertionError(f"{path} ended {remaining} bytes early")
+    return h.hexdigest()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def image_bytes(size: int, seed: int, zero_chunks: Sequence[int] = ()) -> bytearray:
+    """Deterministic random data of `size` bytes with the given 64K chunks zeroed."""
+    data = bytearray(random.Random(seed).randbytes(size))
+    for i in zero_chunks:
+        data[i * CHUNK : (i + 1) * CHUNK] = bytes(len(data[i * CHUNK : (i + 1) * CHUNK]))
+    return data
+
+
+def write_image(path: Path, data: bytes | bytearray) -> str:
+    """Write an image file; returns its SHA-256."""
+    path.write_bytes(data)
+    return sha256(bytes(data))
+
+
+def assert_restores(repo: Path, ref: str, target: Path, expected_sha: str) -> None:
+    """`restore` of `ref` produces exactly the image with SHA-256 `expected_sha`."""
+    with contextlib.suppress(FileNotFoundError):
+        target.unlink()
+    restore(repo, ref, target)
+    assert sha256_file(target) == expected_sha, f"{ref} did not restore byte-identical"
+
+
+def copy_repo(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def can_use_loop_devices() -> str | None:
+    """None if loop devices can be made here, else the reason they cannot."""
+    if os.geteuid() != 0:
+        return "loop devices need root"
+    if shutil.which("losetup") is None:
+        return "losetup is not installed"
+    return None
+
+
+@contextlib.contextmanager
+def loop_device(backing: Path) -> Iterator[Path]:
+    """Attach `backing` to a free loop device for the duration of the block."""
+    r = subprocess.run(
+        ["losetup", "-f", "--show", str(backing)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+    if r.returncode != 0:
+        import pytest
+
+        pytest.skip(f"cannot attach a loop device: {r.stderr.strip()}")
+    dev = Path(r.stdout.strip())
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", str(dev)], check=False, timeout=30)
+
+
+def chunk_files(repo: Path) -> list[Path]:
+    """Every complete chunk object file (temporary `.tmp-*` files left out)."""
+    return sorted(
+        p for p in (repo / "chunks").glob("*/*") if p.is_file() and not p.name.startswith(".tmp-")
+    )
+
+
+def check_every_chunk_file_decodes(
+    repo: Path, passphrase: str = PASSPHRASE, skip: set[str] | None = None
+) -> set[str]:
+    """Open every chunk file under chunks/ with the Python API: each must be whole and correct.
+
+    Referenced or not: an interrupted backup must not leave a partial object under a real
+    name. Returns the names checked (plus `skip`, the names already known good).
+    """
+    from snapship.repository.repo import Repository
+    from snapship.storage.local import LocalStorage
+
+    r = Repository.open(LocalStorage(str(repo)), lambda: passphrase.encode())
+    seen = set(skip or ())
+    for path in chunk_files(repo):
+        if path.name in seen:
+            continue
+        assert path.parent.name == path.name[:2], f"chunk {path} is in the wrong directory"
+        cid = bytes.fromhex(path.name)
+        data = r.get_chunk(cid)  # raises Corrupt on a partial or damaged object
+        assert 0 < len(data) <= r.chunk_size
+        seen.add(path.name)
+    return seen
