@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from snapship.errors import AuthFailed
-from snapship.formats.constants import NONCE_LEN
+from snapship.formats.constants import NONCE_LEN, TAG_LEN
 
 MASTER_LEN = 64
 
@@ -92,9 +92,17 @@ def checksum(*parts: bytes | memoryview) -> bytes:
     return h.digest()
 
 
-def encrypt(aead: AESGCM, plaintext: bytes | memoryview, aad: bytes) -> bytes:
+def encrypt_after(prefix: bytes, aead: AESGCM, plaintext: bytes | memoryview, aad: bytes
+                  ) -> bytearray:
+    """`prefix | nonce | ciphertext | tag` built in one buffer: no copy of a chunk-sized
+    result is made while holding the GIL."""
     nonce = os.urandom(NONCE_LEN)
-    return nonce + aead.encrypt(nonce, plaintext, aad)
+    start = len(prefix) + NONCE_LEN
+    out = bytearray(start + len(plaintext) + TAG_LEN)
+    out[: len(prefix)] = prefix
+    out[len(prefix) : start] = nonce
+    aead.encrypt_into(nonce, plaintext, aad, memoryview(out)[start:])
+    return out
 
 
 def decrypt(aead: AESGCM, blob: bytes | memoryview, aad: bytes) -> bytes:

@@ -10,7 +10,12 @@ from snapship.cli.output import TerminalProgress, human_bytes, parse_size, print
 from snapship.cli.transfer_commands import parse_ref
 from snapship.engine.verify import run_verify
 from snapship.errors import SnapshipError, UsageError
-from snapship.formats.constants import DEFAULT_CHUNK_SIZE, ENCRYPTION_AES_GCM, ENCRYPTIONS
+from snapship.formats.constants import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_ZSTD_LEVEL,
+    ENCRYPTION_AES_GCM,
+    ENCRYPTIONS,
+)
 from snapship.formats.manifest import Manifest
 from snapship.repository.repo import Repository
 from snapship.types import ZERO_ID
@@ -25,6 +30,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         open_storage(args.repo),
         encryption=args.encryption,
         chunk_size=chunk_size,
+        compression_level=args.compression_level,
         passphrase=passphrase_source(args, confirm=True),
     )
     info = {
@@ -32,6 +38,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         "id": repo.config.repo_id,
         "chunk_size": repo.chunk_size,
         "encryption": repo.config.encryption,
+        "compression_level": repo.config.compression_level,
     }
     if args.json:
         print_json(info)
@@ -166,6 +173,8 @@ def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentPars
     p.add_argument("--encryption", choices=ENCRYPTIONS, default=ENCRYPTION_AES_GCM)
     p.add_argument("--chunk-size", default=str(DEFAULT_CHUNK_SIZE),
                    help="power of two from 64K to 16M (default: %(default)s bytes)")
+    p.add_argument("--compression-level", type=int, default=DEFAULT_ZSTD_LEVEL, metavar="N",
+                   help="zstd level for new chunks, 0 (off) to 19 (default: %(default)s)")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("versions", parents=[common], help="list versions")

@@ -15,11 +15,13 @@ from typing import Any
 
 from snapship.errors import FormatError
 from snapship.formats.constants import (
+    DEFAULT_ZSTD_LEVEL,
     ENCRYPTION_NONE,
     ENCRYPTIONS,
     FORMAT_VERSION,
     KEYFILE_VERSION,
     MAX_CHUNK_SIZE,
+    MAX_ZSTD_LEVEL,
     MIN_CHUNK_SIZE,
 )
 
@@ -38,6 +40,7 @@ class RepoConfig:
     version: int = FORMAT_VERSION
     hash: str = "blake3"
     compression: str = "zstd"
+    compression_level: int = DEFAULT_ZSTD_LEVEL
 
     @property
     def encrypted(self) -> bool:
@@ -77,6 +80,9 @@ def decode_config(data: bytes) -> tuple[RepoConfig, bytes | None]:
         raise FormatError(f"repository uses unknown encryption {cfg.encryption!r}")
     if (cfg.hash, cfg.compression) != ("blake3", "zstd"):
         raise FormatError(f"repository uses unknown hash/compression {cfg.hash}/{cfg.compression}")
+    lvl = cfg.compression_level
+    if not isinstance(lvl, int) or not 0 <= lvl <= MAX_ZSTD_LEVEL:
+        raise FormatError(f"repository config has an invalid compression level {lvl!r}")
     if cfg.encrypted and mac is None:
         raise FormatError("encrypted repository config has no MAC")
     return cfg, mac

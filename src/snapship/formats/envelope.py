@@ -19,6 +19,7 @@ from snapship import crypto
 from snapship.errors import Corrupt, FormatError
 from snapship.formats.constants import (
     CHECKSUM_LEN,
+    DEFAULT_ZSTD_LEVEL,
     FLAG_ENCRYPTED,
     FLAG_ZSTD,
     KNOWN_FLAGS,
@@ -27,18 +28,20 @@ from snapship.formats.constants import (
     OBJECT_MAGIC,
     OBJECT_VERSION,
     TAG_LEN,
-    ZSTD_LEVEL,
 )
 
 _HEADER = struct.Struct("<4sBBBB")
 _local = threading.local()
 
 
-def _compressor() -> zstandard.ZstdCompressor:
-    # zstd contexts are not thread-safe; one per thread avoids re-allocating per chunk.
-    c: zstandard.ZstdCompressor | None = getattr(_local, "cctx", None)
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    # zstd contexts are not thread-safe; one per thread and level avoids re-allocating them.
+    cache: dict[int, zstandard.ZstdCompressor] | None = getattr(_local, "cctx", None)
+    if cache is None:
+        cache = _local.cctx = {}
+    c = cache.get(level)
     if c is None:
-        c = _local.cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+        c = cache[level] = zstandard.ZstdCompressor(level=level)
     return c
 
 
@@ -50,25 +53,29 @@ def _decompressor() -> zstandard.ZstdDecompressor:
 
 
 def seal(
-    kind: int, name: bytes, payload: bytes | memoryview, aead: AESGCM | None, compress: bool = True
-) -> bytes:
+    kind: int,
+    name: bytes,
+    payload: bytes | memoryview,
+    aead: AESGCM | None,
+    level: int = DEFAULT_ZSTD_LEVEL,
+) -> bytes | bytearray:
     """Encode `payload` as a stored object called `name`; zstd is kept only if it shrinks it."""
     flags = 0
     body: bytes | memoryview = payload
-    if compress:
-        packed = _compressor().compress(payload)
+    if level:
+        packed = _compressor(level).compress(payload)
         if len(packed) < len(payload):
             body, flags = packed, FLAG_ZSTD
     if aead is not None:
         flags |= FLAG_ENCRYPTED
     header = _HEADER.pack(OBJECT_MAGIC, OBJECT_VERSION, kind, flags, 0)
     if aead is not None:
-        return header + crypto.encrypt(aead, body, header + name)
+        return crypto.encrypt_after(header, aead, body, header + name)
     return b"".join((header, body, crypto.checksum(header, name, body)))
 
 
 def open_sealed(
-    kind: int, name: bytes, blob: bytes, aead: AESGCM | None, max_size: int, what: str
+    kind: int, name: bytes, blob: bytes | bytearray, aead: AESGCM | None, max_size: int, what: str
 ) -> bytes:
     """Check and decode a stored object; `what` names it in errors (e.g. "chunk 3fa9...")."""
     if len(blob) < OBJECT_HEADER_LEN:
@@ -86,7 +93,7 @@ def open_sealed(
     if encrypted != (aead is not None):
         state = "encrypted" if encrypted else "unencrypted"
         raise Corrupt(f"{what} is {state}, which does not match the repository")
-    header = blob[:OBJECT_HEADER_LEN]
+    header = bytes(blob[:OBJECT_HEADER_LEN])
     mv = memoryview(blob)[OBJECT_HEADER_LEN:]
     if aead is not None:
         if len(mv) < NONCE_LEN + TAG_LEN:

@@ -30,6 +30,7 @@ from snapship.formats.constants import (
     CHUNK_PREFIX,
     CONFIG_KEY,
     DEFAULT_CHUNK_SIZE,
+    DEFAULT_ZSTD_LEVEL,
     ENCRYPTION_AES_GCM,
     ENCRYPTION_NONE,
     ENCRYPTIONS,
@@ -38,6 +39,7 @@ from snapship.formats.constants import (
     KIND_CHUNK,
     KIND_MANIFEST,
     MAX_CHUNK_SIZE,
+    MAX_ZSTD_LEVEL,
     MIN_CHUNK_SIZE,
     VERSION_PREFIX,
 )
@@ -86,6 +88,7 @@ class Repository:
         *,
         encryption: str = ENCRYPTION_AES_GCM,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        compression_level: int = DEFAULT_ZSTD_LEVEL,
         passphrase: PassphraseSource | None = None,
         kdf: ScryptParams | None = None,
     ) -> Repository:
@@ -94,10 +97,16 @@ class Repository:
         cs = chunk_size
         if cs < MIN_CHUNK_SIZE or cs > MAX_CHUNK_SIZE or cs & (cs - 1):
             raise UsageError(f"chunk size {cs} is not a power of two between 64K and 16M")
+        if not 0 <= compression_level <= MAX_ZSTD_LEVEL:
+            raise UsageError(f"compression level {compression_level} is not in 0..{MAX_ZSTD_LEVEL}")
         if storage.stat(CONFIG_KEY) is not None:
             raise UsageError(f"a repository already exists at {storage.describe()}")
         cfg = RepoConfig(
-            repo_id=uuid.uuid4().hex, chunk_size=cs, encryption=encryption, created=now_iso()
+            repo_id=uuid.uuid4().hex,
+            chunk_size=cs,
+            encryption=encryption,
+            created=now_iso(),
+            compression_level=compression_level,
         )
         keys: Keys | None = None
         mac: bytes | None = None
@@ -148,8 +157,8 @@ class Repository:
         h = cid.hex()
         return f"{CHUNK_PREFIX}{h[:2]}/{h}"
 
-    def seal_chunk(self, cid: bytes, data: bytes | memoryview) -> bytes:
-        return envelope.seal(KIND_CHUNK, cid, data, self._aead)
+    def seal_chunk(self, cid: bytes, data: bytes | memoryview) -> bytes | bytearray:
+        return envelope.seal(KIND_CHUNK, cid, data, self._aead, self.config.compression_level)
 
     def open_chunk(self, cid: bytes, blob: bytes) -> bytes:
         """Decode a stored chunk and check it really is the chunk `cid` names."""
@@ -162,7 +171,7 @@ class Repository:
     def stat_chunk(self, cid: bytes) -> int | None:
         return self.storage.stat(self.chunk_key(cid))
 
-    def put_chunk(self, cid: bytes, blob: bytes) -> None:
+    def put_chunk(self, cid: bytes, blob: bytes | bytearray) -> None:
         self.storage.put(self.chunk_key(cid), blob)
 
     def get_chunk(self, cid: bytes) -> bytes:

@@ -31,7 +31,7 @@ class LocalStorage:
     def _path(self, key: str) -> str:
         return os.path.join(self.root, check_key(key))
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes | bytearray) -> None:
         path = self._path(key)
         directory = os.path.dirname(path)
         tmp = os.path.join(directory, TMP_PREFIX + secrets.token_hex(8))

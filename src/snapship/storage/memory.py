@@ -14,7 +14,7 @@ class MemoryStorage:
         self.objects: dict[str, bytes] = {}
         self._lock = threading.Lock()
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes | bytearray) -> None:
         check_key(key)
         with self._lock:
             self.objects[key] = bytes(data)
