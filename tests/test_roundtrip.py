@@ -16,7 +16,7 @@ from snapship.engine.backup import BackupPlan, run_backup
 from snapship.engine.restore import run_restore
 from snapship.engine.verify import run_verify
 from snapship.errors import UsageError
-from snapship.repository.repo import Repository
+from snapship.repository.repo import Repository, new_version_id
 from snapship.storage.memory import MemoryStorage
 from snapship.types import ZERO_ID, ByteRange, VersionRef
 from tests.conftest import CHUNK, make_repo, write_sparse_image
@@ -173,3 +173,10 @@ def test_resolve_latest_prefix_and_unknown(tmp_path: Path) -> None:
         repo.resolve(VersionRef("disk", "nope"))
     with pytest.raises(Exception, match="no versions"):
         repo.resolve(VersionRef("other"))
+
+
+def test_version_ids_sort_after_the_previous_one_even_within_a_millisecond() -> None:
+    ids = [new_version_id()]
+    for _ in range(200):
+        ids.append(new_version_id(ids[-1]))
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)

@@ -146,9 +146,11 @@ def run_backup(
         else:
             sizes[i] = stored_sizes[cid]
 
+    # The new id must sort after every existing version of the volume, so `latest` is this one.
+    existing = [v for _, v in repo.list_versions(volume)]
     m = Manifest(
         volume=volume,
-        version=new_version_id(base.version if base is not None else None),
+        version=new_version_id(max(existing) if existing else None),
         size=size,
         chunk_size=cs,
         created=now_iso(),
