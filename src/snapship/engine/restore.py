@@ -1,6 +1,7 @@
 """The restore engine: one manifest -> a complete image on a file or block device.
 
-Chunks are fetched, decrypted and checked on the worker pool and written in place with pwrite;
+Chunks are fetched, decrypted and checked on the worker pool and written in place with pwrite
+by the calling thread;
 zero chunks become holes in a file and real zeroes on a device. Any chunk that is missing or
 fails its check stops the restore with the chunk id, version and offset named.
 """
@@ -54,7 +55,7 @@ def run_restore(
             else:
                 yield i, cid
 
-    def fetch_and_write(item: tuple[int, bytes]) -> int:
+    def fetch(item: tuple[int, bytes]) -> tuple[int, bytes]:
         index, cid = item
         off, length = m.chunk_span(index)
         try:
@@ -68,16 +69,15 @@ def run_restore(
                 f"chunk {cid.hex()} of {where} at offset {off} has {len(data)} bytes, "
                 f"expected {length}"
             )
-        target.write(off, data)
-        return length
+        return off, data
 
     nworkers = workers or default_workers()
     progress.start(m.size)
     try:
-        for n in bounded_map(
-            fetch_and_write, chunks(), nworkers, window_for(nworkers, m.chunk_size)
-        ):
-            progress.advance(n)
+        # One writer: concurrent pwrites to one file contend for its inode lock and spin.
+        for off, data in bounded_map(fetch, chunks(), nworkers, window_for(nworkers, m.chunk_size)):
+            target.write(off, data)
+            progress.advance(len(data))
     finally:
         progress.finish()
         target.close()
