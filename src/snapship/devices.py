@@ -6,6 +6,7 @@ can be tested against plain files and the errors users see name the path and the
 
 from __future__ import annotations
 
+import mmap
 import os
 import stat
 from dataclasses import dataclass
@@ -136,3 +137,59 @@ class Target:
             raise TargetError(f"cannot flush target {self.path}: {e.strerror or e}") from None
         finally:
             os.close(self.fd)
+
+
+class UncachedReader:
+    """Reads a device or file bypassing the page cache (O_DIRECT), for the COW table: the
+    kernel writes it through its own path, so a cached copy may be stale. Where O_DIRECT is
+    refused (tmpfs, some file systems) the cache for the file is dropped before each read."""
+
+    ALIGN = 4096
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.direct = True
+        try:
+            try:
+                self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+            except OSError:
+                self.direct = False
+                self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise SourceError(f"cannot open {path}: {e.strerror or e}") from None
+        st = os.fstat(self.fd)
+        if _kind(st.st_mode) is None:
+            os.close(self.fd)
+            raise SourceError(f"{path} is not a regular file or a block device")
+        self.size = os.lseek(self.fd, 0, os.SEEK_END)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Up to `length` bytes at `offset` (fewer only at the end)."""
+        length = max(0, min(length, self.size - offset))
+        if length == 0:
+            return b""
+        start = offset - offset % self.ALIGN
+        end = -(-(offset + length) // self.ALIGN) * self.ALIGN
+        try:
+            if not self.direct:
+                os.posix_fadvise(self.fd, start, end - start, os.POSIX_FADV_DONTNEED)
+                return os.pread(self.fd, length, offset)
+            with mmap.mmap(-1, end - start) as buf:  # page-aligned, as O_DIRECT requires
+                try:
+                    got = os.preadv(self.fd, [buf], start)
+                except OSError:
+                    # Some file systems accept O_DIRECT at open and refuse the read itself.
+                    self.direct = False
+                    return self.read(offset, length)
+                return bytes(buf[offset - start : min(offset - start + length, got)])
+        except OSError as e:
+            raise SourceError(f"cannot read {self.path} at offset {offset}: {e.strerror}") from None
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> UncachedReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
