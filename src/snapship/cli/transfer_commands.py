@@ -6,8 +6,10 @@ import argparse
 import os
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
+from snapship.changes.range_file import parse_ranges
 from snapship.cli.context import open_repository
 from snapship.cli.output import TerminalProgress, human_bytes, print_json
 from snapship.devices import Source
@@ -15,7 +17,7 @@ from snapship.engine.backup import BackupPlan, run_backup
 from snapship.engine.restore import run_restore
 from snapship.errors import UsageError
 from snapship.formats.manifest import check_name
-from snapship.types import VersionRef
+from snapship.types import ByteRange, VersionRef
 
 
 def parse_labels(items: list[str]) -> dict[str, str]:
@@ -32,6 +34,14 @@ def default_volume_name(source: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]", "_", os.path.basename(source.rstrip("/"))) or "volume"
 
 
+def read_changed_ranges(path: str) -> list[ByteRange]:
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read changed-ranges file {path}: {e}") from None
+    return parse_ranges(text, f"changed-ranges file {path}")
+
+
 def parse_ref(text: str) -> VersionRef:
     volume, _, version = text.partition("@")
     check_name("volume", volume)
@@ -42,16 +52,19 @@ def cmd_backup(args: argparse.Namespace) -> int:
     volume = args.volume if args.volume is not None else default_volume_name(args.source)
     check_name("volume", volume)
     labels = parse_labels(args.label)
+    changed = read_changed_ranges(args.changed_ranges) if args.changed_ranges else None
     with Source(args.source) as source:
         repo = open_repository(args)
         versions = repo.list_versions(volume)
         # The newest version's chunks are known to exist: no need to ask storage about them.
         base = repo.load_manifest(*versions[-1]) if versions else None
+        if changed is not None and base is None:
+            raise UsageError(f"--changed-ranges needs an earlier version of {volume} to apply to")
         m = run_backup(
             repo,
             source,
             volume,
-            plan=BackupPlan(base=base),
+            plan=BackupPlan(base=base, changed=changed),
             labels=labels,
             source_desc=os.path.abspath(args.source),
             progress=TerminalProgress(f"backup {volume}"),
@@ -102,6 +115,9 @@ def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentPars
     p.add_argument("--volume", help="volume name (default: the source's file name)")
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
                    help="attach a label to the new version (repeatable)")
+    p.add_argument("--changed-ranges", metavar="FILE",
+                   help="read only these byte ranges, on top of the newest version "
+                   "(docs/changed-ranges.md; - for stdin)")
     p.set_defaults(func=cmd_backup)
 
     p = sub.add_parser("restore", parents=[common], help="restore a version to a file or device")
