@@ -9,14 +9,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from snapship.changes.lvm import Lvm
 from snapship.changes.range_file import parse_ranges
 from snapship.cli.context import open_repository
 from snapship.cli.output import TerminalProgress, human_bytes, print_json
 from snapship.devices import Source
 from snapship.engine.backup import BackupPlan, run_backup
 from snapship.engine.restore import run_restore
+from snapship.engine.snapshot_backup import SnapshotOptions, run_snapshot_backup
 from snapship.errors import UsageError
-from snapship.formats.manifest import check_name
+from snapship.formats.manifest import Manifest, check_name
 from snapship.types import ByteRange, VersionRef
 
 
@@ -48,10 +50,42 @@ def parse_ref(text: str) -> VersionRef:
     return VersionRef(volume, version or None)
 
 
+def warn(message: str) -> None:
+    print(f"snapship: warning: {message}", file=sys.stderr)
+
+
+def parse_lvm_source(source: str) -> tuple[str, str]:
+    vg, sep, lv = source.removeprefix("lvm:").partition("/")
+    if not sep or not vg or not lv or "/" in lv:
+        raise UsageError(f"LVM source {source!r} is not of the form lvm:VG/LV")
+    return vg, lv
+
+
 def cmd_backup(args: argparse.Namespace) -> int:
-    volume = args.volume if args.volume is not None else default_volume_name(args.source)
+    lvm_source = parse_lvm_source(args.source) if args.source.startswith("lvm:") else None
+    if args.volume is not None:
+        volume = args.volume
+    elif lvm_source:
+        volume = ".".join(lvm_source)
+    else:
+        volume = default_volume_name(args.source)
     check_name("volume", volume)
     labels = parse_labels(args.label)
+    if lvm_source:
+        if args.changed_ranges:
+            raise UsageError("--changed-ranges is for plain sources; LVM tracks its own changes")
+        m = run_snapshot_backup(
+            open_repository(args),
+            Lvm(),
+            *lvm_source,
+            volume,
+            options=SnapshotOptions(args.snapshot_size, args.pre_snapshot, args.post_snapshot),
+            labels=labels,
+            progress=TerminalProgress(f"backup {volume}"),
+            warn=warn,
+        )
+        report_backup(args, m)
+        return 0
     changed = read_changed_ranges(args.changed_ranges) if args.changed_ranges else None
     with Source(args.source) as source:
         repo = open_repository(args)
@@ -64,11 +98,17 @@ def cmd_backup(args: argparse.Namespace) -> int:
             repo,
             source,
             volume,
-            plan=BackupPlan(base=base, changed=changed),
+            plan=BackupPlan(base=base, changed=changed,
+                            change_source="ranges file" if changed is not None else "full read"),
             labels=labels,
             source_desc=os.path.abspath(args.source),
             progress=TerminalProgress(f"backup {volume}"),
         )
+    report_backup(args, m)
+    return 0
+
+
+def report_backup(args: argparse.Namespace, m: Manifest) -> None:
     s = m.stats
     if args.json:
         print_json({"volume": m.volume, "version": m.version, "size": m.size, "stats": s})
@@ -79,7 +119,6 @@ def cmd_backup(args: argparse.Namespace) -> int:
             f"({human_bytes(rate)}/s); read {human_bytes(s['bytes_read'])}, "
             f"{s['chunks_new']} new chunks ({human_bytes(s['bytes_new_stored'])} stored)"
         )
-    return 0
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -111,13 +150,21 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("backup", parents=[common], help="back up a file or block device")
-    p.add_argument("source", help="file or block device to back up")
+    p.add_argument("source", help="file or block device, or lvm:VG/LV (through a tracking "
+                   "snapshot: only changed chunks are read)")
     p.add_argument("--volume", help="volume name (default: the source's file name)")
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
                    help="attach a label to the new version (repeatable)")
     p.add_argument("--changed-ranges", metavar="FILE",
                    help="read only these byte ranges, on top of the newest version "
                    "(docs/changed-ranges.md; - for stdin)")
+    p.add_argument("--snapshot-size", default="10%", metavar="SIZE",
+                   help="lvm: classic snapshot size, N%% of the origin or e.g. 2G "
+                   "(default: %(default)s)")
+    p.add_argument("--pre-snapshot", metavar="CMD",
+                   help="lvm: shell command run just before the snapshot (flush an application)")
+    p.add_argument("--post-snapshot", metavar="CMD",
+                   help="lvm: shell command run just after it, also if it failed")
     p.set_defaults(func=cmd_backup)
 
     p = sub.add_parser("restore", parents=[common], help="restore a version to a file or device")

@@ -42,6 +42,10 @@ class BackupPlan:
 
     base: Manifest | None = None
     changed: Sequence[ByteRange] | None = None
+    change_source: str = "full read"
+    """Where `changed` came from (a COW table, thin_delta, a file), recorded in the stats."""
+    fallback: str | None = None
+    """Why change tracking was not used, when it was wanted; recorded in the stats."""
 
 
 def chunks_to_read(plan: BackupPlan, size: int, chunk_size: int) -> list[int] | None:
@@ -161,6 +165,8 @@ def run_backup(
         labels=dict(labels or {}),
         stats={
             "mode": "full" if to_read is None else "incremental",
+            "change_source": plan.change_source,
+            **({"fallback": plan.fallback} if plan.fallback else {}),
             "bytes_read": bytes_read,
             "chunks_read": len(indices),
             "chunks_zero_read": counts[ZERO],

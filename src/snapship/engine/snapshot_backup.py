@@ -1,0 +1,152 @@
+"""Backups of LVM volumes through a tracking snapshot: the classic-COW and thin workflows.
+
+snapship keeps one snapshot per volume, tagged as its own, whose creation time is the moment
+the newest version shows. Each run:
+
+1. runs the pre-snapshot hook, creates a new snapshot (the new consistent view), runs the
+   post-snapshot hook;
+2. asks LVM what changed since the tracking snapshot: the exception table of its COW device
+   (classic), or `thin_delta` between it and the new one (thin);
+3. backs up only those chunks, read from the new snapshot, on top of the newest version;
+4. removes the old snapshot, so the new one tracks the next period.
+
+If the tracking snapshot is missing, overflowed, not the one the newest version was taken
+from, or the origin was resized, the run reads everything instead (comparing with the newest
+version, so unchanged chunks still cost no storage) and says why. If anything fails, the new
+snapshot is removed and the old one kept, so the next run still covers every change.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from snapship.changes import cow, thin_delta
+from snapship.changes.lvm import LvInfo, Lvm, LvmError
+from snapship.devices import Source, UncachedReader
+from snapship.engine.backup import BackupPlan, run_backup
+from snapship.engine.progress import Progress
+from snapship.errors import SnapshipError, SourceError, UsageError
+from snapship.formats.manifest import Manifest
+from snapship.repository.repo import Repository
+
+Warn = Callable[[str], None]
+FULL_WARNING_PERCENT = 80.0
+LABEL_SNAPSHOT = "snapship.snapshot"
+LABEL_SNAPSHOT_UUID = "snapship.snapshot_uuid"
+
+
+@dataclass(frozen=True)
+class SnapshotOptions:
+    size: str = "10%"
+    """Classic snapshot size: `N%` of the origin or an lvcreate size such as `2G`."""
+    pre_hook: str | None = None
+    post_hook: str | None = None
+
+
+def run_hook(command: str | None, what: str) -> None:
+    if not command:
+        return
+    p = subprocess.run(command, shell=True, capture_output=True, text=True, check=False)
+    if p.returncode != 0:
+        detail = (p.stderr.strip() or p.stdout.strip()).splitlines()
+        raise SnapshipError(
+            f"{what} hook failed with exit code {p.returncode}"
+            + (f": {detail[-1]}" if detail else "")
+        )
+
+
+def snapshot_name(lv: str) -> str:
+    return f"{lv}-snapship-{dt.datetime.now(dt.UTC):%Y%m%d%H%M%S%f}"[:127]
+
+
+def plan_changes(
+    lvm: Lvm, origin: LvInfo, tracking: LvInfo | None, new: LvInfo, base: Manifest | None
+) -> BackupPlan:
+    """What to read: the change set since `tracking`, or a full read with the reason."""
+    if base is None:
+        return BackupPlan(fallback=None if tracking is None else "no earlier version")
+    if tracking is None:
+        return BackupPlan(base, fallback="no tracking snapshot (first run, or it was removed)")
+    if base.labels.get(LABEL_SNAPSHOT_UUID) != tracking.uuid:
+        return BackupPlan(
+            base, fallback=f"tracking snapshot {tracking.name} is not the one the newest "
+            "version was taken from"
+        )
+    if origin.size != base.size:
+        return BackupPlan(base, fallback=f"the origin was resized ({base.size} -> {origin.size})")
+    if origin.is_thin:
+        if tracking.thin_id is None or new.thin_id is None or not origin.pool:
+            return BackupPlan(base, fallback="thin ids of the snapshots are unknown")
+        xml = lvm.thin_delta(origin.vg, origin.pool, tracking.thin_id, new.thin_id)
+        return BackupPlan(base, thin_delta.parse(xml, origin.size).changed, "thin_delta")
+    if tracking.invalid:
+        return BackupPlan(base, fallback=f"tracking snapshot {tracking.name} overflowed")
+    try:
+        with UncachedReader(tracking.cow_device) as reader:
+            table = cow.parse(reader.read, reader.size, origin.size)
+    except cow.CowInvalid:
+        return BackupPlan(base, fallback=f"tracking snapshot {tracking.name} overflowed")
+    except (cow.CowError, SourceError) as e:
+        return BackupPlan(base, fallback=f"COW table of {tracking.name} unusable: {e}")
+    return BackupPlan(base, table.changed_ranges(origin.size), "COW table")
+
+
+def run_snapshot_backup(
+    repo: Repository,
+    lvm: Lvm,
+    vg: str,
+    lv: str,
+    volume: str,
+    *,
+    options: SnapshotOptions,
+    labels: dict[str, str] | None = None,
+    progress: Progress | None = None,
+    warn: Warn = lambda message: None,
+) -> Manifest:
+    origin = lvm.lv(vg, lv)
+    if origin.origin:
+        raise UsageError(f"{vg}/{lv} is itself a snapshot; back up its origin instead")
+    versions = repo.list_versions(volume)
+    base = repo.load_manifest(*versions[-1]) if versions else None
+    want = base.labels.get(LABEL_SNAPSHOT_UUID) if base else None
+    ours = lvm.snapshots_of(vg, lv)
+    tracking = next((s for s in ours if s.uuid == want), ours[-1] if ours else None)
+    for stale in ours:
+        if stale is not tracking:  # left by a run that died; it tracks nothing we have
+            warn(f"removing stale snapshot {vg}/{stale.name}")
+            lvm.remove(vg, stale.name)
+
+    run_hook(options.pre_hook, "pre-snapshot")
+    try:
+        new = lvm.create_snapshot(vg, lv, snapshot_name(lv),
+                                  None if origin.is_thin else options.size)
+    finally:
+        run_hook(options.post_hook, "post-snapshot")
+    try:
+        plan = plan_changes(lvm, origin, tracking, new, base)
+        if plan.fallback:
+            warn(f"full read of {vg}/{lv}: {plan.fallback}")
+        all_labels = {**(labels or {}), LABEL_SNAPSHOT: f"{vg}/{new.name}",
+                      LABEL_SNAPSHOT_UUID: new.uuid}
+        with Source(new.device) as source:
+            m = run_backup(repo, source, volume, plan=plan, labels=all_labels,
+                           source_desc=f"lvm:{vg}/{lv}", progress=progress)
+    except BaseException:
+        try:
+            lvm.remove(vg, new.name)
+        except LvmError as e:
+            warn(f"could not remove the new snapshot {vg}/{new.name}: {e}")
+        raise
+    if tracking is not None:
+        try:
+            used = lvm.lv(vg, tracking.name).snap_percent
+            if used is not None and used >= FULL_WARNING_PERCENT:
+                warn(f"tracking snapshot {tracking.name} was {used:.0f}% full: raise "
+                     "--snapshot-size or back up more often before it overflows")
+            lvm.remove(vg, tracking.name)
+        except SnapshipError as e:
+            warn(f"could not remove the old snapshot {vg}/{tracking.name}: {e}")
+    return m
