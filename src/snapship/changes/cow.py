@@ -13,8 +13,9 @@ and an invalidated (overflowed) store is `CowInvalid`, never an empty change set
 
 from __future__ import annotations
 
+import itertools
 import struct
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from snapship.changes.ranges import coalesce
@@ -157,11 +158,11 @@ def parse_bytes(store: bytes, origin_size: int | None = None) -> CowTable:
     return parse(lambda off, n: store[off : off + n], len(store), origin_size)
 
 
-def build_store(
-    chunk_sectors: int, chunks: Mapping[int, bytes] | Iterable[tuple[int, bytes]],
-    valid: bool = True,
-) -> bytes:
-    """A complete store whose exceptions map each origin chunk to the given content.
+def iter_store(
+    chunk_sectors: int, chunks: Iterable[tuple[int, bytes]], valid: bool = True
+) -> Iterator[bytes]:
+    """The pieces of a complete store whose exceptions map each origin chunk to the given
+    content, in order; memory stays at one area however many chunks there are.
 
     Used by `cow export` (the content is the *old* data a snapshot target shows) and by tests.
     The kernel's own layout is followed: records fill areas in order, each record's data chunk
@@ -171,18 +172,30 @@ def build_store(
     header = CowHeader(valid, SNAP_VERSION, chunk_sectors)
     c = header.chunk_size
     per_area = header.records_per_area
-    items = list(chunks.items() if isinstance(chunks, Mapping) else chunks)
-    out = bytearray(c)
-    HEADER.pack_into(out, 0, SNAP_MAGIC, int(valid), SNAP_VERSION, chunk_sectors)
-    for a in range(len(items) // per_area + 1):
-        batch = items[a * per_area : (a + 1) * per_area]
-        meta = area_start(a, header)
+    first = bytearray(c)
+    HEADER.pack_into(first, 0, SNAP_MAGIC, int(valid), SNAP_VERSION, chunk_sectors)
+    yield bytes(first)
+    it = iter(chunks)
+    area = 0
+    while True:
+        batch = list(itertools.islice(it, per_area))
+        meta = area_start(area, header)
         table = bytearray(c)
         for i, (old, data) in enumerate(batch):
             if len(data) > c:
                 raise ValueError(f"chunk {old} has {len(data)} bytes, more than {c}")
             RECORD.pack_into(table, i * RECORD.size, old, meta + 1 + i)
-        out += table
+        yield bytes(table)
         for _, data in batch:
-            out += data.ljust(c, b"\0")
-    return bytes(out)
+            yield data.ljust(c, b"\0")
+        if len(batch) < per_area:
+            return
+        area += 1
+
+
+def build_store(
+    chunk_sectors: int, chunks: Mapping[int, bytes] | Iterable[tuple[int, bytes]],
+    valid: bool = True,
+) -> bytes:
+    items = chunks.items() if isinstance(chunks, Mapping) else chunks
+    return b"".join(iter_store(chunk_sectors, items, valid))
