@@ -111,7 +111,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
 def report_backup(args: argparse.Namespace, m: Manifest) -> None:
     s = m.stats
     if args.json:
-        print_json({"volume": m.volume, "version": m.version, "size": m.size, "stats": s})
+        print_json({"volume": m.volume, "version": m.version, "size": m.size, "stats": s,
+                    "labels": m.labels})
     else:
         rate = m.size / s["duration"] if s["duration"] else 0.0
         print(

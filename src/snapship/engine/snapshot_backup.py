@@ -123,9 +123,11 @@ def run_snapshot_backup(
     try:
         new = lvm.create_snapshot(vg, lv, snapshot_name(lv),
                                   None if origin.is_thin else options.size)
-    finally:
+    except BaseException:
         run_hook(options.post_hook, "post-snapshot")
+        raise
     try:
+        run_hook(options.post_hook, "post-snapshot")
         plan = plan_changes(lvm, origin, tracking, new, base)
         if plan.fallback:
             warn(f"full read of {vg}/{lv}: {plan.fallback}")
