@@ -130,6 +130,11 @@ mkfs.ext4 -q -m 0 /dev/mapper/vg-repo
 mount /dev/mapper/vg-repo /tmp/repo
 S init --encryption none > /dev/null
 {ROUNDS}
+lvextend -q -L +32M vg/lv > /dev/null
+raw $((340 * 1024)) 64
+bk r5                                          # the origin grew: full read, with a warning
+raw 4096 4
+bk r6                                          # and incremental again after that
 restore_all
 dmsetup status vg-pool-tpool > /scratch/pool.status
 """
@@ -219,5 +224,11 @@ def snapshot_of(r: dict[str, dict[str, Any]], name: str) -> str:
 def test_thin_snapshot_backups(tmp_path: Path) -> None:
     res = run_in_vm(THIN, disks={"pv": 2 << 30}, timeout=900, workdir=tmp_path).check()
     r = results(res)
-    assert set(r) == {"r1", "r2", "r2u", "r3", "r4"}
+    assert set(r) == {"r1", "r2", "r2u", "r3", "r4", "r5", "r6"}
     check_rounds(r, "thin_delta")
+    r5 = r["r5"]["backup"]
+    assert r5["size"] == (320 + 32) * MiB
+    assert r5["stats"]["mode"] == "full" and "resized" in r5["stats"]["fallback"]
+    assert "snapship: warning:" in r["r5"]["err"] and "resized" in r["r5"]["err"]
+    r6 = r["r6"]["backup"]["stats"]
+    assert (r6["mode"], r6["change_source"], r6["chunks_read"]) == ("incremental", "thin_delta", 1)
