@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := e2fsprogs
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test lint unit bench apt clean
+.PHONY: demo test lint unit bench apt vm-assets clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ apt:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing; \
 	  else echo "please install:$$missing" >&2; exit 1; fi; fi
 
+# qemu, lvm2, thin-provisioning-tools, xfsprogs and a Debian kernel for the VM tests (cached).
+vm-assets:
+	@if [ "$$(id -u)" = 0 ]; then bash tests/vm/setup.sh; \
+	else echo "make test: run as root once so tests/vm/setup.sh can install the VM tools" >&2; fi
+
 demo: $(STAMP) apt
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash demo/demo.sh
 
@@ -29,13 +34,14 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 
-unit: $(STAMP) apt
+unit: $(STAMP) apt vm-assets
 	$(BIN)/pytest -q
 
 test: lint unit
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/incremental.py
 
 clean:
 	rm -rf $(VENV) demo-work .pytest_cache .mypy_cache .ruff_cache .hypothesis
