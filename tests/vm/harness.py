@@ -288,6 +288,7 @@ def run_in_vm(
         "".join(f"export {k}={shlex.quote(v)}\n" for k, v in guest.items())
     )
     (control / "script.sh").write_text(script)
+    (control / "checkout").write_text(str(CHECKOUT))
 
     disk_paths: dict[str, Path] = {}
     drive_args: list[str] = []

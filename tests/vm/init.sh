@@ -70,6 +70,14 @@ mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp
 mount -t tmpfs -o mode=755 tmpfs /newroot/run
 mkdir -p /newroot/run/lock /newroot/run/lvm
 mount --bind /scratch /newroot/scratch
+# The checkout may live where the guest has tmpfs of its own (a CI clone under /tmp): bind it.
+if [ -f /scratch/.vm/checkout ]; then
+    co=$(cat /scratch/.vm/checkout)
+    if [ ! -d "/newroot$co" ]; then
+        mkdir -p "/newroot$co" && mount --bind "/host$co" "/newroot$co" \
+            || fail "cannot make the checkout $co visible in the guest"
+    fi
+fi
 
 # lvm2 without udev (and without lvmpolld/dmeventd, which are not running).
 if [ -d /newroot/etc/lvm ]; then

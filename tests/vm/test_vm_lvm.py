@@ -45,6 +45,14 @@ restore_all() {{
 raw() {{  # raw OFFSET_KIB LENGTH_KIB: random data straight onto the LV
   dd if=/dev/urandom of=$DEV bs=1K seek=$1 count=$2 oflag=direct conv=notrunc status=none
 }}
+prepare() {{  # prepare REPO_SIZE: XFS on vg/lv, a repository on an ext4 LV of its own
+  lvcreate -q -y -L $1 -n repo vg
+  DEV=/dev/mapper/vg-lv SRC=lvm:vg/lv
+  mkfs.xfs -q $DEV
+  mkfs.ext4 -q -m 0 /dev/mapper/vg-repo
+  mount /dev/mapper/vg-repo /tmp/repo
+  S init --encryption none > /dev/null
+}}
 pvcreate -q /dev/vda
 vgcreate -q vg /dev/vda
 mkdir -p /tmp/repo /tmp/fs
@@ -77,12 +85,7 @@ bk r4
 
 CLASSIC = COMMON + f"""
 lvcreate -q -y -L 320M -n lv vg
-lvcreate -q -y -L 400M -n repo vg
-DEV=/dev/mapper/vg-lv SRC=lvm:vg/lv
-mkfs.xfs -q $DEV
-mkfs.ext4 -q -m 0 /dev/mapper/vg-repo
-mount /dev/mapper/vg-repo /tmp/repo
-S init --encryption none > /dev/null
+prepare 400M
 {ROUNDS}
 mount $DEV /tmp/fs
 dd if=/dev/urandom of=/tmp/fs/d bs=1M count=2 status=none; sync
@@ -123,12 +126,7 @@ losetup -d $L1 $L2
 THIN = COMMON + f"""
 lvcreate -q -y -L 500M -T vg/pool
 lvcreate -q -y -V 320M -T vg/pool -n lv
-lvcreate -q -y -L 200M -n repo vg
-DEV=/dev/mapper/vg-lv SRC=lvm:vg/lv
-mkfs.xfs -q $DEV
-mkfs.ext4 -q -m 0 /dev/mapper/vg-repo
-mount /dev/mapper/vg-repo /tmp/repo
-S init --encryption none > /dev/null
+prepare 200M
 {ROUNDS}
 lvextend -q -L +32M vg/lv > /dev/null
 raw $((340 * 1024)) 64
