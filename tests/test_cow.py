@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import struct
@@ -195,3 +196,11 @@ def test_uncached_reader_reads_unaligned_ranges(tmp_path: Path, where: str) -> N
     finally:
         if where == "tmpfs":
             shutil.rmtree(base)
+
+
+def test_cow_inspect_refuses_a_fifo_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    r = subprocess.run([sys.executable, "-m", "snapship.cli.main", "cow", "inspect", str(fifo)],
+                       capture_output=True, text=True, check=False, timeout=20)
+    assert r.returncode == 1 and "not a regular file or a block device" in r.stderr

@@ -10,6 +10,7 @@ import mmap
 import os
 import stat
 from dataclasses import dataclass
+from typing import Self
 
 from snapship.errors import SourceError, TargetError
 
@@ -24,24 +25,40 @@ def _kind(mode: int) -> str | None:
     return None
 
 
-class Source:
-    """A file or block device opened for reading whole chunks by offset."""
+class _ReadOnlyDevice:
+    """A regular file or block device opened read-only; anything else (a directory, a FIFO, a
+    character device) is refused, without blocking on it first."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, flags: int = 0, what: str = "source") -> None:
         self.path = path
         try:
             # O_NONBLOCK: opening a FIFO must not wait for a writer before we can refuse it.
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | flags)
         except OSError as e:
-            raise SourceError(f"cannot open source {path}: {e.strerror or e}") from None
-        st = os.fstat(self.fd)
-        kind = _kind(st.st_mode)
+            raise SourceError(f"cannot open {what} {path}: {e.strerror or e}") from None
+        kind = _kind(os.fstat(self.fd).st_mode)
         if kind is None:
             os.close(self.fd)
-            raise SourceError(f"source {path} is not a regular file or a block device")
+            raise SourceError(f"{what} {path} is not a regular file or a block device")
         self.kind = kind
         os.set_blocking(self.fd, True)
-        self.size = os.lseek(self.fd, 0, os.SEEK_END) if kind == "block device" else st.st_size
+        self.size = os.lseek(self.fd, 0, os.SEEK_END)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Source(_ReadOnlyDevice):
+    """A file or block device opened for reading whole chunks by offset."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
 
@@ -62,15 +79,6 @@ class Source:
                 f"cannot read source {self.path} at offset {offset}: {e.strerror or e}"
             ) from None
         return data
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-    def __enter__(self) -> Source:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 @dataclass
@@ -139,7 +147,7 @@ class Target:
             os.close(self.fd)
 
 
-class UncachedReader:
+class UncachedReader(_ReadOnlyDevice):
     """Reads a device or file bypassing the page cache (O_DIRECT), for the COW table: the
     kernel writes it through its own path, so a cached copy may be stale. Where O_DIRECT is
     refused (tmpfs, some file systems) the cache for the file is dropped before each read."""
@@ -147,21 +155,12 @@ class UncachedReader:
     ALIGN = 4096
 
     def __init__(self, path: str) -> None:
-        self.path = path
         self.direct = True
         try:
-            try:
-                self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
-            except OSError:
-                self.direct = False
-                self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise SourceError(f"cannot open {path}: {e.strerror or e}") from None
-        st = os.fstat(self.fd)
-        if _kind(st.st_mode) is None:
-            os.close(self.fd)
-            raise SourceError(f"{path} is not a regular file or a block device")
-        self.size = os.lseek(self.fd, 0, os.SEEK_END)
+            super().__init__(path, os.O_DIRECT, "COW store")
+        except SourceError:
+            self.direct = False
+            super().__init__(path, 0, "COW store")
 
     def read(self, offset: int, length: int) -> bytes:
         """Up to `length` bytes at `offset` (fewer only at the end)."""
@@ -184,12 +183,3 @@ class UncachedReader:
                 return bytes(buf[offset - start : min(offset - start + length, got)])
         except OSError as e:
             raise SourceError(f"cannot read {self.path} at offset {offset}: {e.strerror}") from None
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-    def __enter__(self) -> UncachedReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
