@@ -89,9 +89,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
     changed = read_changed_ranges(args.changed_ranges) if args.changed_ranges else None
     with Source(args.source) as source:
         repo = open_repository(args)
-        versions = repo.list_versions(volume)
         # The newest version's chunks are known to exist: no need to ask storage about them.
-        base = repo.load_manifest(*versions[-1]) if versions else None
+        base = repo.latest_manifest(volume)
         if changed is not None and base is None:
             raise UsageError(f"--changed-ranges needs an earlier version of {volume} to apply to")
         m = run_backup(

@@ -109,8 +109,7 @@ def run_snapshot_backup(
     origin = lvm.lv(vg, lv)
     if origin.origin:
         raise UsageError(f"{vg}/{lv} is itself a snapshot; back up its origin instead")
-    versions = repo.list_versions(volume)
-    base = repo.load_manifest(*versions[-1]) if versions else None
+    base = repo.latest_manifest(volume)
     want = base.labels.get(LABEL_SNAPSHOT_UUID) if base else None
     ours = lvm.snapshots_of(vg, lv)
     tracking = next((s for s in ours if s.uuid == want), ours[-1] if ours else None)

@@ -229,6 +229,11 @@ class Repository:
                 out.append((parts[0], parts[1]))
         return sorted(out)
 
+    def latest_manifest(self, volume: str) -> Manifest | None:
+        """The newest version of `volume`, or None if it has none yet."""
+        versions = self.list_versions(volume)
+        return self.load_manifest(*versions[-1]) if versions else None
+
     def resolve(self, ref: VersionRef) -> tuple[str, str]:
         """Turn `volume@version` into an existing version; accepts a unique id prefix."""
         versions = [v for _, v in self.list_versions(ref.volume)]
