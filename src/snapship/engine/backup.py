@@ -33,7 +33,8 @@ class _Result:
     cid: bytes
     outcome: int
     raw: int
-    stored: int
+    stored: int | None
+    """Size of the chunk's object; None for an in-run duplicate, whose first copy knows it."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ def run_backup(
     # A chunk equal to the base's chunk at the same index is known to exist: unchanged data
     # costs no storage lookup, and this needs no memory beyond the base manifest itself.
     base_ids = base.ids if base is not None else b""
+    base_sizes = base.sizes if base is not None else array("I")
     ids = bytearray(count * 32)
     sizes = array("I", bytes(4 * count))
     if to_read is not None:
@@ -113,10 +115,10 @@ def run_backup(
             return _Result(index, ZERO_ID, ZERO, n, 0)
         cid = repo.chunk_id(data)
         if base_ids[index * 32 : index * 32 + 32] == cid:
-            return _Result(index, cid, KNOWN, n, 0)
+            return _Result(index, cid, KNOWN, n, base_sizes[index])
         with lock:
             if cid in claimed:
-                return _Result(index, cid, DUPLICATE, n, 0)
+                return _Result(index, cid, DUPLICATE, n, None)
             claimed.add(cid)
         existing = repo.stat_chunk(cid)
         blob = repo.seal_chunk(cid, data)
@@ -124,7 +126,7 @@ def run_backup(
         # damaged (or left by a crash of another tool) and is replaced, never trusted.
         if existing == len(blob):
             stored_sizes[cid] = existing
-            return _Result(index, cid, EXISTING, n, 0)
+            return _Result(index, cid, EXISTING, n, existing)
         repo.put_chunk(cid, blob)
         stored_sizes[cid] = len(blob)
         return _Result(index, cid, NEW, n, len(blob))
@@ -132,23 +134,22 @@ def run_backup(
     nworkers = workers or default_workers()
     counts = [0] * 5
     bytes_read = new_raw = new_stored = 0
+    duplicates: list[_Result] = []
     for r in bounded_map(process, reads(), nworkers, window_for(nworkers, cs)):
         ids[r.index * 32 : r.index * 32 + 32] = r.cid
         counts[r.outcome] += 1
         bytes_read += r.raw
+        if r.stored is None:
+            duplicates.append(r)
+        else:
+            sizes[r.index] = r.stored
         if r.outcome == NEW:
             new_raw += r.raw
-            new_stored += r.stored
+            new_stored += r.stored or 0
         progress.advance(r.raw)
     progress.finish()
-    for i in indices:
-        cid = bytes(ids[i * 32 : i * 32 + 32])
-        if cid == ZERO_ID:
-            sizes[i] = 0
-        elif base is not None and base_ids[i * 32 : i * 32 + 32] == cid:
-            sizes[i] = base.sizes[i]
-        else:
-            sizes[i] = stored_sizes[cid]
+    for r in duplicates:  # every worker has finished: the first copy's size is known now
+        sizes[r.index] = stored_sizes[r.cid]
 
     # The new id must sort after every existing version of the volume, so `latest` is this one.
     existing = [v for _, v in repo.list_versions(volume)]
