@@ -89,11 +89,13 @@ def cmd_versions(args: argparse.Namespace) -> int:
             rows.append(version_summary(repo.load_manifest(volume, version)))
         except SnapshipError as e:
             rows.append({"volume": volume, "version": version, "error": str(e)})
+    damaged = any("error" in r for r in rows)
     if args.json:
         print_json(rows)
-    elif not rows:
+        return 1 if damaged else 0
+    if not rows:
         print("no versions")
-    for r in [] if args.json else rows:
+    for r in rows:
         if "error" in r:
             print(f"{r['volume']}@{r['version']}  DAMAGED: {r['error']}")
             continue
@@ -102,7 +104,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
             f"{r['volume']}@{r['version']}  {r['created']}  {human_bytes(r['size']):>10}  "
             f"+{human_bytes(r['new_bytes_stored']):>10} new  {labels}"
         )
-    return 1 if any("error" in r for r in rows) else 0
+    return 1 if damaged else 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
