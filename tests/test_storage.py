@@ -37,6 +37,20 @@ def test_put_get_stat_delete(storage: Storage) -> None:
     assert storage.stat("chunks/ab/abcd") is None
 
 
+def test_rename_moves_and_replaces(storage: Storage) -> None:
+    storage.put("chunks/ab/abcd", b"hello")
+    storage.rename("chunks/ab/abcd", "fossils/ab/abcd")
+    assert storage.stat("chunks/ab/abcd") is None
+    assert storage.get("fossils/ab/abcd") == b"hello"
+    storage.put("chunks/ab/abcd", b"other")
+    storage.rename("fossils/ab/abcd", "chunks/ab/abcd")
+    assert storage.get("chunks/ab/abcd") == b"hello"
+    assert list(storage.list("fossils/")) == []
+    with pytest.raises(ObjectNotFound):
+        storage.rename("fossils/ab/abcd", "chunks/ab/abcd")
+    assert storage.get("chunks/ab/abcd") == b"hello"
+
+
 def test_list_by_prefix(storage: Storage) -> None:
     keys = {"config": 1, "versions/disk/v1": 2, "versions/disk/v2": 3, "versions/dusk/v1": 4,
             "chunks/00/00aa": 5, "chunks/ff/ffbb": 6}

@@ -11,6 +11,10 @@ segments. The contract is deliberately small so an object store can meet it:
 - `list(prefix)`: every (key, size) whose key starts with `prefix`, in no particular order;
   objects put before the call started are listed.
 - `delete(key)`: removes the object; deleting a missing key is not an error.
+- `rename(src, dst)`: moves an object to a new key, replacing `dst` if it exists; afterwards
+  `src` is gone and `dst` holds the whole object (gc uses it to set chunks aside as fossils, see
+  docs/gc.md). A missing `src` raises `ObjectNotFound`. It need not be atomic: a crash may leave
+  both keys, never neither.
 - `flush()`: every put that returned before the call is durable when it returns.
 
 Methods may be called from many threads at once. Failures raise `StorageError` (permanent) or
@@ -44,6 +48,8 @@ class Storage(Protocol):
     def list(self, prefix: str) -> Iterator[tuple[str, int]]: ...
 
     def delete(self, key: str) -> None: ...
+
+    def rename(self, src: str, dst: str) -> None: ...
 
     def flush(self) -> None: ...
 

@@ -99,6 +99,19 @@ class LocalStorage:
         except OSError as e:
             raise StorageError(f"cannot delete {path}: {e.strerror or e}") from None
 
+    def rename(self, src: str, dst: str) -> None:
+        old, new = self._path(src), self._path(dst)
+        try:
+            try:
+                os.rename(old, new)
+            except FileNotFoundError:
+                if not os.path.exists(old):
+                    raise ObjectNotFound(src) from None
+                os.makedirs(os.path.dirname(new), exist_ok=True)
+                os.rename(old, new)
+        except OSError as e:
+            raise StorageError(f"cannot rename {old} to {new}: {e.strerror or e}") from None
+
     def flush(self) -> None:
         try:
             fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)

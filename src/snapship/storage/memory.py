@@ -40,6 +40,14 @@ class MemoryStorage:
         with self._lock:
             self.objects.pop(key, None)
 
+    def rename(self, src: str, dst: str) -> None:
+        check_key(dst)
+        with self._lock:
+            try:
+                self.objects[dst] = self.objects.pop(src)
+            except KeyError:
+                raise ObjectNotFound(src) from None
+
     def flush(self) -> None:
         pass
 
