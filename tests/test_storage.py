@@ -13,14 +13,21 @@ from snapship.errors import ObjectNotFound, StorageError, UsageError
 from snapship.storage.base import Storage
 from snapship.storage.local import LocalStorage
 from snapship.storage.memory import MemoryStorage
+from snapship.storage.s3 import S3Storage
+from tests.seaweed import Bucket
+
+pytest_plugins = ("tests.s3server",)  # the weed and s3_bucket fixtures
 
 
-@pytest.fixture(params=["memory", "local"])
+@pytest.fixture(params=["memory", "local", "s3"])
 def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]:
     if request.param == "memory":
         yield MemoryStorage()
-    else:
+    elif request.param == "local":
         yield LocalStorage(str(tmp_path / "store"))
+    else:
+        bucket: Bucket = request.getfixturevalue("s3_bucket")
+        yield S3Storage.open(bucket.url("some/prefix"))
 
 
 def test_put_get_stat_delete(storage: Storage) -> None:

@@ -10,6 +10,7 @@ import getpass
 import os
 import sys
 
+from snapship.engine.pipeline import default_workers
 from snapship.errors import AuthFailed, UsageError
 from snapship.repository.repo import PassphraseSource, Repository
 from snapship.storage.base import Storage
@@ -19,10 +20,20 @@ from snapship.storage.local import LocalStorage
 def open_storage(spec: str | None) -> Storage:
     if not spec:
         raise UsageError("no repository given: use --repo PATH or set SNAPSHIP_REPO")
+    if spec.startswith("s3://"):
+        # boto3 takes a third of a second to import: only S3 repositories pay for it.
+        from snapship.storage.s3 import S3Storage
+        from snapship.storage.s3_client import ClientOptions
+
+        # A connection for every request the engines can have in flight (their windows).
+        workers = max(default_workers(), S3Storage.parallelism)
+        return S3Storage.open(spec, ClientOptions(max_connections=max(32, 4 * workers)))
     if spec.startswith("file://"):
         spec = spec[len("file://") :]
     elif "://" in spec:
-        raise UsageError(f"unsupported repository location {spec!r}: give a directory path")
+        raise UsageError(
+            f"unsupported repository location {spec!r}: give a directory path or s3://BUCKET"
+        )
     return LocalStorage(spec)
 
 

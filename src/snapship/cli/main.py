@@ -23,7 +23,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--repo", default=os.environ.get("SNAPSHIP_REPO"),
-                        help="repository directory (default: $SNAPSHIP_REPO)")
+                        help="repository: a directory, or s3://BUCKET[/PREFIX] "
+                        "(default: $SNAPSHIP_REPO)")
     common.add_argument("--passphrase-file", metavar="FILE",
                         help="read the passphrase from FILE (default: $SNAPSHIP_PASSPHRASE, "
                         "else a prompt)")

@@ -131,7 +131,7 @@ def run_backup(
         stored_sizes[cid] = len(blob)
         return _Result(index, cid, NEW, n, len(blob))
 
-    nworkers = workers or default_workers()
+    nworkers = workers or default_workers(repo.storage)
     counts = [0] * 5
     bytes_read = new_raw = new_stored = 0
     duplicates: list[_Result] = []

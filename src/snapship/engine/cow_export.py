@@ -60,7 +60,7 @@ def export_cow(
         return i, load(new, i), load(old, i)
 
     def exceptions() -> Iterator[tuple[int, bytes]]:
-        nworkers = workers or default_workers()
+        nworkers = workers or default_workers(repo.storage)
         window = window_for(nworkers, new.chunk_size)
         for i, a, b in bounded_map(fetch, differing, nworkers, window):
             base = i * new.chunk_size

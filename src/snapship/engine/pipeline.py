@@ -19,8 +19,14 @@ R = TypeVar("R")
 WINDOW_BYTES = 64 << 20
 
 
-def default_workers() -> int:
-    return max(1, len(os.sched_getaffinity(0)))
+def default_workers(storage: object = None) -> int:
+    """One worker per CPU; more if the storage says its requests are worth overlapping.
+
+    A backend whose requests wait on a network (S3) sets a `parallelism` attribute: with only
+    one worker per CPU, each would sit idle for a round trip on every chunk.
+    """
+    cpus = max(1, len(os.sched_getaffinity(0)))
+    return max(cpus, int(getattr(storage, "parallelism", 0)))
 
 
 def window_for(workers: int, chunk_size: int) -> int:

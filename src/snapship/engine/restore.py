@@ -71,7 +71,7 @@ def run_restore(
             )
         return off, data
 
-    nworkers = workers or default_workers()
+    nworkers = workers or default_workers(repo.storage)
     progress.start(m.size)
     try:
         # One writer: concurrent pwrites to one file contend for its inode lock and spin.

@@ -76,7 +76,7 @@ def run_verify(
                 return cid, len(blob), str(e)
             return cid, len(blob), None
 
-        nworkers = workers or default_workers()
+        nworkers = workers or default_workers(repo.storage)
         for cid, nbytes, problem in bounded_map(
             check, todo, nworkers, window_for(nworkers, repo.chunk_size)
         ):

@@ -1,0 +1,284 @@
+"""The S3 backend against a real server (SeaweedFS), with faults injected by a proxy.
+
+The storage contract itself runs in test_storage.py (the `s3` parameter); this file covers
+what is S3's own: prefixes, paging, the client set-up from the AWS variables, error messages,
+and the retry layer under 5xx bursts, dropped connections, stalls and damaged uploads.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from snapship.errors import (
+    ObjectNotFound,
+    StorageError,
+    TransientStorageError,
+    UsageError,
+)
+from snapship.storage.retry import RetryPolicy, retrying
+from snapship.storage.s3 import S3Storage
+from snapship.storage.s3_client import ClientOptions, make_client, parse_s3_url
+from tests.faultproxy import FaultProxy, Rule, puts_under
+from tests.seaweed import Bucket, use_endpoint
+
+pytest_plugins = ("tests.s3server",)  # the weed and s3_bucket fixtures
+
+FAST = RetryPolicy(attempts=6, base=0.05, cap=0.2, deadline=30.0)
+
+
+@pytest.fixture
+def proxy(s3_bucket: Bucket) -> Iterator[FaultProxy]:
+    p = FaultProxy(int(s3_bucket.endpoint.rsplit(":", 1)[1]))
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def through(proxy: FaultProxy, bucket: Bucket, mp: pytest.MonkeyPatch, *,
+            policy: RetryPolicy = FAST, read_timeout: float = 10.0) -> S3Storage:
+    """An S3Storage whose requests all pass the proxy."""
+    use_endpoint(mp, proxy.endpoint)
+    client, _ = make_client(ClientOptions(max_connections=16, connect_timeout=2,
+                                          read_timeout=read_timeout))
+    return S3Storage(client, parse_s3_url(bucket.url("r")), policy)
+
+
+# -- locations and client set-up ------------------------------------------------------------
+
+
+def test_parse_s3_url() -> None:
+    assert parse_s3_url("s3://bucket").prefix == ""
+    assert parse_s3_url("s3://bucket/").prefix == ""
+    loc = parse_s3_url("s3://my.bucket-1/a/b/")
+    assert (loc.bucket, loc.prefix, loc.url("config")) == ("my.bucket-1", "a/b/",
+                                                           "s3://my.bucket-1/a/b/config")
+    for bad in ("s3://ab", "s3://Upper", "s3://-x-", "s3://a..b", "s3://b" * 30,
+                "s3://bucket/a//b", "s3://bucket/a/../b", "s3://bucket/a b", "http://x"):
+        with pytest.raises(UsageError):
+            parse_s3_url(bad)
+
+
+def test_client_follows_the_aws_variables(s3_bucket: Bucket, monkeypatch: pytest.MonkeyPatch
+                                          ) -> None:
+    client, policy = make_client()
+    assert client.meta.endpoint_url == s3_bucket.endpoint
+    config: Any = client.meta.config  # the stubs do not know these attributes
+    assert config.s3["addressing_style"] == "path"  # a custom endpoint
+    assert config.retries["total_max_attempts"] == 1  # retrying is ours alone
+    assert policy.attempts == RetryPolicy().attempts
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
+    assert make_client()[1].attempts == 3
+    s = S3Storage.open(s3_bucket.url("x"))
+    s.put("config", b"1")
+    assert s3_bucket.keys() == {"x/config": 1}
+
+
+def test_prefixes_keep_repositories_apart(s3_bucket: Bucket) -> None:
+    a, b = S3Storage.open(s3_bucket.url("one")), S3Storage.open(s3_bucket.url("one/two"))
+    a.put("config", b"a")
+    b.put("config", b"bb")
+    assert dict(a.list("")) == {"config": 1, "two/config": 2}  # b lives inside a's prefix
+    assert dict(b.list("")) == {"config": 2}
+    assert s3_bucket.keys() == {"one/config": 1, "one/two/config": 2}
+    assert a.describe() == f"s3://{s3_bucket.name}/one"
+
+
+def test_list_pages_and_skips_foreign_keys(s3_bucket: Bucket) -> None:
+    s = S3Storage.open(s3_bucket.url("r"))
+    keys = {f"chunks/{i % 256:02x}/{i:06d}+x": i % 7 for i in range(2100)}
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda kv: s.put(kv[0], b"z" * kv[1]), keys.items()))
+    raw = s3_bucket.server.client()
+    for junk in ("r/chunks/", "r/chunks/00/.tmp-abc", "r/chunks/00/a b"):
+        raw.put_object(Bucket=s3_bucket.name, Key=junk, Body=b"junk")
+    listing = s.list("chunks/")
+    assert isinstance(listing, Iterator)  # lazy: pages are fetched as they are consumed
+    assert dict(listing) == keys  # three pages of at most 1000
+    assert dict(s.list("chunks/0a/")) == {k: v for k, v in keys.items()
+                                          if k.startswith("chunks/0a/")}
+
+
+def test_errors_name_the_object(s3_bucket: Bucket, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = S3Storage.open(s3_bucket.url("r"))
+    with pytest.raises(ObjectNotFound, match="versions/v/1"):
+        s.get("versions/v/1")
+    with pytest.raises(ObjectNotFound):
+        s.rename("versions/v/1", "versions/v/2")
+    assert s.stat("versions/v/1") is None
+    s.delete("versions/v/1")
+    missing = S3Storage.open("s3://no-such-bucket-here/r")
+    with pytest.raises(StorageError, match="bucket no-such-bucket-here does not exist") as e:
+        missing.get("config")
+    assert "\n" not in str(e.value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    started = time.monotonic()
+    with pytest.raises(TransientStorageError) as e:
+        S3Storage.open(s3_bucket.url("r")).put("config", b"1")
+    message = str(e.value)
+    assert message.startswith(f"cannot write s3://{s3_bucket.name}/r/config: ")
+    assert "127.0.0.1:9" in message and "gave up after 2 attempts" in message
+    assert "\n" not in message
+    assert time.monotonic() - started < 10
+
+
+# -- faults -----------------------------------------------------------------------------------
+
+
+def test_5xx_bursts_are_retried(proxy: FaultProxy, s3_bucket: Bucket,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    s = through(proxy, s3_bucket, monkeypatch)
+    for status, code in ((503, "SlowDown"), (500, "InternalError"), (502, "BadGateway")):
+        proxy.add(Rule("status", status=status, code=code, count=3))
+        s.put(f"chunks/aa/{status}", b"data")
+        proxy.add(Rule("status", status=status, code=code, count=3))
+        assert s.get(f"chunks/aa/{status}") == b"data"
+    proxy.add(Rule("status", count=3))
+    assert s.stat("chunks/aa/503") == 4
+    proxy.add(Rule("status", count=3))
+    assert len(dict(s.list("chunks/"))) == 3
+    proxy.add(Rule("status", count=3))
+    s.rename("chunks/aa/503", "fossils/aa/503")
+    assert proxy.injected["status"] == 3 * 9
+    assert s3_bucket.keys("r/fossils/") == {"r/fossils/aa/503": 4}
+
+
+def test_permanent_errors_are_not_retried(proxy: FaultProxy, s3_bucket: Bucket,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    s = through(proxy, s3_bucket, monkeypatch)
+    proxy.add(Rule("status", status=403, code="AccessDenied", count=None))
+    before = proxy.requests
+    with pytest.raises(StorageError) as e:
+        s.put("config", b"1")
+    assert not isinstance(e.value, TransientStorageError)
+    assert proxy.requests - before == 1
+    assert "HTTP 403 AccessDenied" in str(e.value) and "credentials" in str(e.value)
+
+
+def test_unending_5xx_gives_up_with_one_line(proxy: FaultProxy, s3_bucket: Bucket,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    s = through(proxy, s3_bucket, monkeypatch)
+    proxy.add(Rule("status", count=None))
+    with pytest.raises(TransientStorageError) as e:
+        s.get("config")
+    assert str(e.value).startswith(f"cannot read s3://{s3_bucket.name}/r/config: HTTP 503 "
+                                   "SlowDown")
+    assert "gave up after 6 attempts" in str(e.value)
+    assert proxy.injected["status"] == 6
+
+
+def test_a_dropped_upload_leaves_nothing_and_is_retried(
+        proxy: FaultProxy, s3_bucket: Bucket, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = through(proxy, s3_bucket, monkeypatch)
+    data = random.Random(1).randbytes(3 << 20)
+    proxy.add(Rule("drop_upload", match=puts_under("/chunks/"), after=1 << 20, count=None))
+    with pytest.raises(TransientStorageError, match="chunks/ab/cut"):
+        s.put("chunks/ab/cut", data)
+    assert proxy.injected["drop_upload"] == FAST.attempts
+    assert s3_bucket.keys() == {}  # the server kept none of the truncated bodies
+    proxy.clear()
+    proxy.add(Rule("drop_upload", match=puts_under("/chunks/"), after=2 << 20, count=2))
+    s.put("chunks/ab/cut", data)
+    assert s.get("chunks/ab/cut") == data
+    assert s3_bucket.keys() == {"r/chunks/ab/cut": len(data)}
+
+
+def test_a_damaged_upload_is_refused_by_its_md5(
+        proxy: FaultProxy, s3_bucket: Bucket, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = through(proxy, s3_bucket, monkeypatch)
+    proxy.add(Rule("corrupt", match=puts_under("/chunks/"), count=None))
+    with pytest.raises(TransientStorageError, match="BadDigest"):
+        s.put("chunks/cd/bad", b"precious data")
+    assert s3_bucket.keys() == {}
+    proxy.clear()
+    proxy.add(Rule("corrupt", match=puts_under("/chunks/"), count=1))
+    s.put("chunks/cd/bad", b"precious data")
+    assert s.get("chunks/cd/bad") == b"precious data"
+
+
+def test_lost_answers_and_stalls_are_retried(
+        proxy: FaultProxy, s3_bucket: Bucket, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = through(proxy, s3_bucket, monkeypatch, read_timeout=1.0)
+    proxy.add(Rule("drop_response", count=2))
+    s.put("chunks/ef/x", b"once")  # stored by the first try, whose answer was lost
+    assert s.get("chunks/ef/x") == b"once"
+    proxy.add(Rule("stall", seconds=2.5, count=1))
+    started = time.monotonic()
+    assert s.get("chunks/ef/x") == b"once"
+    assert time.monotonic() - started >= 1.0
+    assert proxy.injected == {"drop_response": 2, "stall": 1}
+
+
+def test_a_listing_resumes_at_the_failed_page(
+        proxy: FaultProxy, s3_bucket: Bucket, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = through(proxy, s3_bucket, monkeypatch)
+    direct = S3Storage.open(s3_bucket.url("r"))
+    keys = {f"versions/v/{i:05d}": 1 for i in range(1500)}
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: direct.put(k, b"x"), keys))
+    is_list = lambda method, path: method == "GET" and "list-type=2" in path  # noqa: E731
+    proxy.add(Rule("status", match=is_list, skip=1, count=2))  # the second page fails twice
+    got = list(s.list("versions/"))
+    assert dict(got) == keys and len(got) == len(keys)  # nothing twice, nothing missed
+    assert proxy.injected["status"] == 2
+
+
+# -- the retry policy (no I/O) ----------------------------------------------------------------
+
+
+def test_retry_backoff_is_bounded_and_jittered() -> None:
+    policy = RetryPolicy(attempts=20, base=0.5, cap=4.0, deadline=1000)
+    rng = random.Random(7)
+    pauses = [[policy.pause(n, rng) for n in range(1, 12)] for _ in range(50)]
+    for run in pauses:
+        for n, p in enumerate(run, start=1):
+            assert 0 <= p <= min(4.0, 0.5 * 2 ** (n - 1))
+    assert len({run[5] for run in pauses}) > 40  # jittered: workers do not retry in step
+
+
+def test_retrying_stops_at_attempts_or_deadline() -> None:
+    now = [0.0]
+    slept: list[float] = []
+
+    def sleep(s: float) -> None:
+        slept.append(s)
+        now[0] += s
+
+    def failing() -> None:
+        now[0] += 1.0
+        raise TransientStorageError("cannot read s3://b/k: HTTP 503 SlowDown")
+
+    with pytest.raises(TransientStorageError, match=r"gave up after 4 attempts in \d+\.\d s"):
+        retrying(failing, RetryPolicy(attempts=4, base=0.1, cap=1, deadline=100),
+                 sleep=sleep, clock=lambda: now[0])
+    assert len(slept) == 3
+    now[0], slept[:] = 0.0, []
+    with pytest.raises(TransientStorageError, match="gave up"):
+        retrying(failing, RetryPolicy(attempts=100, base=1, cap=1, deadline=5),
+                 sleep=sleep, clock=lambda: now[0])
+    assert now[0] <= 5 + 1 + 1
+    calls = [0]
+
+    def flaky() -> str:
+        calls[0] += 1
+        if calls[0] < 3:
+            raise TransientStorageError("x")
+        return "ok"
+
+    assert retrying(flaky, RetryPolicy(attempts=3, base=0), sleep=sleep) == "ok"
+
+    def permanent() -> None:
+        calls[0] += 1
+        raise StorageError("no")
+
+    calls[0] = 0
+    with pytest.raises(StorageError, match=r"^no$"):
+        retrying(permanent, RetryPolicy(), sleep=sleep)
+    assert calls[0] == 1
