@@ -67,7 +67,7 @@ def run_verify(
 
         def check(cid: bytes) -> tuple[bytes, int, str | None]:
             try:
-                blob = repo.storage.get(repo.chunk_key(cid))
+                blob = repo.get_chunk_blob(cid)
             except ObjectNotFound:
                 return cid, 0, "missing"
             try:
