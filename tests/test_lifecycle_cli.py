@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -147,3 +148,18 @@ def test_locks_lists_and_clears_a_dead_backups_lock(tmp_path: Path) -> None:
     assert r.returncode == 0
     assert "removed the stale writer lock of backup disk (pid 4000001" in r.stderr
     assert ok(run_cli("locks", "--repo", repo)).stdout.strip() == "no locks"
+
+
+def test_a_second_gc_or_prune_exits_75_naming_the_first(tmp_path: Path) -> None:
+    repo, _img, _hist = make_history(tmp_path, 1)
+    from snapship.repository import locks
+    from snapship.storage.local import LocalStorage
+
+    storage = LocalStorage(str(repo))
+    with locks.Lock(storage, locks.GC, "gc").acquire():
+        assert_one_line_error(run_cli("gc", "--repo", repo), "gc is already running",
+                              f"pid {os.getpid()}", "try again", code=75)
+    with locks.Lock(storage, locks.PRUNE, "prune").acquire():
+        assert_one_line_error(run_cli("prune", "--repo", repo, "--keep-last", "1"),
+                              "prune is already running", code=75)
+        ok(run_cli("gc", "--repo", repo))  # gc and prune may run together
