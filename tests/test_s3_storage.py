@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from snapship.engine.gc import list_lag
 from snapship.errors import (
     ObjectNotFound,
     StorageError,
@@ -78,6 +79,11 @@ def test_client_follows_the_aws_variables(s3_bucket: Bucket, monkeypatch: pytest
     s = S3Storage.open(s3_bucket.url("x"))
     s.put("config", b"1")
     assert s3_bucket.keys() == {"x/config": 1}
+
+
+def test_a_listing_lag_reaches_gc(s3_bucket: Bucket) -> None:
+    assert list_lag(S3Storage.open(s3_bucket.url())) == 0.0  # AWS, SeaweedFS, MinIO...
+    assert list_lag(S3Storage.open(s3_bucket.url(), list_lag=2.5)) == 2.5
 
 
 def test_prefixes_keep_repositories_apart(s3_bucket: Bucket) -> None:

@@ -27,7 +27,8 @@ def open_storage(spec: str | None) -> Storage:
 
         # A connection for every request the engines can have in flight (their windows).
         workers = max(default_workers(), S3Storage.parallelism)
-        return S3Storage.open(spec, ClientOptions(max_connections=max(32, 4 * workers)))
+        return S3Storage.open(spec, ClientOptions(max_connections=max(32, 4 * workers)),
+                              list_lag=s3_list_lag())
     if spec.startswith("file://"):
         spec = spec[len("file://") :]
     elif "://" in spec:
@@ -35,6 +36,18 @@ def open_storage(spec: str | None) -> Storage:
             f"unsupported repository location {spec!r}: give a directory path or s3://BUCKET"
         )
     return LocalStorage(spec)
+
+
+def s3_list_lag() -> float:
+    """`SNAPSHIP_S3_LIST_LAG`: seconds a store that lists late needs (docs/s3.md)."""
+    text = os.environ.get("SNAPSHIP_S3_LIST_LAG", "0")
+    try:
+        lag = float(text)
+    except ValueError:
+        lag = -1.0
+    if not 0 <= lag <= 3600:
+        raise UsageError(f"SNAPSHIP_S3_LIST_LAG={text!r} is not a number of seconds (0..3600)")
+    return lag
 
 
 def passphrase_source(args: argparse.Namespace, confirm: bool = False) -> PassphraseSource:

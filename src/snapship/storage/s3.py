@@ -71,20 +71,25 @@ class S3Storage:
     """Requests worth running at once (engine/pipeline.py): each waits a round trip."""
 
     def __init__(
-        self, client: S3Client, location: S3Location, policy: RetryPolicy | None = None
+        self, client: S3Client, location: S3Location, policy: RetryPolicy | None = None,
+        list_lag: float = 0.0,
     ) -> None:
         self.client = client
         self.location = location
         self.bucket = location.bucket
         self.prefix = location.prefix
         self.policy = policy or RetryPolicy()
+        self.list_lag = list_lag
+        """Seconds a new object may take to appear in listings; gc waits that long
+        (docs/gc.md, "Listing lag"). 0 for AWS S3 and every store that lists after write."""
 
     @classmethod
-    def open(cls, url: str, options: ClientOptions | None = None) -> S3Storage:
+    def open(cls, url: str, options: ClientOptions | None = None, list_lag: float = 0.0
+             ) -> S3Storage:
         """The repository at `s3://BUCKET[/PREFIX]`, reached as the AWS configuration says."""
         location = parse_s3_url(url)
         client, policy = make_client(options or ClientOptions())
-        return cls(client, location, policy)
+        return cls(client, location, policy, list_lag)
 
     # -- the contract -----------------------------------------------------------------------
 
