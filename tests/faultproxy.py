@@ -9,6 +9,8 @@ path and fires on its next `count` matches (None: every one) after letting `skip
   connections: the server sees a truncated upload, the client a dropped connection;
 - `drop_response`: forward the whole request, then cut the client's connection before the
   answer (the server did the work; the client cannot know);
+- `cut_response`: forward the request, then send the answer's head and only half its body
+  before cutting the client's connection (a download that breaks off);
 - `stall`: wait `seconds` before forwarding (the client's read timeout fires first);
 - `corrupt`: flip one byte of the body on its way (the server must refuse it: Content-MD5).
 
@@ -137,6 +139,10 @@ class FaultProxy:
                     body = bytes([body[0] ^ 0xFF]) + body[1:]
                 response = _forward(upstream, method, path, headers, body)
                 if rule is not None and rule.kind == "drop_response":
+                    return
+                if rule is not None and rule.kind == "cut_response":
+                    head, _, body = response.partition(b"\r\n\r\n")
+                    conn.sendall(head + b"\r\n\r\n" + body[: len(body) // 2])
                     return
                 conn.sendall(response)
         except (OSError, http.client.HTTPException):

@@ -209,6 +209,16 @@ def test_a_damaged_upload_is_refused_by_its_md5(
     assert s.get("chunks/cd/bad") == b"precious data"
 
 
+def test_a_download_that_breaks_off_is_retried(
+        proxy: FaultProxy, s3_bucket: Bucket, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = through(proxy, s3_bucket, monkeypatch)
+    data = random.Random(3).randbytes(1 << 20)
+    s.put("chunks/12/big", data)
+    proxy.add(Rule("cut_response", match=lambda method, path: method == "GET", count=2))
+    assert s.get("chunks/12/big") == data
+    assert proxy.injected["cut_response"] == 2
+
+
 def test_lost_answers_and_stalls_are_retried(
         proxy: FaultProxy, s3_bucket: Bucket, monkeypatch: pytest.MonkeyPatch) -> None:
     s = through(proxy, s3_bucket, monkeypatch, read_timeout=1.0)
