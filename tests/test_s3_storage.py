@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from snapship.cli.context import open_storage
 from snapship.engine.gc import list_lag
 from snapship.errors import (
     ObjectNotFound,
@@ -81,9 +82,14 @@ def test_client_follows_the_aws_variables(s3_bucket: Bucket, monkeypatch: pytest
     assert s3_bucket.keys() == {"x/config": 1}
 
 
-def test_a_listing_lag_reaches_gc(s3_bucket: Bucket) -> None:
-    assert list_lag(S3Storage.open(s3_bucket.url())) == 0.0  # AWS, SeaweedFS, MinIO...
-    assert list_lag(S3Storage.open(s3_bucket.url(), list_lag=2.5)) == 2.5
+def test_a_listing_lag_reaches_gc(s3_bucket: Bucket, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert list_lag(open_storage(s3_bucket.url())) == 0.0  # AWS, SeaweedFS, MinIO...
+    monkeypatch.setenv("SNAPSHIP_S3_LIST_LAG", "2.5")
+    assert list_lag(open_storage(s3_bucket.url())) == 2.5
+    for bad in ("soon", "-1", "1e9"):
+        monkeypatch.setenv("SNAPSHIP_S3_LIST_LAG", bad)
+        with pytest.raises(UsageError, match="SNAPSHIP_S3_LIST_LAG"):
+            open_storage(s3_bucket.url())
 
 
 def test_prefixes_keep_repositories_apart(s3_bucket: Bucket) -> None:

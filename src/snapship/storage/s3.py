@@ -99,7 +99,7 @@ class S3Storage:
             raise StorageError(f"cannot write {self.location.url(key)}: {len(data)} bytes is "
                                "more than one S3 PUT can store (5 GiB)")
         body = bytes(data)
-        md5 = base64.b64encode(hashlib.md5(body).digest()).decode()
+        md5 = base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
 
         def put() -> None:
             self.client.put_object(Bucket=self.bucket, Key=name, Body=body, ContentMD5=md5)
