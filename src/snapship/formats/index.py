@@ -55,11 +55,12 @@ def decode(data: bytes, magic: bytes, version: int, kind: str, what: str
     pos += _COUNT.size
     ids = data[pos : pos + count * ID_LEN]
     pos += count * ID_LEN
+    extra = len(data) - pos - count * 4
+    if extra:
+        raise FormatError(f"{what} is truncated" if extra < 0 else
+                          f"{what} has {extra} bytes beyond its chunk list")
     values = array("I")
-    values.frombytes(data[pos : pos + count * 4])
-    pos += count * 4
-    if len(ids) != count * ID_LEN or len(values) != count or pos != len(data):
-        raise FormatError(f"{what} has {len(data) - pos:+d} bytes beyond its chunk list")
+    values.frombytes(data[pos:])
     if sys.byteorder == "big":
         values.byteswap()
     return header, ids, values
