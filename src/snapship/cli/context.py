@@ -25,9 +25,10 @@ def open_storage(spec: str | None) -> Storage:
         from snapship.storage.s3 import S3Storage
         from snapship.storage.s3_client import ClientOptions
 
-        # A connection for every request the engines can have in flight (their windows).
+        # A connection for every request in flight: the engines' windows, gc's 32 threads.
+        # Connections are opened on demand: a large pool costs nothing.
         workers = max(default_workers(), S3Storage.parallelism)
-        return S3Storage.open(spec, ClientOptions(max_connections=max(32, 4 * workers)),
+        return S3Storage.open(spec, ClientOptions(max_connections=max(64, 4 * workers)),
                               list_lag=s3_list_lag())
     if spec.startswith("file://"):
         spec = spec[len("file://") :]
