@@ -9,6 +9,7 @@ the dev extra) puts the `weed` binary next to the venv's python. No pytest in he
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import signal
@@ -151,6 +152,12 @@ class WeedServer:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=wait)
+        # weed puts a unix socket per gRPC port in /tmp whatever it is told; it replaces
+        # them when it starts again, but nothing removes them when it stops.
+        for port in self.ports:
+            for path in glob.glob(f"/tmp/seaweedfs-*-{port}.sock"):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
 
     def restart(self) -> None:
         """Stop and start again on the same ports and data."""
