@@ -27,7 +27,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     repo = Repository.create(
-        open_storage(args.repo),
+        open_storage(args.repo, args),
         encryption=args.encryption,
         chunk_size=chunk_size,
         compression_level=args.compression_level,
