@@ -7,6 +7,7 @@ by test_server_faults.py. Everything is seeded and bounded: it stops when closed
 
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
 import threading
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 @dataclass
 class Faults:
     drops: int = 0
-    """Connections cut in the middle of a client's upload."""
+    """Connections cut in the middle of a request or a reply."""
     errors: int = 0
     """Requests answered with a 5xx by the proxy instead of the server."""
     connections: int = 0
@@ -25,10 +26,12 @@ class Faults:
 class FaultProxy:
     """Forward 127.0.0.1:`port` to 127.0.0.1:`target`.
 
-    - `drop_between=(lo, hi)`: each connection is cut after a random number of uploaded bytes
-      in [lo, hi] (the server gets a truncated request), `max_drops` times in all.
-    - `burst_every=N, burst_size=K`: after every N uploaded bytes (all connections together),
-      every open connection is closed and the next K requests get `503` from the proxy.
+    - `drop_between=(lo, hi)`: each connection is cut after a random number of bytes in
+      [lo, hi] went up (the server gets a truncated request), or another such number came
+      down (the client gets a truncated reply), `max_drops` times in all.
+    - `burst_every=N, burst_size=K`: after every N bytes forwarded (both ways, all connections
+      together), every open connection is closed and the next K requests get `503` from the
+      proxy.
     """
 
     def __init__(self, target: int, *, seed: int = 1, drop_between: tuple[int, int] | None = None,
@@ -41,7 +44,7 @@ class FaultProxy:
         self.burst_every = burst_every
         self.burst_size = burst_size
         self.faults = Faults()
-        self._uploaded = 0
+        self._forwarded = 0
         self._next_burst = burst_every
         self._pending_errors = 0
         self._live: set[socket.socket] = set()
@@ -69,10 +72,8 @@ class FaultProxy:
         with self._lock:
             live = list(self._live)
         for s in live:
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def _accept(self) -> None:
         while not self._closed:
@@ -88,9 +89,10 @@ class FaultProxy:
             fail = self._pending_errors > 0
             if fail:
                 self._pending_errors -= 1
-            budget = None
+            up = down = None
             if self.drop_between and self.faults.drops < self.max_drops:
-                budget = self.rng.randint(*self.drop_between)
+                up = self.rng.randint(*self.drop_between)
+                down = self.rng.randint(*self.drop_between)
         if fail:
             self._answer_503(client)
             return
@@ -101,18 +103,17 @@ class FaultProxy:
             return
         with self._lock:
             self._live.update((client, server))
-        down = threading.Thread(target=self._pump, args=(server, client, False, None),
-                                daemon=True)
-        down.start()
-        self._pump(client, server, True, budget)
-        down.join()
+        downstream = threading.Thread(target=self._pump, args=(server, client, down),
+                                      daemon=True)
+        downstream.start()
+        self._pump(client, server, up)
+        downstream.join()
         with self._lock:
             self._live.difference_update((client, server))
         client.close()
         server.close()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, upload: bool, budget: int | None
-              ) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, budget: int | None) -> None:
         """Copy src to dst; with a budget, cut both after that many bytes."""
         sent = 0
         try:
@@ -127,21 +128,18 @@ class FaultProxy:
                     break
                 dst.sendall(data)
                 sent += len(data)
-                if upload:
-                    self._count_upload(len(data))
+                self._count(len(data))
         except OSError:
             pass
         for s in (src, dst):
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
-    def _count_upload(self, n: int) -> None:
+    def _count(self, n: int) -> None:
         burst = False
         with self._lock:
-            self._uploaded += n
-            if self._next_burst is not None and self._uploaded >= self._next_burst:
+            self._forwarded += n
+            if self._next_burst is not None and self._forwarded >= self._next_burst:
                 assert self.burst_every is not None
                 self._next_burst += self.burst_every
                 self._pending_errors = self.burst_size

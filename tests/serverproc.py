@@ -150,6 +150,7 @@ class ServerProc:
 def running_server(tmp: Path, *, tls: tuple[Path, Path] | None = None,
                    extra: Sequence[str] = ()) -> Iterator[tuple[ServerProc, dict[str, str]]]:
     """A server on `tmp/root` with the standard tokens; yields it and name -> token."""
+    tmp.mkdir(parents=True, exist_ok=True)
     tokens = write_tokens(tmp / "tokens")
     with ServerProc(tmp / "root", tmp / "tokens", tls=tls, extra=extra) as server:
         yield server, tokens

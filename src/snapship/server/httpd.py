@@ -29,6 +29,7 @@ log = logging.getLogger("snapship.server")
 HANDSHAKE_TIMEOUT = 30.0
 BUDGET_WAIT = 60.0
 _PIECE = 1 << 20
+_TLS_HANDSHAKE = b"\x16"
 
 
 class ByteBudget:
@@ -273,6 +274,10 @@ class ApiServer(ThreadingHTTPServer):
         if self.tls is not None:
             try:
                 request.settimeout(HANDSHAKE_TIMEOUT)
+                first = request.recv(1, socket.MSG_PEEK)
+                if first and first != _TLS_HANDSHAKE:
+                    _refuse_plain_http(request)
+                    return
                 conn = self.tls.wrap_socket(request, server_side=True)
             except (OSError, ValueError) as e:
                 log.debug("TLS handshake with %s failed: %s", client_address[0], e)
@@ -303,6 +308,28 @@ class ApiServer(ThreadingHTTPServer):
             while self._active and time.monotonic() < deadline:
                 self._idle.wait(deadline - time.monotonic())
         self.server_close()
+
+
+def _refuse_plain_http(sock: socket.socket) -> None:
+    """A plain-http request on the TLS port: say so in plain HTTP, as a one-line error the
+    client can show, instead of a failed handshake it could only call a dropped connection."""
+    head = b""
+    with contextlib.suppress(OSError):
+        while b"\r\n\r\n" not in head and len(head) < 65536:
+            data = sock.recv(4096)
+            if not data:
+                break
+            head += data
+        body = api.encode_error(api.BAD_REQUEST, "this server speaks https: use an https:// "
+                                "repository URL")
+        sock.sendall(b"HTTP/1.1 400 Bad Request\r\n%s: %d\r\nContent-Type: %s\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (
+                         api.API_HEADER.encode(), api.API_VERSION, api.JSON_TYPE.encode(),
+                         len(body), body))
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(1.0)
+        while sock.recv(65536):  # let the client's request body arrive, so no reset
+            pass
 
 
 def tls_context(cert: str, key: str) -> ssl.SSLContext:
