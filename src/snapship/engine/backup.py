@@ -21,6 +21,7 @@ from snapship.engine.pipeline import bounded_map, default_workers, window_for
 from snapship.engine.progress import NoProgress, Progress
 from snapship.errors import UsageError
 from snapship.formats.manifest import Manifest, check_name, chunk_count
+from snapship.repository import catalog
 from snapship.repository.repo import Repository, WriterSession, new_version_id, now_iso
 from snapship.types import ZERO_ID, ByteRange
 
@@ -107,6 +108,9 @@ def run_backup(
     progress = progress or NoProgress()
     progress.start(sum(min(cs, size - i * cs) for i in indices) if to_read is not None else size)
 
+    # Chunks a verify found damaged are stored again when met, never trusted.
+    damaged = {bytes.fromhex(c) for mark in catalog.damaged(repo.storage).values()
+               for c in mark.chunks}
     zero_full = bytes(cs)
     claimed: set[bytes] = set()
     stored_sizes: dict[bytes, int] = {}
@@ -123,7 +127,7 @@ def run_backup(
         if data == (zero_full if n == cs else bytes(n)):
             return _Result(index, ZERO_ID, ZERO, n, 0)
         cid = repo.chunk_id(data)
-        if base_ids[index * 32 : index * 32 + 32] == cid:
+        if base_ids[index * 32 : index * 32 + 32] == cid and cid not in damaged:
             return _Result(index, cid, KNOWN, n, base_sizes[index])
         with lock:
             if cid in claimed:
@@ -133,7 +137,7 @@ def run_backup(
         blob = repo.seal_chunk(cid, data)
         # The sealed size is deterministic: an object of another size under this name is
         # damaged (or left by a crash of another tool) and is replaced, never trusted.
-        if existing == len(blob):
+        if existing == len(blob) and cid not in damaged:
             stored_sizes[cid] = existing
             return _Result(index, cid, EXISTING, n, existing)
         repo.put_chunk(cid, blob)

@@ -14,7 +14,9 @@ import json
 import struct
 import sys
 from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass
+from operator import itemgetter
 
 from snapship.errors import FormatError, UsageError
 from snapship.formats.constants import ID_LEN, MAX_MANIFEST_HEADER, REFS_MAGIC, REFS_VERSION
@@ -23,6 +25,18 @@ from snapship.types import ZERO_ID
 
 _PREFIX = struct.Struct("<4sHHI")
 _COUNT = struct.Struct("<Q")
+_SHORT = struct.Struct("<Q24x")
+
+
+def short_key(cid: bytes) -> int:
+    """An id's first 8 bytes as an int: what sets of millions of ids hold to stay small. Two
+    ids sharing them only make gc keep a garbage chunk; nothing is ever lost."""
+    return int.from_bytes(cid[:8], "little")
+
+
+def short_keys(ids: bytes) -> Iterator[int]:
+    """`short_key` of each id in a concatenation of ids, at C speed."""
+    return map(itemgetter(0), _SHORT.iter_unpack(ids))
 
 
 @dataclass(frozen=True)

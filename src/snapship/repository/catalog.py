@@ -8,8 +8,9 @@ manifest is never needed here.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
-from snapship.errors import FormatError, ObjectNotFound
+from snapship.errors import FormatError, NotFound, ObjectNotFound, UsageError
 from snapship.formats import envelope
 from snapship.formats import refs as refs_codec
 from snapship.formats.constants import (
@@ -22,6 +23,7 @@ from snapship.formats.constants import (
 from snapship.formats.manifest import check_name
 from snapship.formats.refs import Refs
 from snapship.storage.base import Storage
+from snapship.types import VersionRef
 
 _MAX_REFS = 1 << 34
 
@@ -51,6 +53,24 @@ def _pairs(storage: Storage, prefix: str, volume: str | None) -> list[tuple[str,
 def list_versions(storage: Storage, volume: str | None = None) -> list[tuple[str, str]]:
     """(volume, version) pairs, sorted by volume then age."""
     return _pairs(storage, VERSION_PREFIX, volume)
+
+
+def resolve(storage: Storage, ref: VersionRef) -> tuple[str, str]:
+    """Turn `volume@version` into an existing version; accepts a unique id prefix."""
+    versions = [v for _, v in list_versions(storage, ref.volume)]
+    if not versions:
+        raise NotFound(f"volume {ref.volume} has no versions in this repository")
+    if ref.version in (None, "latest"):
+        return ref.volume, versions[-1]
+    assert ref.version is not None
+    if ref.version in versions:
+        return ref.volume, ref.version
+    matches = [v for v in versions if v.startswith(ref.version)]
+    if len(matches) == 1:
+        return ref.volume, matches[0]
+    if matches:
+        raise UsageError(f"version {ref.version!r} of {ref.volume} is ambiguous")
+    raise NotFound(f"volume {ref.volume} has no version {ref.version}")
 
 
 def list_refs(storage: Storage) -> list[tuple[str, str]]:
@@ -98,26 +118,32 @@ def set_protected(storage: Storage, volume: str, version: str, on: bool, note: s
         storage.delete(key)
 
 
-def damaged(storage: Storage) -> dict[tuple[str, str], list[str]]:
-    """Versions the last verify found damaged, with the chunk ids it named."""
+@dataclass(frozen=True)
+class DamageMark:
+    chunks: list[str]
+    deep: bool
+    """Whether a deep verify found it: only a complete deep verify may clear such a mark."""
+
+
+def damaged(storage: Storage) -> dict[tuple[str, str], DamageMark]:
+    """Versions verify found damaged, with the chunk ids it named."""
     out = {}
     for vol, ver in _pairs(storage, DAMAGED_PREFIX, None):
         try:
             d = json.loads(storage.get(_key(DAMAGED_PREFIX, vol, ver)))
-            out[(vol, ver)] = [str(c) for c in d["chunks"]]
+            out[(vol, ver)] = DamageMark([str(c) for c in d["chunks"]], bool(d["deep"]))
         except ObjectNotFound:
             continue
         except (ValueError, KeyError, TypeError):
-            out[(vol, ver)] = []
+            out[(vol, ver)] = DamageMark([], True)
     return out
 
 
-def mark_damaged(storage: Storage, volume: str, version: str, chunks: list[str] | None) -> None:
+def mark_damaged(storage: Storage, volume: str, version: str, chunks: list[str] | None,
+                 deep: bool = False) -> None:
     """Record (or, with None, clear) that verify found `volume@version` damaged."""
     key = _key(DAMAGED_PREFIX, volume, version)
     if chunks is None:
         storage.delete(key)
     else:
-        storage.put(key, json.dumps({"chunks": sorted(chunks)}).encode())
-
-
+        storage.put(key, json.dumps({"chunks": sorted(chunks), "deep": deep}).encode())

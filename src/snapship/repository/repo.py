@@ -281,21 +281,7 @@ class Repository:
 
     def resolve(self, ref: VersionRef) -> tuple[str, str]:
         """Turn `volume@version` into an existing version; accepts a unique id prefix."""
-        versions = [v for _, v in self.list_versions(ref.volume)]
-        if not versions:
-            raise NotFound(f"volume {ref.volume} has no versions in this repository")
-        if ref.version in (None, "latest"):
-            return ref.volume, versions[-1]
-        assert ref.version is not None
-        if ref.version in versions:
-            return ref.volume, ref.version
-        matches = [v for v in versions if v.startswith(ref.version)]
-        if len(matches) == 1:
-            return ref.volume, matches[0]
-        if matches:
-            raise UsageError(f"version {ref.version!r} of {ref.volume} is ambiguous")
-        raise NotFound(f"volume {ref.volume} has no version {ref.version}")
-
+        return catalog.resolve(self.storage, ref)
 
 def _key_aad(repo_id: str) -> bytes:
     return b"snapship key v1 " + repo_id.encode()
