@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from snapship.cli import server_commands
 from snapship.cli.context import open_repository, open_storage, passphrase_source
 from snapship.cli.output import TerminalProgress, human_bytes, parse_size, print_json
 from snapship.cli.transfer_commands import parse_ref
@@ -149,6 +150,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    if args.on_server:
+        return server_commands.cmd_verify_on_server(args)
     repo = open_repository(args)
     if args.sample is not None and not args.deep:
         raise UsageError("--sample goes with --deep (it picks the chunks to read)")
@@ -209,4 +212,5 @@ def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentPars
     p.add_argument("--sample", type=float, metavar="PERCENT",
                    help="with --deep: read only a random PERCENT of the chunks")
     p.add_argument("--volume", help="only versions of this volume")
+    server_commands.add_on_server_option(p)
     p.set_defaults(func=cmd_verify)

@@ -10,12 +10,14 @@ import sys
 import threading
 from typing import Any
 
-from snapship.cli.output import parse_size, print_json
+from snapship.cli.context import open_storage
+from snapship.cli.output import human_bytes, parse_size, print_json
 from snapship.errors import UsageError
 from snapship.formats import http_api as api
 from snapship.formats.manifest import check_name
 from snapship.server.app import App
 from snapship.server.httpd import ApiServer, tls_context
+from snapship.server.maintenance import Scheduler, ServerMaintenance
 from snapship.server.objects import Repositories
 from snapship.server.policy import Role
 from snapship.server.tokens import (
@@ -26,6 +28,17 @@ from snapship.server.tokens import (
     parse_tokens,
     token_line,
 )
+from snapship.storage.http import HttpStorage
+
+_PERIOD_UNITS = {"s": 1, "h": 3600, "d": 86400}
+
+
+def parse_period(text: str, option: str) -> float:
+    """N followed by s, h or d (seconds, hours, days)."""
+    number, unit = text[:-1], text[-1:]
+    if unit not in _PERIOD_UNITS or not number.isdigit() or int(number) == 0:
+        raise UsageError(f"{option} {text!r} is not a period such as 90s, 6h or 7d")
+    return int(number) * _PERIOD_UNITS[unit]
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -62,12 +75,17 @@ def cmd_server(args: argparse.Namespace) -> int:
     memory = _size(args.body_memory, "--body-memory")
     if memory < max_object:
         raise UsageError("--body-memory must be at least --max-object-size")
+    schedule = {task: parse_period(period, f"--{task}-every")
+                for task, period in (("gc", args.gc_every), ("verify", args.verify_every))
+                if period}
     tokens = TokenFile(args.tokens)
     if not len(tokens.table()):
         logging.getLogger("snapship.server").warning(
             "%s holds no tokens: every request will be refused", args.tokens)
     tls = tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None
-    app = App(Repositories(root), tokens.table, max_object_size=max_object)
+    repos = Repositories(root)
+    maintenance = ServerMaintenance()
+    app = App(repos, tokens.table, max_object_size=max_object, maintenance=maintenance)
     try:
         server = ApiServer((host, port), app, tls=tls, max_connections=args.max_connections,
                            body_memory=memory, access_log=args.access_log)
@@ -85,7 +103,10 @@ def cmd_server(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     logging.getLogger("snapship.server").info("serving %s on %s (%d tokens)", root, server.url,
                                               len(tokens.table()))
+    scheduler = Scheduler(repos, maintenance, schedule)
+    scheduler.start()
     server.serve_forever(poll_interval=0.5)
+    scheduler.stop()
     if stopper.is_alive():
         stopper.join()
     logging.getLogger("snapship.server").info("stopped")
@@ -132,6 +153,59 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_on_server_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--on-server", action="store_true",
+                   help="http(s) repositories: run it on the snapship server, next to the "
+                   "data (admin token; nothing crosses the network, no key needed)")
+
+
+def _server_storage(args: argparse.Namespace) -> HttpStorage:
+    storage = open_storage(args.repo, args)
+    if not isinstance(storage, HttpStorage):
+        raise UsageError("--on-server needs a repository on a snapship server "
+                         "(--repo http(s)://HOST:PORT/NAME)")
+    return storage
+
+
+def cmd_gc_on_server(args: argparse.Namespace) -> int:
+    r = _server_storage(args).maintenance("gc", {})
+    for message in r.get("warnings", []):
+        print(f"snapship: warning: {message}", file=sys.stderr)
+    if args.json:
+        print_json(r)
+        return 0
+    if r["waiting_for"]:
+        print(f"gc: collection {r['collection']} waits for {len(r['waiting_for'])} running "
+              "backup(s); run gc again after they finish")
+    print(f"gc on the server: {r['versions']} versions reference {r['referenced']} chunks; "
+          f"freed {r['chunks_freed']} chunks ({human_bytes(r['bytes_freed'])}), "
+          f"{r['restored']} set-aside chunks were put back")
+    return 0
+
+
+def cmd_verify_on_server(args: argparse.Namespace) -> int:
+    if args.sample is not None or args.volume:
+        raise UsageError("--on-server verifies every version completely: drop --sample and "
+                         "--volume")
+    r = _server_storage(args).maintenance("verify", {"deep": bool(args.deep)})
+    if args.json:
+        print_json(r)
+    else:
+        for name, problem in r["bad_refs"].items():
+            print(f"BAD reference list {name}: {problem}")
+        for hexid, problem in r["bad_chunks"].items():
+            print(f"BAD chunk {hexid}: {problem}")
+        for name, hexids in r["affected"].items():
+            print(f"AFFECTED {name}: {len(hexids)} bad chunk(s); marked damaged")
+        mode = "deep" if r["deep"] else "fast"
+        if r["deep"] and not r["content_checked"]:
+            mode += ", envelopes only: the server has no key"
+        status = "ok" if r["ok"] else "FAILED"
+        print(f"verify on the server ({mode}): {r['versions']} versions, {r['chunks']} chunks: "
+              f"{status}")
+    return 0 if r["ok"] else 1
+
+
 def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("server", help="serve repositories over HTTP(S) to token holders",
                        description="Serve the repositories under --root (one directory each) "
@@ -153,6 +227,10 @@ def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentPars
                    help="request bodies held in memory at once (default: %(default)s)")
     p.add_argument("--max-connections", type=int, default=64, metavar="N",
                    help="connections served at once; more get 503 (default: %(default)s)")
+    p.add_argument("--gc-every", metavar="PERIOD",
+                   help="run gc on every repository this often (e.g. 24h; s, h or d)")
+    p.add_argument("--verify-every", metavar="PERIOD",
+                   help="run a keyless verify of every repository this often (e.g. 7d)")
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.add_argument("--debug", action="store_true", help="log connection-level detail")
     p.set_defaults(func=cmd_server)

@@ -37,6 +37,8 @@ BAD_KEY = "bad-key"
 UNAUTHORIZED = "unauthorized"
 FORBIDDEN = "forbidden"
 NOT_FOUND = "not-found"
+NO_REPOSITORY = "no-repository"
+CONFLICT = "conflict"
 UNSUPPORTED_VERSION = "unsupported-api-version"
 NO_SUCH_ENDPOINT = "no-such-endpoint"
 METHOD_NOT_ALLOWED = "method-not-allowed"
@@ -52,6 +54,8 @@ STATUS = {
     UNAUTHORIZED: 401,
     FORBIDDEN: 403,
     NOT_FOUND: 404,
+    NO_REPOSITORY: 404,
+    CONFLICT: 409,
     UNSUPPORTED_VERSION: 404,
     NO_SUCH_ENDPOINT: 404,
     METHOD_NOT_ALLOWED: 405,

@@ -16,7 +16,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, NoReturn, Protocol
 
-from snapship.errors import ObjectNotFound, SnapshipError, StorageError, UsageError
+from snapship.errors import (
+    Busy,
+    NotFound,
+    ObjectNotFound,
+    SnapshipError,
+    StorageError,
+    UsageError,
+)
 from snapship.formats import http_api as api
 from snapship.server.objects import (
     ExistsWithOtherContent,
@@ -201,10 +208,12 @@ class App:
             log.info("maintenance: %s of %s started by token %s", r.task, r.repo, who.name)
             try:
                 report = self.maintenance.run(r.task, r.repo, store, options)
-            except api.WireError as e:
+            except (api.WireError, UsageError) as e:
                 raise ApiError(api.BAD_REQUEST, str(e)) from None
-            except UsageError as e:
-                raise ApiError(api.BAD_REQUEST, str(e)) from None
+            except Busy as e:
+                raise ApiError(api.CONFLICT, str(e)) from None
+            except NotFound as e:
+                raise ApiError(api.NO_REPOSITORY, str(e)) from None
             log.info("maintenance: %s of %s finished", r.task, r.repo)
             return _json(api.encode_json(report))
         raise AssertionError(f"unhandled operation {op}")

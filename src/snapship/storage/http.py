@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 
 from snapship.errors import (
     AuthFailed,
+    Busy,
+    NotFound,
     ObjectNotFound,
     PermissionDenied,
     StorageError,
@@ -120,11 +122,13 @@ class _Pool:
         with self._lock:
             if self._idle:
                 return self._idle.pop(), True
+        return self.new(self._timeout), False
+
+    def new(self, timeout: float | None) -> Connection:
         if self._ctx is not None:
-            return http.client.HTTPSConnection(self._url.host, self._url.port,
-                                               timeout=self._timeout, context=self._ctx), False
-        return http.client.HTTPConnection(self._url.host, self._url.port,
-                                          timeout=self._timeout), False
+            return http.client.HTTPSConnection(self._url.host, self._url.port, timeout=timeout,
+                                               context=self._ctx)
+        return http.client.HTTPConnection(self._url.host, self._url.port, timeout=timeout)
 
     def put(self, conn: Connection) -> None:
         with self._lock:
@@ -176,8 +180,10 @@ class HttpStorage:
 
     # -- one request, with retries --------------------------------------------------------
 
-    def _request(self, method: str, path: str, body: bytes | bytearray | None, what: str
-                 ) -> _Reply:
+    def _request(self, method: str, path: str, body: bytes | bytearray | None, what: str,
+                 *, long: bool = False) -> _Reply:
+        """One request, retried while the failure is transient. `long`: a request that may
+        run for hours (maintenance) gets its own connection without a read timeout."""
         headers = dict(self._headers)
         if body is not None:
             headers["Content-Type"] = api.JSON_TYPE if method == "POST" else api.OBJECT_TYPE
@@ -185,7 +191,7 @@ class HttpStorage:
         stale_retried = False
         may_have_acted = False
         while True:
-            conn, reused = self._pool.get()
+            conn, reused = (self._pool.new(None), False) if long else self._pool.get()
             try:
                 conn.request(method, path, body=body, headers=headers)
                 resp = conn.getresponse()
@@ -204,7 +210,7 @@ class HttpStorage:
                     raise TransientStorageError(self._gave_up(what, problem, retry.attempts,
                                                               retry.elapsed())) from None
                 continue
-            if resp.will_close:
+            if resp.will_close or long:
                 conn.close()
             else:
                 self._pool.put(conn)
@@ -250,10 +256,14 @@ class HttpStorage:
                 "--token-file")
         if reply.status == 403:
             raise PermissionDenied(message)
-        if reply.status == 404 and key is not None:
+        if reply.status == 409:
+            raise Busy(message)
+        if reply.status == 404:
             err = api.decode_error(reply.body)
-            if err and err[0] == api.NOT_FOUND:
+            if err and err[0] == api.NOT_FOUND and key is not None:
                 raise ObjectNotFound(key)
+            if err and err[0] == api.NO_REPOSITORY:
+                raise NotFound(message)
         return StorageError(message)
 
     def _object(self, key: str) -> str:
@@ -362,7 +372,7 @@ class HttpStorage:
         """Run a maintenance task on the server (admin tokens); its JSON report."""
         what = f"server-side {task}"
         reply = self._request("POST", f"{self._base}/{api.MAINTENANCE}/{task}",
-                              api.encode_json(options), what)
+                              api.encode_json(options), what, long=True)
         if reply.status != 200:
             raise self._fail(reply, what)
         return self._decode(lambda b: api.decode_report(b, f"{task} report"), reply.body, what)
