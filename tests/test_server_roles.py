@@ -229,5 +229,7 @@ def test_missing_and_paged_list(srv: tuple[ServerProc, dict[str, str]]) -> None:
     absent = {f"chunks/ee/{i:064x}" for i in range(2100)}
     present = set(list(keys)[:40])
     assert s.missing(sorted(absent | present)) == absent
+    sizes = s.stat_many(sorted(absent | present))
+    assert sizes == {**{k: None for k in absent}, **{k: keys[k] for k in present}}
     with pytest.raises(ObjectNotFound):
         s.get("chunks/ee/" + "0" * 64)

@@ -132,6 +132,8 @@ def test_wire_codecs_are_strict() -> None:
     assert api.decode_list_page(api.encode_list_page([("a", 1)], "a")) == ([("a", 1)], "a")
     assert api.decode_missing_request(api.encode_missing_request(["k"])) == ["k"]
     assert api.decode_rename(api.encode_rename("a", "b")) == ("a", "b")
+    assert api.decode_missing_reply(api.encode_missing_reply(["a"], [("b", 3)])) == (
+        ["a"], [("b", 3)])
     assert api.decode_error(api.encode_error("x", "two\nlines")) == ("x", "two lines")
     assert api.decode_error(b"<html>") is None
     for bad in (b'{"objects": [["a", -1]], "next": null}', b'{"objects": [["a", true]], '

@@ -184,12 +184,19 @@ def decode_missing_request(body: bytes) -> list[str]:
     return keys
 
 
-def encode_missing_reply(keys: list[str]) -> bytes:
-    return _dump({"missing": keys})
+def encode_missing_reply(missing: list[str], present: list[tuple[str, int]]) -> bytes:
+    return _dump({"missing": missing, "present": [[k, n] for k, n in present]})
 
 
-def decode_missing_reply(body: bytes) -> list[str]:
-    return _strings(_load(body, {"missing": list}, "missing reply")["missing"], "missing")
+def decode_missing_reply(body: bytes) -> tuple[list[str], list[tuple[str, int]]]:
+    d = _load(body, {"missing": list, "present": list}, "missing reply")
+    present = []
+    for item in d["present"]:
+        if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str)
+                or not isinstance(item[1], int) or isinstance(item[1], bool) or item[1] < 0):
+            raise WireError("missing reply: a present entry is not [key, size]")
+        present.append((item[0], item[1]))
+    return _strings(d["missing"], "missing"), present
 
 
 def encode_rename(src: str, dst: str) -> bytes:

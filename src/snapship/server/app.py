@@ -174,7 +174,7 @@ class App:
             return self._list(store, r.query)
         if op is Op.MISSING:
             keys = [server_key(k) for k in _wire(api.decode_missing_request, read_body())]
-            return _json(api.encode_missing_reply(store.missing(keys)))
+            return _json(api.encode_missing_reply(*store.stat_many(keys)))
         if op is Op.PUT:
             assert r.key is not None
             p = self._check(who, r, r.key, client)

@@ -104,8 +104,16 @@ class RepoStore:
     def flush(self) -> None:
         self.local.flush()
 
-    def missing(self, keys: list[str]) -> list[str]:
-        return [k for k in keys if self.stat(k) is None]
+    def stat_many(self, keys: list[str]) -> tuple[list[str], list[tuple[str, int]]]:
+        """(keys that do not exist, (key, size) of those that do), in the order given."""
+        missing, present = [], []
+        for k in keys:
+            size = self.stat(k)
+            if size is None:
+                missing.append(k)
+            else:
+                present.append((k, size))
+        return missing, present
 
     def list_page(self, prefix: str, after: str | None, limit: int
                   ) -> tuple[list[tuple[str, int]], str | None]:

@@ -348,8 +348,12 @@ class HttpStorage:
 
     def missing(self, keys: Iterable[str]) -> set[str]:
         """The keys among `keys` that do not exist: one request per thousand keys."""
+        return {k for k, size in self.stat_many(keys).items() if size is None}
+
+    def stat_many(self, keys: Iterable[str]) -> dict[str, int | None]:
+        """`stat` of many keys at once (one request per thousand): key -> size or None."""
         todo = [check_key(k) for k in keys]
-        out: set[str] = set()
+        out: dict[str, int | None] = {}
         for i in range(0, len(todo), api.MAX_MISSING_KEYS):
             batch = todo[i : i + api.MAX_MISSING_KEYS]
             what = f"missing ({len(batch)} keys)"
@@ -357,7 +361,13 @@ class HttpStorage:
                                   api.encode_missing_request(batch), what)
             if reply.status != 200:
                 raise self._fail(reply, what)
-            out.update(self._decode(api.decode_missing_reply, reply.body, what))
+            missing, present = self._decode(api.decode_missing_reply, reply.body, what)
+            got: dict[str, int | None] = {k: None for k in missing}
+            got.update(present)
+            if set(got) != set(batch):
+                raise StorageError(f"{self._where}: {what}: the reply does not answer for "
+                                   "exactly the keys asked about")
+            out.update(got)
         return out
 
     def whoami(self) -> tuple[str, str]:
