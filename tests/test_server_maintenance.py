@@ -71,7 +71,7 @@ def test_prune_and_gc_from_a_client_and_on_the_server(served: Served, tmp_path: 
 
     # A backup token can neither forget versions nor collect garbage.
     assert_one_line_error(cli("prune", "--repo", url, "--keep-last", "1",
-                              token=files["db1-backup"]), "db1-backup", "may not delete")
+                              token=files["db1-backup"]), "db1-backup", "may not put locks/prune-")
     assert_one_line_error(cli("gc", "--repo", url, "--on-server", token=files["db1-backup"]),
                           "db1-backup", "may not maintain")
     assert len(chunk_files(root)) == 3 * 24

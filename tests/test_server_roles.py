@@ -70,6 +70,12 @@ def test_backup_token_adds_but_never_destroys(srv: tuple[ServerProc, dict[str, s
         (lambda: s.delete(MANIFEST_KEY), "delete", MANIFEST_KEY),
         (lambda: s.rename(CHUNK_KEY, "fossils/ab/" + "ab" * 32), "rename", CHUNK_KEY),
         (lambda: s.rename(MANIFEST_KEY, "locks/x"), "rename", MANIFEST_KEY),
+        # Nor may it touch gc's state, marks or other locks (a forged collection or gc lock
+        # could stall backups or gc).
+        (lambda: s.put("gc/collection", b"{}"), "put", "gc/collection"),
+        (lambda: s.put("protected/disk/v", b"{}"), "put", "protected/disk/v"),
+        (lambda: s.put("locks/gc-20261126T093000-0123456789ab", b"{}"), "put",
+         "locks/gc-20261126T093000-0123456789ab"),
         (lambda: s.maintenance("verify", {}), "maintain", "-"),
     ]
     for attempt, verb, key in refused:
@@ -78,7 +84,7 @@ def test_backup_token_adds_but_never_destroys(srv: tuple[ServerProc, dict[str, s
         message = str(exc.value)
         assert "\n" not in message
         assert server.url("db1") in message and "db1-backup" in message, message
-        line = server.wait_for_log(f"[op {'put' if verb == 'overwrite' else verb}, "
+        line = server.wait_for_log(f"[op {'put' if verb in ('put', 'overwrite') else verb}, "
                                    f"repository db1, key {key}")
         assert "denied: token db1-backup (role backup)" in line
     # Nothing changed.
@@ -98,7 +104,9 @@ def test_backup_token_owns_its_locks(srv: tuple[ServerProc, dict[str, str]]) -> 
     s.delete(LOCK_KEY + "-moved")
     assert s.stat(LOCK_KEY + "-moved") is None
     with pytest.raises(PermissionDenied):
-        s.rename(CHUNK_KEY, "locks/stolen")  # out of locks/ is not its own
+        s.rename(CHUNK_KEY, "locks/writer-stolen")  # out of locks/ is not its own
+    with pytest.raises(PermissionDenied):
+        s.delete("locks/prune-20261126T093000-0123456789ab")
 
 
 def test_read_token_reads_and_writes_nothing(srv: tuple[ServerProc, dict[str, str]]) -> None:

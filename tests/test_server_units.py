@@ -21,6 +21,7 @@ from snapship.storage.retry import Retry, RetryPolicy
 A, D, C = Permission.ALLOW, Permission.DENY, Permission.CREATE_ONLY
 CHUNK = "chunks/ab/abcd"
 LOCK = "locks/writer-1"
+GC_LOCK = "locks/gc-1"
 
 
 @pytest.mark.parametrize(
@@ -32,11 +33,22 @@ LOCK = "locks/writer-1"
         (Op.PUT, CHUNK, None, D, C, A),
         (Op.PUT, "versions/v/1", None, D, C, A),
         (Op.PUT, "config", None, D, C, A),
+        (Op.PUT, "keys/repokey", None, D, C, A),
+        (Op.PUT, "refs/v/1", None, D, C, A),
+        (Op.PUT, "keys/other", None, D, D, A),
+        (Op.PUT, "gc/collection", None, D, D, A),
+        (Op.PUT, "fossils/ab/abcd", None, D, D, A),
+        (Op.PUT, "protected/v/1", None, D, D, A),
+        (Op.PUT, "damaged/v/1", None, D, D, A),
+        (Op.PUT, "anything", None, D, D, A),
         (Op.PUT, LOCK, None, D, A, A),
+        (Op.PUT, GC_LOCK, None, D, D, A),
         (Op.DELETE, CHUNK, None, D, D, A),
         (Op.DELETE, LOCK, None, D, A, A),
+        (Op.DELETE, GC_LOCK, None, D, D, A),
         (Op.RENAME, CHUNK, "fossils/ab/abcd", D, D, A),
-        (Op.RENAME, LOCK, "locks/x", D, A, A),
+        (Op.RENAME, LOCK, "locks/writer-2", D, A, A),
+        (Op.RENAME, LOCK, "locks/x", D, D, A),
         (Op.RENAME, LOCK, "chunks/ab/abcd", D, D, A),
         (Op.RENAME, "chunks/x", LOCK, D, D, A),
         (Op.FLUSH, None, None, D, A, A),
