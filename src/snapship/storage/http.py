@@ -25,6 +25,7 @@ from snapship.errors import (
     NotFound,
     ObjectNotFound,
     PermissionDenied,
+    SnapshipError,
     StorageError,
     TransientStorageError,
     UsageError,
@@ -244,26 +245,25 @@ class HttpStorage:
         standard = http.client.responses.get(status, "")
         return reason if reason and reason != standard else f"HTTP {status} {standard}".strip()
 
-    def _fail(self, reply: _Reply, what: str, key: str | None = None) -> StorageError:
-        """The error for a reply that is not a success (raised by the caller)."""
+    def _fail(self, reply: _Reply, what: str, key: str | None = None) -> SnapshipError:
+        """The error (for the caller to raise) for a reply that is not a success."""
         detail = self._server_message(reply.status, reply.reason, reply.body)
         message = f"{self._where}: {what}: {detail}"
+        err = api.decode_error(reply.body)
+        code = err[0] if err else None
         if reply.status == 401:
-            raise AuthFailed(
-                f"{self._where}: {what}: the server refused the token"
-                if self._token else
+            return AuthFailed(
+                f"{self._where}: {what}: the server refused the token" if self._token else
                 f"{self._where}: {what}: the server needs a token: set SNAPSHIP_TOKEN or use "
                 "--token-file")
         if reply.status == 403:
-            raise PermissionDenied(message)
+            return PermissionDenied(message)
         if reply.status == 409:
-            raise Busy(message)
-        if reply.status == 404:
-            err = api.decode_error(reply.body)
-            if err and err[0] == api.NOT_FOUND and key is not None:
-                raise ObjectNotFound(key)
-            if err and err[0] == api.NO_REPOSITORY:
-                raise NotFound(message)
+            return Busy(message)
+        if reply.status == 404 and code == api.NOT_FOUND and key is not None:
+            return ObjectNotFound(key)
+        if reply.status == 404 and code == api.NO_REPOSITORY:
+            return NotFound(message)
         return StorageError(message)
 
     def _object(self, key: str) -> str:
