@@ -24,7 +24,7 @@ from typing import BinaryIO
 from snapship.errors import ObjectNotFound, StorageError
 from snapship.storage.local import TMP_PREFIX, LocalStorage
 
-_STRIPES = 64
+_STRIPES = 256
 
 
 class PutOutcome(enum.Enum):
@@ -38,15 +38,16 @@ class ExistsWithOtherContent(Exception):
 
 
 class RepoStore:
-    """One repository directory."""
+    """One repository directory. `stripes` are locks shared by every store of the server:
+    puts and deletes of one key (in one repository) take the same one."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, stripes: list[threading.Lock] | None = None) -> None:
         self.root = root
         self.local = LocalStorage(root)
-        self._stripes = [threading.Lock() for _ in range(_STRIPES)]
+        self._stripes = stripes or [threading.Lock() for _ in range(_STRIPES)]
 
     def _lock(self, key: str) -> threading.Lock:
-        return self._stripes[zlib.crc32(key.encode()) % _STRIPES]
+        return self._stripes[zlib.crc32(f"{self.root}/{key}".encode()) % len(self._stripes)]
 
     def _path(self, key: str) -> str:
         return os.path.join(self.root, key)
@@ -163,16 +164,12 @@ def sorted_objects(root: str, prefix: str, after: str | None) -> Iterator[tuple[
 
 
 class Repositories:
-    """Every repository under the server's root, by name (created on first write)."""
+    """Every repository under the server's root, by name (created on first write). Nothing
+    is kept per repository, so asking for many names costs no memory."""
 
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
-        self._stores: dict[str, RepoStore] = {}
-        self._lock = threading.Lock()
+        self._stripes = [threading.Lock() for _ in range(_STRIPES)]
 
     def get(self, name: str) -> RepoStore:
-        with self._lock:
-            store = self._stores.get(name)
-            if store is None:
-                store = self._stores[name] = RepoStore(os.path.join(self.root, name))
-            return store
+        return RepoStore(os.path.join(self.root, name), self._stripes)
