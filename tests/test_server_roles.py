@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import threading
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -241,3 +242,29 @@ def test_missing_and_paged_list(srv: tuple[ServerProc, dict[str, str]]) -> None:
     assert sizes == {**{k: None for k in absent}, **{k: keys[k] for k in present}}
     with pytest.raises(ObjectNotFound):
         s.get("chunks/ee/" + "0" * 64)
+
+
+def test_backups_racing_on_one_chunk_all_succeed(srv: tuple[ServerProc, dict[str, str]]) -> None:
+    """Two backups storing the same new chunk at once: both puts succeed (same bytes), one
+    object results; another writer's different bytes under that name are refused."""
+    server, tokens = srv
+    s = http_storage(server, "race", tokens["db1-backup"])
+    data = bytes(range(256)) * 4096
+    errors: list[BaseException] = []
+
+    def put() -> None:
+        try:
+            s.put("chunks/77/" + "77" * 32, data)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=put) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert dict(s.list("chunks/")) == {"chunks/77/" + "77" * 32: len(data)}
+    with pytest.raises(PermissionDenied, match="exists with other content"):
+        s.put("chunks/77/" + "77" * 32, data[:-1] + b"x")
+    assert s.get("chunks/77/" + "77" * 32) == data
