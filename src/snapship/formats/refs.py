@@ -10,21 +10,18 @@ ids (count x 32, sorted, unique, never the zero id) | stored sizes (count x u32)
 
 from __future__ import annotations
 
-import json
 import struct
-import sys
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from operator import itemgetter
 
 from snapship.errors import FormatError, UsageError
-from snapship.formats.constants import ID_LEN, MAX_MANIFEST_HEADER, REFS_MAGIC, REFS_VERSION
+from snapship.formats import index
+from snapship.formats.constants import ID_LEN, REFS_MAGIC, REFS_VERSION
 from snapship.formats.manifest import Manifest, check_name
 from snapship.types import ZERO_ID
 
-_PREFIX = struct.Struct("<4sHHI")
-_COUNT = struct.Struct("<Q")
 _SHORT = struct.Struct("<Q24x")
 
 
@@ -65,50 +62,24 @@ def from_manifest(m: Manifest, writer: str) -> Refs:
 
 
 def encode(r: Refs) -> bytes:
-    header = json.dumps({"volume": r.volume, "version": r.version, "writer": r.writer},
-                        sort_keys=True, separators=(",", ":")).encode()
-    sizes = array("I", r.sizes)
-    if sys.byteorder == "big":
-        sizes.byteswap()
-    return b"".join((_PREFIX.pack(REFS_MAGIC, REFS_VERSION, 0, len(header)), header,
-                     _COUNT.pack(r.count), r.ids, sizes.tobytes()))
+    header = {"volume": r.volume, "version": r.version, "writer": r.writer}
+    return index.encode(REFS_MAGIC, REFS_VERSION, header, r.ids, r.sizes)
 
 
 def decode(data: bytes, what: str) -> Refs:
     """Parse a reference list body; rejects anything not exactly version 1 and well formed."""
-    if len(data) < _PREFIX.size:
-        raise FormatError(f"{what} is truncated")
-    magic, version, _, header_len = _PREFIX.unpack_from(data)
-    if magic != REFS_MAGIC:
-        raise FormatError(f"{what} is not a reference list (magic {magic!r})")
-    if version != REFS_VERSION:
-        raise FormatError(f"{what} has reference-list version {version}; this snapship reads 1")
-    if header_len > MAX_MANIFEST_HEADER:
-        raise FormatError(f"{what} has an oversized header ({header_len} bytes)")
-    pos = _PREFIX.size
+    h, ids, sizes = index.decode(data, REFS_MAGIC, REFS_VERSION, "reference list", what)
     try:
-        h = json.loads(data[pos : pos + header_len])
-        pos += header_len
-        (count,) = _COUNT.unpack_from(data, pos)
-        pos += _COUNT.size
-        ids = data[pos : pos + count * ID_LEN]
-        pos += count * ID_LEN
-        sizes = array("I")
-        sizes.frombytes(data[pos : pos + count * 4])
-        pos += count * 4
-        if sys.byteorder == "big":
-            sizes.byteswap()
         fields = [h[k] for k in ("volume", "version", "writer")]
         if not all(isinstance(f, str) for f in fields):
             raise ValueError("volume, version and writer must be strings")
         check_name("volume", fields[0])
         check_name("version", fields[1])
-    except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError, UsageError) as e:
+    except (ValueError, KeyError, UsageError) as e:
         raise FormatError(f"{what} is malformed: {e}") from None
-    if pos != len(data) or len(ids) != count * ID_LEN or len(sizes) != count:
-        raise FormatError(f"{what} is truncated or has trailing bytes")
-    for i in range(count):
-        cid = ids[i * ID_LEN : (i + 1) * ID_LEN]
-        if cid == ZERO_ID or (i and cid <= ids[(i - 1) * ID_LEN : i * ID_LEN]):
-            raise FormatError(f"{what} is inconsistent: ids are not sorted, unique and non-zero")
+    for i in range(1, len(ids) // ID_LEN):
+        if ids[(i - 1) * ID_LEN : i * ID_LEN] >= ids[i * ID_LEN : (i + 1) * ID_LEN]:
+            raise FormatError(f"{what} is inconsistent: ids are not sorted and unique")
+    if ids[:ID_LEN] == ZERO_ID:  # sorted: the zero id could only come first
+        raise FormatError(f"{what} is inconsistent: it lists the zero id")
     return Refs(fields[0], fields[1], fields[2], ids, sizes)
