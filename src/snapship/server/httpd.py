@@ -21,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from snapship import __version__
+from snapship.errors import UsageError
 from snapship.formats import http_api as api
 from snapship.server.app import App, Response, error_response
 from snapship.server.routes import ApiError
@@ -333,8 +334,6 @@ def _refuse_plain_http(sock: socket.socket) -> None:
 
 
 def tls_context(cert: str, key: str) -> ssl.SSLContext:
-    from snapship.errors import UsageError
-
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
