@@ -195,6 +195,7 @@ def test_server_gone_fails_cleanly_and_the_rerun_sends_only_what_is_missing(
     assert proc.returncode == 1 and len(lines) == 1, err
     assert lines[0].startswith("snapship: error: " + server.url("db")), err
     assert "gave up after" in lines[0] and "Traceback" not in err
+    assert "locks/" not in lines[0], "the failed chunk upload must be reported, not the lock"
 
     server.restart()
     assert_restores(server.url("db"), str(v0["version"]), tokens["restorer"],

@@ -149,3 +149,18 @@ def test_the_server_runs_gc_and_verify_on_its_schedule(tmp_path: Path) -> None:
 def test_bad_schedule_is_a_usage_error() -> None:
     r = run_cli_env("server", "--root", "/", "--tokens", "/dev/null", "--gc-every", "5m")
     assert_one_line_error(r, "--gc-every", "90s, 6h or 7d", code=2)
+
+
+def test_verify_with_a_read_token_reports_damage_and_warns_it_cannot_mark(
+    served: Served, tmp_path: Path
+) -> None:
+    server, _tokens, files = served
+    backups(server, files, "ro", tmp_path, 1)
+    victim = chunk_files(server.root / "ro")[0]
+    victim.write_bytes(victim.read_bytes()[:-1])  # truncated: even the fast verify sees it
+    r = cli("verify", "--repo", server.url("ro"), token=files["restorer"])
+    assert r.returncode == 1, describe(r)
+    assert f"BAD chunk {victim.name}" in r.stdout and "marked damaged" not in r.stdout
+    assert r.stderr.startswith("snapship: warning: damage marks not updated:"), describe(r)
+    assert "restorer" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert not (server.root / "ro" / "damaged").exists()

@@ -8,7 +8,7 @@ from typing import Any
 from snapship.cli import server_commands
 from snapship.cli.context import open_repository, open_storage, passphrase_source
 from snapship.cli.output import TerminalProgress, human_bytes, parse_size, print_json
-from snapship.cli.transfer_commands import parse_ref
+from snapship.cli.transfer_commands import parse_ref, warn
 from snapship.engine.verify import run_verify
 from snapship.errors import SnapshipError, UsageError
 from snapship.formats.constants import (
@@ -157,6 +157,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         raise UsageError("--sample goes with --deep (it picks the chunks to read)")
     report = run_verify(repo, deep=args.deep, sample=args.sample, volume=args.volume,
                         progress=TerminalProgress("verify"))
+    if report.marks_error:
+        warn(f"damage marks not updated: {report.marks_error}")
     if args.json:
         print_json(
             {
@@ -179,7 +181,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         for hexid, problem in report.bad_chunks.items():
             print(f"BAD chunk {hexid}: {problem}")
         for name, hexids in report.affected.items():
-            print(f"AFFECTED {name}: {len(hexids)} bad chunk(s); marked damaged")
+            print(f"AFFECTED {name}: {len(hexids)} bad chunk(s)"
+                  + ("" if report.marks_error else "; marked damaged"))
         for name in report.marks_cleared:
             print(f"healed {name}: no longer damaged")
         mode = "deep" if args.deep else "fast"
