@@ -104,13 +104,22 @@ def _dump(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def _load(body: bytes, fields: dict[str, type | tuple[type, ...]], what: str) -> dict[str, Any]:
+def _object(body: bytes, what: str) -> dict[str, Any]:
     try:
         obj = json.loads(body)
     except (UnicodeDecodeError, ValueError):
         raise WireError(f"{what} is not JSON") from None
     if not isinstance(obj, dict):
         raise WireError(f"{what} is not a JSON object")
+    return obj
+
+
+def _load(body: bytes, fields: dict[str, type | tuple[type, ...]], what: str) -> dict[str, Any]:
+    return _checked(_object(body, what), fields, what)
+
+
+def _checked(obj: dict[str, Any], fields: dict[str, type | tuple[type, ...]], what: str
+             ) -> dict[str, Any]:
     missing = [f for f in fields if f not in obj]
     extra = sorted(set(obj) - set(fields))
     if missing or extra:
@@ -217,16 +226,10 @@ def decode_options(body: bytes, allowed: dict[str, type | tuple[type, ...]], wha
     """A JSON object whose fields are all optional but must be known and well typed."""
     if not body.strip():
         return {}
-    try:
-        obj = json.loads(body)
-    except (UnicodeDecodeError, ValueError):
-        raise WireError(f"{what} is not JSON") from None
-    if not isinstance(obj, dict):
-        raise WireError(f"{what} is not a JSON object")
-    present = {k: allowed[k] for k in obj if k in allowed}
+    obj = _object(body, what)
     if set(obj) - set(allowed):
         raise WireError(f"{what}: unknown field {sorted(set(obj) - set(allowed))[0]!r}")
-    return _load(body, present, what)
+    return _checked(obj, {k: allowed[k] for k in obj}, what)
 
 
 def decode_report(body: bytes, what: str) -> dict[str, Any]:
