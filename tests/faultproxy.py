@@ -1,210 +1,179 @@
-"""An HTTP/1.1 proxy on 127.0.0.1 that injects the faults a real S3 server won't make on demand.
+"""A TCP proxy on 127.0.0.1 that injects network faults between a client and a server.
 
-It sits between boto3 and `weed` and forwards requests as they come (keep-alive included),
-except those a rule claims. Rules are taken in order; each matches requests by method and
-path and fires on its next `count` matches (None: every one) after letting `skip` pass:
-
-- `status`: answer with an S3 error (503 SlowDown by default) without forwarding;
-- `drop_upload`: forward the headers and the first `after` bytes of the body, then cut both
-  connections: the server sees a truncated upload, the client a dropped connection;
-- `drop_response`: forward the whole request, then cut the client's connection before the
-  answer (the server did the work; the client cannot know);
-- `cut_response`: forward the request, then send the answer's head and only half its body
-  before cutting the client's connection (a download that breaks off);
-- `stall`: wait `seconds` before forwarding (the client's read timeout fires first);
-- `corrupt`: flip one byte of the body on its way (the server must refuse it: Content-MD5).
-
-Only used by tests: the proxy never opens a connection anywhere but to its upstream.
+The real server cannot be made to drop a connection half-way through a request, or to answer
+a burst of 5xx, on demand; this proxy does both, and otherwise forwards bytes untouched. Used
+by test_server_faults.py. Everything is seeded and bounded: it stops when closed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import http.client
-import io
+import random
 import socket
-import socketserver
 import threading
-import time
-from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-
-_ERROR = ("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code>"
-          "<Message>injected by the test proxy</Message></Error>")
-_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length"}
+from dataclasses import dataclass
 
 
 @dataclass
-class Rule:
-    kind: str
-    match: Callable[[str, str], bool] = lambda method, path: True
-    count: int | None = 1
-    skip: int = 0
-    status: int = 503
-    code: str = "SlowDown"
-    after: int = 0
-    seconds: float = 0.0
-    fired: int = 0
-
-    def claims(self, method: str, path: str) -> bool:
-        if not self.match(method, path):
-            return False
-        if self.skip > 0:
-            self.skip -= 1
-            return False
-        if self.count is not None and self.fired >= self.count:
-            return False
-        self.fired += 1
-        return True
+class Faults:
+    drops: int = 0
+    """Connections cut in the middle of a request or a reply."""
+    errors: int = 0
+    """Requests answered with a 5xx by the proxy instead of the server."""
+    connections: int = 0
 
 
-def puts_under(fragment: str) -> Callable[[str, str], bool]:
-    """Matches PUTs (uploads) whose path contains `fragment`, e.g. '/chunks/'."""
-    return lambda method, path: method == "PUT" and fragment in path
-
-
-@dataclass
 class FaultProxy:
-    upstream_port: int
-    rules: list[Rule] = field(default_factory=list)
-    injected: Counter[str] = field(default_factory=Counter)
-    requests: int = 0
+    """Forward 127.0.0.1:`port` to 127.0.0.1:`target`.
 
-    def __post_init__(self) -> None:
+    - `drop_between=(lo, hi)`: each connection is cut after a random number of bytes in
+      [lo, hi] went up (the server gets a truncated request), or another such number came
+      down (the client gets a truncated reply), `max_drops` times in all.
+    - `burst_every=N, burst_size=K`: after every N bytes forwarded (both ways, all connections
+      together), every open connection is closed and the next K requests get `503` from the
+      proxy.
+    """
+
+    def __init__(self, target: int, *, seed: int = 1, drop_between: tuple[int, int] | None = None,
+                 max_drops: int = 1000, burst_every: int | None = None,
+                 burst_size: int = 5) -> None:
+        self.target = target
+        self.rng = random.Random(seed)
+        self.drop_between = drop_between
+        self.max_drops = max_drops
+        self.burst_every = burst_every
+        self.burst_size = burst_size
+        self.faults = Faults()
+        self._forwarded = 0
+        self._next_burst = burst_every
+        self._pending_errors = 0
+        self._live: set[socket.socket] = set()
         self._lock = threading.Lock()
-        self._conns: set[socket.socket] = set()
-        proxy = self
+        self._closed = False
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
 
-        class Handler(socketserver.StreamRequestHandler):
-            def handle(self) -> None:
-                proxy._serve(self.connection, self.rfile)
-
-        class Server(socketserver.ThreadingTCPServer):
-            daemon_threads = True
-            allow_reuse_address = True
-
-        self._server = Server(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def add(self, rule: Rule) -> Rule:
-        with self._lock:
-            self.rules.append(rule)
-        return rule
-
-    def clear(self) -> None:
-        with self._lock:
-            self.rules.clear()
+    def url(self, repo: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{repo}"
 
     def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        with self._lock:
-            for conn in self._conns:
-                with contextlib.suppress(OSError):
-                    conn.shutdown(socket.SHUT_RDWR)
+        self._closed = True
+        self._listener.close()
+        self._close_live()
 
-    # -- one client connection ------------------------------------------------------------
+    def __enter__(self) -> FaultProxy:
+        return self
 
-    def _rule_for(self, method: str, path: str) -> Rule | None:
-        with self._lock:
-            self.requests += 1
-            for rule in self.rules:
-                if rule.claims(method, path):
-                    self.injected[rule.kind] += 1
-                    return rule
-        return None
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
-    def _serve(self, conn: socket.socket, rfile: io.BufferedIOBase) -> None:
+    def _close_live(self) -> None:
         with self._lock:
-            self._conns.add(conn)
-        upstream = http.client.HTTPConnection("127.0.0.1", self.upstream_port, timeout=60)
+            live = list(self._live)
+        for s in live:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        with self._lock:
+            self.faults.connections += 1
+            fail = self._pending_errors > 0
+            if fail:
+                self._pending_errors -= 1
+            up = down = None
+            if self.drop_between and self.faults.drops < self.max_drops:
+                up = self.rng.randint(*self.drop_between)
+                down = self.rng.randint(*self.drop_between)
+        if fail:
+            self._answer_503(client)
+            return
         try:
-            for method, path, headers, body in _requests(conn, rfile):
-                rule = self._rule_for(method, path)
-                if rule is not None and rule.kind == "status":
-                    conn.sendall(_error_response(rule.status, rule.code, method))
-                    continue
-                if rule is not None and rule.kind == "drop_upload":
-                    self._truncated_upload(method, path, headers, body, rule.after)
+            server = socket.create_connection(("127.0.0.1", self.target))
+        except OSError:
+            client.close()
+            return
+        with self._lock:
+            self._live.update((client, server))
+        downstream = threading.Thread(target=self._pump, args=(server, client, down),
+                                      daemon=True)
+        downstream.start()
+        self._pump(client, server, up)
+        downstream.join()
+        with self._lock:
+            self._live.difference_update((client, server))
+        client.close()
+        server.close()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, budget: int | None) -> None:
+        """Copy src to dst; with a budget, cut both after that many bytes."""
+        sent = 0
+        try:
+            while True:
+                data = src.recv(1 << 16)
+                if not data:
+                    break
+                if budget is not None and sent + len(data) > budget:
+                    dst.sendall(data[: budget - sent])
+                    with self._lock:
+                        self.faults.drops += 1
+                    break
+                dst.sendall(data)
+                sent += len(data)
+                self._count(len(data))
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def _count(self, n: int) -> None:
+        burst = False
+        with self._lock:
+            self._forwarded += n
+            if self._next_burst is not None and self._forwarded >= self._next_burst:
+                assert self.burst_every is not None
+                self._next_burst += self.burst_every
+                self._pending_errors = self.burst_size
+                burst = True
+        if burst:
+            self._close_live()
+
+    def _answer_503(self, client: socket.socket) -> None:
+        """Read one request (headers and body), answer 503, close."""
+        try:
+            client.settimeout(10)
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                data = client.recv(1 << 16)
+                if not data:
                     return
-                if rule is not None and rule.kind == "stall":
-                    time.sleep(rule.seconds)
-                if rule is not None and rule.kind == "corrupt" and body:
-                    body = bytes([body[0] ^ 0xFF]) + body[1:]
-                response = _forward(upstream, method, path, headers, body)
-                if rule is not None and rule.kind == "drop_response":
+                buf += data
+            head, _, body = buf.partition(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value.strip())
+            left = length - len(body)
+            while left > 0:
+                data = client.recv(min(left, 1 << 16))
+                if not data:
                     return
-                if rule is not None and rule.kind == "cut_response":
-                    head, _, body = response.partition(b"\r\n\r\n")
-                    conn.sendall(head + b"\r\n\r\n" + body[: len(body) // 2])
-                    return
-                conn.sendall(response)
-        except (OSError, http.client.HTTPException):
+                left -= len(data)
+            client.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                           b"Connection: close\r\n\r\n")
+            with self._lock:
+                self.faults.errors += 1
+        except OSError:
             pass
         finally:
-            upstream.close()
-            with self._lock:
-                self._conns.discard(conn)
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-
-    def _truncated_upload(self, method: str, path: str, headers: list[tuple[str, str]],
-                          body: bytes, after: int) -> None:
-        with socket.create_connection(("127.0.0.1", self.upstream_port), timeout=10) as s:
-            head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
-            s.sendall(head.encode("latin-1") + b"\r\n" + body[:after])
-            time.sleep(0.05)  # let the server start on the body before it is cut off
-
-
-def _requests(conn: socket.socket, rfile: io.BufferedIOBase
-              ) -> Iterator[tuple[str, str, list[tuple[str, str]], bytes]]:
-    read = rfile.readline
-    while True:
-        line = read(65537)
-        if not line:
-            return
-        method, path, _version = line.decode("latin-1").rstrip("\r\n").split(" ", 2)
-        headers: list[tuple[str, str]] = []
-        while (h := read(65537)) not in (b"\r\n", b"\n", b""):
-            name, _, value = h.decode("latin-1").partition(":")
-            if name.strip().lower() == "expect":
-                # boto3 waits (up to a second) for this before it sends a body; the proxy
-                # takes the whole body first and forwards it without asking again.
-                conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-                continue
-            headers.append((name.strip(), value.strip()))
-        length = next((int(v) for k, v in headers if k.lower() == "content-length"), 0)
-        body = rfile.read(length) if length else b""
-        yield method, path, headers, body
-
-
-def _forward(upstream: http.client.HTTPConnection, method: str, path: str,
-             headers: list[tuple[str, str]], body: bytes) -> bytes:
-    upstream.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
-    for k, v in headers:
-        if k.lower() not in ("connection", "keep-alive"):
-            upstream.putheader(k, v)
-    upstream.endheaders(body if body else None)
-    resp = upstream.getresponse()
-    data = resp.read()
-    out = [f"HTTP/1.1 {resp.status} {resp.reason}\r\n"]
-    for k, v in resp.getheaders():
-        if k.lower() not in _HOP or (method == "HEAD" and k.lower() == "content-length"):
-            out.append(f"{k}: {v}\r\n")
-    if method != "HEAD":
-        out.append(f"Content-Length: {len(data)}\r\n")
-    out.append("\r\n")
-    return "".join(out).encode("latin-1") + (data if method != "HEAD" else b"")
-
-
-def _error_response(status: int, code: str, method: str) -> bytes:
-    body = _ERROR.format(code=code).encode()
-    head = (f"HTTP/1.1 {status} Injected\r\nContent-Type: application/xml\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n")
-    return head.encode("latin-1") + (b"" if method == "HEAD" else body)
+            client.close()

@@ -32,7 +32,7 @@ from tests.clihelp import (
     start_cli,
     write_image,
 )
-from tests.faultproxy import FaultProxy, Rule, puts_under
+from tests.s3faultproxy import FaultProxy, Rule, puts_under
 from tests.seaweed import Bucket, WeedServer, use_endpoint
 
 pytest_plugins = ("tests.s3server",)  # the weed and s3_bucket fixtures

@@ -23,15 +23,15 @@ from snapship.errors import (
     TransientStorageError,
     UsageError,
 )
-from snapship.storage.retry import RetryPolicy, retrying
+from snapship.storage.retry import Retry, RetryPolicy
 from snapship.storage.s3 import S3Storage
 from snapship.storage.s3_client import ClientOptions, make_client, parse_s3_url
-from tests.faultproxy import FaultProxy, Rule, puts_under
+from tests.s3faultproxy import FaultProxy, Rule, puts_under
 from tests.seaweed import Bucket, use_endpoint
 
 pytest_plugins = ("tests.s3server",)  # the weed and s3_bucket fixtures
 
-FAST = RetryPolicy(attempts=6, base=0.05, cap=0.2, deadline=30.0)
+FAST = RetryPolicy(budget=30.0, first_delay=0.05, max_delay=0.2, attempts=6)
 
 
 @pytest.fixture
@@ -69,14 +69,16 @@ def test_parse_s3_url() -> None:
 
 def test_client_follows_the_aws_variables(s3_bucket: Bucket, monkeypatch: pytest.MonkeyPatch
                                           ) -> None:
-    client, policy = make_client()
+    client, attempts = make_client()
     assert client.meta.endpoint_url == s3_bucket.endpoint
     config: Any = client.meta.config  # the stubs do not know these attributes
     assert config.s3["addressing_style"] == "path"  # a custom endpoint
     assert config.retries["total_max_attempts"] == 1  # retrying is ours alone
-    assert policy.attempts == RetryPolicy().attempts
+    assert attempts is None and S3Storage.open(s3_bucket.url()).retry == RetryPolicy()
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
-    assert make_client()[1].attempts == 3
+    assert make_client()[1] == 3
+    assert S3Storage.open(s3_bucket.url(), retry=RetryPolicy(budget=7)).retry == RetryPolicy(
+        budget=7, attempts=3)
     s = S3Storage.open(s3_bucket.url("x"))
     s.put("config", b"1")
     assert s3_bucket.keys() == {"x/config": 1}
@@ -252,55 +254,19 @@ def test_a_listing_resumes_at_the_failed_page(
     assert proxy.injected["status"] == 2
 
 
-# -- the retry policy (no I/O) ----------------------------------------------------------------
+# -- the retry policy (no I/O) -----------------------------------------------------------------
 
 
-def test_retry_backoff_is_bounded_and_jittered() -> None:
-    policy = RetryPolicy(attempts=20, base=0.5, cap=4.0, deadline=1000)
-    rng = random.Random(7)
-    pauses = [[policy.pause(n, rng) for n in range(1, 12)] for _ in range(50)]
-    for run in pauses:
-        for n, p in enumerate(run, start=1):
-            assert 0 <= p <= min(4.0, 0.5 * 2 ** (n - 1))
-    assert len({run[5] for run in pauses}) > 40  # jittered: workers do not retry in step
+def test_aws_max_attempts_caps_the_tries_within_the_budget() -> None:
+    now = [100.0]
 
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
 
-def test_retrying_stops_at_attempts_or_deadline() -> None:
-    now = [0.0]
-    slept: list[float] = []
-
-    def sleep(s: float) -> None:
-        slept.append(s)
-        now[0] += s
-
-    def failing() -> None:
-        now[0] += 1.0
-        raise TransientStorageError("cannot read s3://b/k: HTTP 503 SlowDown")
-
-    with pytest.raises(TransientStorageError, match=r"gave up after 4 attempts in \d+\.\d s"):
-        retrying(failing, RetryPolicy(attempts=4, base=0.1, cap=1, deadline=100),
-                 sleep=sleep, clock=lambda: now[0])
-    assert len(slept) == 3
-    now[0], slept[:] = 0.0, []
-    with pytest.raises(TransientStorageError, match="gave up"):
-        retrying(failing, RetryPolicy(attempts=100, base=1, cap=1, deadline=5),
-                 sleep=sleep, clock=lambda: now[0])
-    assert now[0] <= 5 + 1 + 1
-    calls = [0]
-
-    def flaky() -> str:
-        calls[0] += 1
-        if calls[0] < 3:
-            raise TransientStorageError("x")
-        return "ok"
-
-    assert retrying(flaky, RetryPolicy(attempts=3, base=0), sleep=sleep) == "ok"
-
-    def permanent() -> None:
-        calls[0] += 1
-        raise StorageError("no")
-
-    calls[0] = 0
-    with pytest.raises(StorageError, match=r"^no$"):
-        retrying(permanent, RetryPolicy(), sleep=sleep)
-    assert calls[0] == 1
+    retry = Retry(RetryPolicy(budget=1000, first_delay=1, max_delay=1, attempts=3),
+                  clock=lambda: now[0], sleep=sleep, rand=lambda: 1.0)
+    assert [retry.again() for _ in range(3)] == [True, True, False]  # 3 tries in all
+    assert retry.attempts == 3 and retry.elapsed() == 2.0
+    unlimited = Retry(RetryPolicy(budget=10, first_delay=1, max_delay=1),
+                      clock=lambda: now[0], sleep=sleep, rand=lambda: 1.0)
+    assert sum(unlimited.again() for _ in range(50)) == 10  # the budget alone stops it

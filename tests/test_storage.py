@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,16 +16,30 @@ from snapship.storage.local import LocalStorage
 from snapship.storage.memory import MemoryStorage
 from snapship.storage.s3 import S3Storage
 from tests.seaweed import Bucket
+from tests.serverproc import ServerProc, http_storage, running_server
 
 pytest_plugins = ("tests.s3server",)  # the weed and s3_bucket fixtures
 
 
-@pytest.fixture(params=["memory", "local", "s3"])
+@pytest.fixture(scope="module")
+def http_server(tmp_path_factory: pytest.TempPathFactory
+                ) -> Iterator[tuple[ServerProc, dict[str, str]]]:
+    with running_server(tmp_path_factory.mktemp("server")) as running:
+        yield running
+
+
+@pytest.fixture(params=["memory", "local", "http", "s3"])
 def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]:
     if request.param == "memory":
         yield MemoryStorage()
     elif request.param == "local":
         yield LocalStorage(str(tmp_path / "store"))
+    elif request.param == "http":
+        server, tokens = request.getfixturevalue("http_server")
+        # A fresh repository per test, through the admin token (the contract includes delete).
+        s = http_storage(server, "t" + uuid.uuid4().hex[:12], tokens["ops"])
+        yield s
+        s.close()
     else:
         bucket: Bucket = request.getfixturevalue("s3_bucket")
         yield S3Storage.open(bucket.url("some/prefix"))

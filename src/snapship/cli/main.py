@@ -9,7 +9,13 @@ import traceback
 from typing import NoReturn
 
 from snapship import __version__
-from snapship.cli import cow_commands, lifecycle_commands, repo_commands, transfer_commands
+from snapship.cli import (
+    cow_commands,
+    lifecycle_commands,
+    repo_commands,
+    server_commands,
+    transfer_commands,
+)
 from snapship.errors import SnapshipError
 
 
@@ -23,8 +29,14 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--repo", default=os.environ.get("SNAPSHIP_REPO"),
-                        help="repository: a directory, or s3://BUCKET[/PREFIX] "
-                        "(default: $SNAPSHIP_REPO)")
+                        help="repository: a directory, s3://BUCKET[/PREFIX], or "
+                        "http(s)://HOST:PORT/NAME of a snapship server (default: $SNAPSHIP_REPO)")
+    common.add_argument("--token-file", metavar="FILE",
+                        help="server repositories: read the token from FILE "
+                        "(default: $SNAPSHIP_TOKEN)")
+    common.add_argument("--ca", metavar="FILE",
+                        help="https repositories: trust the CA certificates in FILE "
+                        "(default: $SNAPSHIP_CA, else the system's)")
     common.add_argument("--passphrase-file", metavar="FILE",
                         help="read the passphrase from FILE (default: $SNAPSHIP_PASSPHRASE, "
                         "else a prompt)")
@@ -39,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     transfer_commands.register(sub, common)
     lifecycle_commands.register(sub, common)
     cow_commands.register(sub, common)
+    server_commands.register(sub, common)
     return parser
 
 

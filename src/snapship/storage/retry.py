@@ -1,12 +1,8 @@
-"""Retrying a storage request: how many tries, how long between them, when to give up.
+"""Retrying transient storage failures: exponential backoff with full jitter, within a time
+budget counted from the first failure of an operation.
 
-Backends classify their failures (`TransientStorageError` may succeed if repeated, anything
-else will not); this module only repeats an idempotent request that failed transiently, with
-exponential backoff and full jitter, so many workers failing at once do not hammer a recovering
-server in step. It stops after `attempts` tries or once `deadline` seconds have passed,
-whichever comes first, and then re-raises the last failure with the count and time added.
-Every storage request snapship makes is idempotent (puts of immutable content, deletes, copies),
-so repeating one whose answer was lost is harmless.
+Backends that talk to a network (storage/http.py, storage/s3.py) run each request through
+`Retry`; what is transient is theirs to decide, the waiting is decided here.
 """
 
 from __future__ import annotations
@@ -14,54 +10,51 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TypeVar
+from dataclasses import dataclass, field
 
-from snapship.errors import TransientStorageError
-
-T = TypeVar("T")
+DEFAULT_RETRY_TIME = 60.0
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    attempts: int = 10
-    """Tries in all, the first included; 1 means no retry."""
-    base: float = 0.25
-    """Upper bound of the first pause, in seconds; it doubles with each retry..."""
-    cap: float = 10.0
-    """...up to this bound. The pause itself is uniform in [0, bound] ("full jitter")."""
-    deadline: float = 120.0
-    """No retry starts later than this many seconds after the first try."""
+    budget: float = DEFAULT_RETRY_TIME
+    """Seconds after an operation's first failure during which it is tried again."""
+    first_delay: float = 0.1
+    max_delay: float = 5.0
+    attempts: int = 0
+    """Tries in all, the first included, if the user asked for a limit (S3: AWS_MAX_ATTEMPTS);
+    0: as many as the budget allows."""
 
-    def pause(self, retry: int, rng: random.Random) -> float:
-        """Seconds to wait before retry number `retry` (1 for the first retry)."""
-        return rng.uniform(0.0, min(self.cap, self.base * 2 ** (retry - 1)))
+    def start(self) -> Retry:
+        return Retry(self)
 
 
-_rng = random.Random()
+@dataclass
+class Retry:
+    """The retry state of one operation."""
 
+    policy: RetryPolicy
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+    rand: Callable[[], float] = random.random
+    attempts: int = 0
+    first_failure: float | None = field(default=None)
 
-def retrying(
-    request: Callable[[], T],
-    policy: RetryPolicy,
-    *,
-    sleep: Callable[[float], None] = time.sleep,
-    clock: Callable[[], float] = time.monotonic,
-) -> T:
-    """`request()`, repeated while it raises `TransientStorageError` and the policy allows."""
-    started = clock()
-    tries = 0
-    while True:
-        tries += 1
-        try:
-            return request()
-        except TransientStorageError as e:
-            pause = policy.pause(tries, _rng)
-            elapsed = clock() - started
-            if tries >= policy.attempts or elapsed + pause > policy.deadline:
-                if tries == 1:
-                    raise
-                raise TransientStorageError(
-                    f"{e} (gave up after {tries} attempts in {elapsed:.1f} s)"
-                ) from None
-            sleep(pause)
+    def again(self) -> bool:
+        """After a transient failure: wait, and say whether to try again (False once the
+        budget is spent; the caller then gives up)."""
+        self.attempts += 1
+        now = self.clock()
+        if self.first_failure is None:
+            self.first_failure = now
+        if self.policy.attempts and self.attempts >= self.policy.attempts:
+            return False
+        left = self.first_failure + self.policy.budget - now
+        if left <= 0:
+            return False
+        ceiling = min(self.policy.max_delay, self.policy.first_delay * 2 ** (self.attempts - 1))
+        self.sleep(min(left, self.rand() * ceiling))
+        return True
+
+    def elapsed(self) -> float:
+        return 0.0 if self.first_failure is None else self.clock() - self.first_failure

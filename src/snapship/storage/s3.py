@@ -9,7 +9,7 @@ gives directly (docs/s3.md has the details and the consistency each step relies 
 - `list` pages through ListObjectsV2 lazily, one page of at most 1000 keys at a time.
 - `rename` is CopyObject then DeleteObject (a crash between them leaves both, as allowed).
 
-Every request runs under `storage/retry.py`: failures are classified here, once, into
+Every request runs under `storage/retry.py`'s policy: failures are classified here, once, into
 `TransientStorageError` (5xx, throttling, timeouts, dropped connections, a body cut short:
 retried), `ObjectNotFound`, and `StorageError` (anything else: not retried), each with a
 one-line message naming the request and the `s3://` URL of the object.
@@ -18,6 +18,7 @@ one-line message naming the request and the `s3://` URL of the object.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -35,7 +36,7 @@ from botocore.exceptions import (
 from snapship.errors import ObjectNotFound, StorageError, TransientStorageError, UsageError
 from snapship.storage.base import check_key
 from snapship.storage.local import TMP_PREFIX
-from snapship.storage.retry import RetryPolicy, retrying
+from snapship.storage.retry import RetryPolicy
 from snapship.storage.s3_client import ClientOptions, S3Location, make_client, parse_s3_url
 
 if TYPE_CHECKING:
@@ -71,25 +72,29 @@ class S3Storage:
     """Requests worth running at once (engine/pipeline.py): each waits a round trip."""
 
     def __init__(
-        self, client: S3Client, location: S3Location, policy: RetryPolicy | None = None,
+        self, client: S3Client, location: S3Location, retry: RetryPolicy | None = None,
         list_lag: float = 0.0,
     ) -> None:
         self.client = client
         self.location = location
         self.bucket = location.bucket
         self.prefix = location.prefix
-        self.policy = policy or RetryPolicy()
+        self.retry = retry or RetryPolicy()
         self.list_lag = list_lag
         """Seconds a new object may take to appear in listings; gc waits that long
         (docs/gc.md, "Listing lag"). 0 for AWS S3 and every store that lists after write."""
 
     @classmethod
-    def open(cls, url: str, options: ClientOptions | None = None, list_lag: float = 0.0
-             ) -> S3Storage:
-        """The repository at `s3://BUCKET[/PREFIX]`, reached as the AWS configuration says."""
+    def open(cls, url: str, options: ClientOptions | None = None,
+             retry: RetryPolicy | None = None, list_lag: float = 0.0) -> S3Storage:
+        """The repository at `s3://BUCKET[/PREFIX]`, reached as the AWS configuration says
+        (`AWS_MAX_ATTEMPTS`, if set, caps the tries of `retry`)."""
         location = parse_s3_url(url)
-        client, policy = make_client(options or ClientOptions())
-        return cls(client, location, policy, list_lag)
+        client, max_attempts = make_client(options or ClientOptions())
+        retry = retry or RetryPolicy()
+        if max_attempts:
+            retry = dataclasses.replace(retry, attempts=max_attempts)
+        return cls(client, location, retry, list_lag)
 
     # -- the contract -----------------------------------------------------------------------
 
@@ -184,15 +189,21 @@ class S3Storage:
 
     def _request(self, verb: str, key: str, request: Callable[[], T], to: str | None = None
                  ) -> T:
+        """`request()`, tried again while it fails transiently and the retry policy allows."""
         what = f"{verb} {self.location.url(key)}" + (f" to {self.location.url(to)}" if to else "")
-
-        def attempt() -> T:
+        retry = self.retry.start()
+        while True:
             try:
                 return request()
             except (ClientError, BotoCoreError) as e:
-                raise self._classify(e, verb, key, what) from None
-
-        return retrying(attempt, self.policy)
+                error = self._classify(e, verb, key, what)
+            if not isinstance(error, TransientStorageError):
+                raise error from None
+            if not retry.again():
+                if retry.attempts > 1:
+                    error = TransientStorageError(f"{error} (gave up after {retry.attempts} "
+                                                  f"attempts in {retry.elapsed():.1f} s)")
+                raise error from None
 
     def _classify(self, e: ClientError | BotoCoreError, verb: str, key: str, what: str
                   ) -> StorageError | ObjectNotFound:

@@ -7,9 +7,10 @@ roles), `AWS_DEFAULT_REGION`, the endpoint of an S3-compatible server (`AWS_ENDP
 or `AWS_ENDPOINT_URL`, or `endpoint_url` in `~/.aws/config`), and `AWS_MAX_ATTEMPTS`. Two
 choices are snapship's own:
 
-- botocore makes exactly one attempt per request; `storage/retry.py` does all retrying (also
-  of failures botocore never sees, such as a body cut off while it is read), with
-  `AWS_MAX_ATTEMPTS` as its number of tries. Retrying in both layers would multiply them.
+- botocore makes exactly one attempt per request; `storage/s3.py` does all retrying, with
+  the policy of `storage/retry.py` (also of failures botocore never sees, such as a body cut
+  off while it is read); `AWS_MAX_ATTEMPTS`, if set, caps its tries. Retrying in both layers
+  would multiply them.
 - A custom endpoint gets path-style addressing (`http://HOST/BUCKET/KEY`), which every
   S3-compatible server supports, unless `~/.aws/config` says otherwise; AWS itself keeps
   botocore's default.
@@ -29,7 +30,6 @@ from botocore.config import Config
 from snapship import __version__
 from snapship.errors import UsageError
 from snapship.storage.base import check_key
-from snapship.storage.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -82,14 +82,14 @@ class ClientOptions:
     """Seconds a socket may stay silent; a stalled request fails (and is retried) after it."""
 
 
-def make_client(options: ClientOptions = ClientOptions()) -> tuple[S3Client, RetryPolicy]:
-    """An S3 client from the standard AWS configuration, and the retry policy to use with it."""
+def make_client(options: ClientOptions = ClientOptions()) -> tuple[S3Client, int | None]:
+    """An S3 client from the standard AWS configuration, and the number of tries per request
+    that configuration asks for (`AWS_MAX_ATTEMPTS`), if any."""
     session = botocore.session.get_session()
     factory = boto3.session.Session(botocore_session=session)
     s3_settings: dict[str, Any] = dict(session.get_scoped_config().get("s3") or {})
     region = session.get_config_variable("region") or DEFAULT_REGION
-    attempts = session.get_config_variable("max_attempts")
-    policy = RetryPolicy(attempts=attempts) if attempts else RetryPolicy()
+    attempts: int | None = session.get_config_variable("max_attempts") or None
 
     def build(path_style: bool) -> S3Client:
         config = Config(
@@ -113,4 +113,4 @@ def make_client(options: ClientOptions = ClientOptions()) -> tuple[S3Client, Ret
     host = urlsplit(client.meta.endpoint_url).hostname or ""
     if "addressing_style" not in s3_settings and not host.endswith(_AWS_HOSTS):
         client = build(path_style=True)
-    return client, policy
+    return client, attempts
