@@ -11,9 +11,11 @@ machine; every round is in the JSON). Targets:
 
 - ``local``: a directory repository (the reference);
 - ``s3``: SeaweedFS (``weed server -s3``, from tests/seaweed.py) over loopback, data on the
-  same disk as the local repository.
+  same disk as the local repository;
+- ``http``: ``snapship server`` (from tests/serverproc.py) over loopback, plain http, the
+  admin token; bench/server.py measures it in more detail (TLS, per-role tokens).
 
-Another target (the snapship HTTP server) is one more ``Target`` subclass in ``TARGETS``.
+Another target is one more ``Target`` subclass in ``TARGETS``.
 
     .venv/bin/python bench/remote.py [--size 1G] [--only local,s3] [--workdir DIR]
 
@@ -39,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.seaweed import WeedServer, aws_env  # noqa: E402
+from tests.serverproc import ServerProc, write_tokens  # noqa: E402
 
 MB = 1_000_000
 STEPS = ("init", "backup", "restore")
@@ -100,7 +103,29 @@ class SeaweedTarget(Target):
         return process_cpu(self.server.proc.pid) if self.server.proc else 0.0
 
 
-TARGETS: dict[str, type[Target]] = {"local": LocalTarget, "s3": SeaweedTarget}
+class ServerTarget(Target):
+    name = "http (snapship server)"
+
+    def start(self, rundir: Path) -> None:
+        rundir.mkdir(parents=True, exist_ok=True)
+        self.tokens = write_tokens(rundir / "tokens")
+        self.server = ServerProc(rundir / "server-root", rundir / "tokens").start()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def repo(self, round_: int) -> str:
+        return self.server.url(f"round-{round_}")
+
+    def env(self) -> dict[str, str]:
+        return {"SNAPSHIP_TOKEN": self.tokens["ops"]}
+
+    def server_cpu(self) -> float:
+        return process_cpu(self.server.proc.pid) if self.server.proc else 0.0
+
+
+TARGETS: dict[str, type[Target]] = {"local": LocalTarget, "s3": SeaweedTarget,
+                                     "http": ServerTarget}
 
 
 def process_cpu(pid: int) -> float:
