@@ -100,7 +100,12 @@ def test_verify_marks_damage_backup_heals_it_and_verify_clears_the_mark(
     tmp_path: Path
 ) -> None:
     repo, img, hist = make_history(tmp_path, 2)
-    victim = chunk_files(repo)[0]
+    from snapship.repository import catalog
+    from snapship.storage.local import LocalStorage
+
+    # A chunk the image still has, so that the next backup meets it.
+    newest = catalog.load_refs(LocalStorage(str(repo)), "disk", hist[-1][0])
+    victim = repo / "chunks" / newest.ids[:1].hex() / newest.ids[:32].hex()
     blob = bytearray(victim.read_bytes())
     blob[-1] ^= 0x40  # same size: only a deep verify sees it
     victim.write_bytes(bytes(blob))
