@@ -9,7 +9,7 @@ import traceback
 from typing import NoReturn
 
 from snapship import __version__
-from snapship.cli import cow_commands, repo_commands, transfer_commands
+from snapship.cli import cow_commands, nbd_commands, repo_commands, transfer_commands
 from snapship.errors import SnapshipError
 
 
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     repo_commands.register(sub, common)
     transfer_commands.register(sub, common)
     cow_commands.register(sub, common)
+    nbd_commands.register(sub, common)
     return parser
 
 
