@@ -3,6 +3,7 @@ map behind overlays, and block status over a version with an overlay."""
 
 from __future__ import annotations
 
+import itertools
 import struct
 from array import array
 
@@ -182,7 +183,7 @@ def test_range_map_matches_a_byte_model(ops: list[tuple[int, int, int]]) -> None
         rm.set(start, start + n, state)
         model[start : start + n] = [state] * n
     items = list(rm.items())
-    for (s1, e1, v1), (s2, _, v2) in zip(items, items[1:], strict=False):
+    for (s1, e1, v1), (s2, _, v2) in itertools.pairwise(items):
         assert s1 < e1 <= s2 and not (e1 == s2 and v1 == v2)  # disjoint, merged
     got = [0] * 200
     for s, e, v in rm.segments(0, 200):
@@ -190,7 +191,7 @@ def test_range_map_matches_a_byte_model(ops: list[tuple[int, int, int]]) -> None
     assert got == model
     pieces = list(rm.segments(37, 151))
     assert pieces[0][0] == 37 and pieces[-1][1] == 151
-    assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:], strict=False))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(pieces))
 
 
 def _manifest(zero_pattern: str, chunk: int, size: int) -> Manifest:
