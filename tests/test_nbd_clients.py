@@ -78,8 +78,14 @@ def test_nbdinfo_lists_every_version_and_volume(repo: NbdRepo, server: Server) -
         assert e["export-size"] == len(v.data)
         assert e["is_read_only"] is True and e["can_multi_conn"] is True
         assert "base:allocation" in e["contexts"]
-        assert v.name not in e["description"] and "created" in e["description"]
+        when = f"{v.version[:4]}-{v.version[4:6]}-{v.version[6:8]} {v.version[9:11]}:"
+        assert e["description"].startswith(f"{v.volume} as of {when}"), e["description"]
     assert listing["structured"] is True
+    # one export's own information describes it in full (NBD_INFO_DESCRIPTION)
+    v = repo.versions[1]
+    info = json.loads(run_tool("nbdinfo", "--json", server.uri(v.name)).stdout)["exports"][0]
+    assert info["description"].startswith("6.0 MiB, created ")
+    assert f"parent {repo.versions[0].version}" in info["description"]
 
 
 def test_nbd_client_lists_every_version(repo: NbdRepo, server: Server) -> None:

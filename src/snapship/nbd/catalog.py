@@ -3,8 +3,8 @@
 Names: `VOLUME@VERSION` (the full id, a unique prefix of it, or `latest`), `VOLUME` (its
 newest version when the client connects), and the empty name (the newest version of the only
 volume, if the repository holds exactly one). Every call blocks on the repository; the server
-runs them on a worker thread. Manifests are immutable, so loaded versions and their
-descriptions are kept (versions in a small LRU: a 1 TiB volume's index is 32 MiB).
+runs them on a worker thread. Manifests are immutable, so loaded versions are kept, in a
+small LRU (a 1 TiB volume's index is 32 MiB).
 """
 
 from __future__ import annotations
@@ -31,6 +31,14 @@ def _size(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def _when(version: str) -> str:
+    """The time a version id encodes (`YYYYMMDD-HHMMSS.mmm-xxxx`), for people."""
+    d, t = version[:8], version[9:19]
+    if len(version) < 19 or not (d.isdigit() and t[:6].isdigit()):
+        return version
+    return f"{d[:4]}-{d[4:6]}-{d[6:]} {t[:2]}:{t[2:4]}:{t[4:]} UTC"
+
+
 def describe(m: Manifest) -> str:
     text = f"{_size(m.size)}, created {m.created}, from {m.source}"
     if m.parent:
@@ -46,34 +54,22 @@ class Catalog:
         self.read_only = read_only
         self.max_images = max_images
         self._images: OrderedDict[str, VersionImage] = OrderedDict()
-        self._descriptions: dict[str, str] = {}
         self._lock = threading.Lock()
 
     def list_exports(self) -> list[tuple[str, str]]:
-        """(name, description) of every export: each volume, then each of its versions."""
+        """(name, description) of every export: each volume, then each of its versions.
+
+        Reads no manifest (a repository may hold thousands of large ones): the version id
+        says when it was made. NBD_OPT_INFO and NBD_OPT_GO describe an export in full.
+        """
         by_volume: dict[str, list[str]] = {}
         for volume, version in self.repo.list_versions():
             by_volume.setdefault(volume, []).append(version)
         out = []
         for volume, versions in sorted(by_volume.items()):
-            out.append((volume, f"latest version of {volume}: {volume}@{versions[-1]}"))
-            for version in versions:
-                name = f"{volume}@{version}"
-                out.append((name, self._description(volume, version)))
+            out.append((volume, f"newest version of {volume}: {volume}@{versions[-1]}"))
+            out += [(f"{volume}@{v}", f"{volume} as of {_when(v)}") for v in versions]
         return out
-
-    def _description(self, volume: str, version: str) -> str:
-        name = f"{volume}@{version}"
-        with self._lock:
-            text = self._descriptions.get(name)
-        if text is None:
-            try:
-                text = describe(self.repo.load_manifest(volume, version))
-            except SnapshipError as e:
-                text = f"unreadable: {e}"
-            with self._lock:
-                self._descriptions[name] = text
-        return text
 
     def resolve(self, name: str) -> tuple[str, str] | None:
         """(volume, version) an export name stands for now, or None."""
@@ -107,12 +103,9 @@ class Catalog:
         image = VersionImage(m)
         with self._lock:
             self._images[key] = image
-            self._descriptions.setdefault(key, describe(m))
             while len(self._images) > self.max_images:
                 self._images.popitem(last=False)
         return image
 
     def info(self, image: VersionImage) -> ExportInfo:
-        with self._lock:
-            description = self._descriptions.get(image.name) or describe(image.manifest)
-        return ExportInfo(image.name, image.size, self.read_only, description)
+        return ExportInfo(image.name, image.size, self.read_only, describe(image.manifest))
