@@ -375,3 +375,24 @@ def test_a_reader_killed_mid_transfer_harms_nothing(repo: NbdRepo, ro: Server) -
     assert ro.open_fds() == fds
     assert hashlib.sha256(big.data).hexdigest() == big.sha
     ro.assert_alive()
+
+
+def test_a_client_that_does_not_read_its_replies_does_not_grow_the_server(
+    repo: NbdRepo, ro: Server
+) -> None:
+    big = repo.latest("big").data
+    c, _ = connect(ro, False, "big")
+    rss = ro.rss_kib()
+    n, length = 200, 4 * MiB  # 800 MiB of replies asked for, none read for a while
+    for i in range(n):
+        c.request(p.CMD_READ, (i * MiB) % (len(big) - length), length, cookie=i)
+    time.sleep(2)
+    grown = ro.rss_kib() - rss
+    assert grown < 200 << 10, f"server grew by {grown} KiB"
+    for _ in range(n):
+        error, cookie = c.simple_reply()
+        assert error == 0
+        off = (cookie * MiB) % (len(big) - length)
+        assert c.recv(length) == big[off : off + length]
+    c.request(p.CMD_DISC)
+    c.close()

@@ -296,17 +296,20 @@ class Connection:
         session = self.session
         assert session is not None
         try:
-            reply = await self._execute(session, req, payload)
-        except RequestFailed as e:
-            reply = self._error_reply(req, e.error, str(e))
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            log.exception("%s: %s failed", self.peer, req.describe())
-            reply = self._error_reply(req, p.EIO, f"internal error: {type(e).__name__}")
+            try:
+                reply = await self._execute(session, req, payload)
+            except RequestFailed as e:
+                reply = self._error_reply(req, e.error, str(e))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.exception("%s: %s failed", self.peer, req.describe())
+                reply = self._error_reply(req, p.EIO, f"internal error: {type(e).__name__}")
+            await self._send(reply)
         finally:
+            # Held until the reply has drained: a client that stops reading replies stops
+            # the server reading its requests, instead of piling replies up in memory.
             self._budget.release(held)
-        await self._send(reply)
 
     async def _execute(self, session: ExportSession, req: p.Request,
                        payload: bytes | None) -> Sequence[bytes | memoryview]:  # fmt: skip
