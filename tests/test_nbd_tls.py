@@ -171,3 +171,10 @@ def test_tls_option_errors(repo: NbdRepo, pki: Path, tmp_path: Path) -> None:
     s = pki / "server"
     r = run_cli("nbd", "serve", "--repo", repo.path, "--tls-cert", s / "server-cert.pem")
     assert_one_line_error(r, "--tls-key")
+
+
+def test_nbd_client_lists_over_tls(repo: NbdRepo, pki: Path, required: Server) -> None:
+    out = run_tool("nbd-client", "-l", "127.0.0.1", str(required.port), "-x",
+                   "-A", str(pki / "anon" / "ca-cert.pem")).stdout.decode()
+    names = {line.split(":", 1)[0] for line in out.splitlines()[1:] if ":" in line}
+    assert names == {"disk"} | {v.name for v in repo.versions}, out
