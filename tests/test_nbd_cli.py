@@ -17,6 +17,7 @@ from tests.clihelp import assert_one_line_error, init_repo_fast_kdf, run_cli
     (["--listen", ":10809"], ["names no host"]),
     (["--listen", "127.0.0.1:99999"], ["port '99999'"]),
     (["--cache-size", "lots"], ["--cache-size", "not a size"]),
+    (["--writable", "--overlay-dir", "/nonexistent/dir"], ["cannot make overlay files in"]),
 ])  # fmt: skip
 def test_bad_options(tmp_path: Path, args: list[str], fragments: list[str]) -> None:
     init_repo_fast_kdf(tmp_path / "repo")

@@ -68,6 +68,12 @@ def build_options(args: argparse.Namespace) -> ServerOptions:
         raise UsageError("TLS needs both --tls-cert and --tls-key")
     if (args.tls or args.tls_client_ca) and not args.tls_cert:
         raise UsageError("--tls and --tls-client-ca need --tls-cert and --tls-key")
+    if args.writable:
+        try:  # refuse a directory that cannot hold overlays now, not at the first client
+            Overlay(0, args.overlay_dir).close()
+        except OSError as e:
+            where = args.overlay_dir or "the temporary directory"
+            raise UsageError(f"cannot make overlay files in {where}: {e.strerror or e}") from None
     ssl_context = None
     tls = TlsMode.OFF
     if args.tls_cert:

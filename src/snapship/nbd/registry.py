@@ -28,7 +28,8 @@ Committer = Callable[[VersionImage, Overlay], Manifest]
 @dataclass
 class _Shared:
     image: VersionImage
-    overlay: Overlay
+    ready: asyncio.Future[Overlay]
+    """The overlay, once its file is made (on a worker thread)."""
     users: int = 0
     tainted: str | None = None
     """Why the overlay must not be committed (a writer left without NBD_CMD_DISC)."""
@@ -42,13 +43,18 @@ class OverlayRegistry:
         self._commits: set[asyncio.Task[None]] = set()
         self.committed: list[Manifest] = []
 
-    def attach(self, image: VersionImage) -> Overlay:
+    async def attach(self, image: VersionImage) -> Overlay:
         entry = self._shared.get(image.name)
         if entry is None:
-            entry = _Shared(image, Overlay(image.size, self.directory))
+            made = asyncio.to_thread(Overlay, image.size, self.directory)
+            entry = _Shared(image, asyncio.ensure_future(made))
             self._shared[image.name] = entry
         entry.users += 1
-        return entry.overlay
+        try:
+            return await asyncio.shield(entry.ready)
+        except BaseException:
+            self.detach(image, wrote=False, clean=True)
+            raise
 
     def detach(self, image: VersionImage, *, wrote: bool, clean: bool) -> None:
         entry = self._shared[image.name]
@@ -58,23 +64,31 @@ class OverlayRegistry:
         if entry.users:
             return
         del self._shared[image.name]
-        if not entry.overlay.dirty:
-            entry.overlay.close()
+        # Runs once the overlay's file exists (at once, unless the last user left while it
+        # was still being made).
+        entry.ready.add_done_callback(lambda _: self._last_user_left(entry))
+
+    def _last_user_left(self, entry: _Shared) -> None:
+        if entry.ready.cancelled() or entry.ready.exception() is not None:
+            return
+        overlay = entry.ready.result()
+        name = entry.image.name
+        if not overlay.dirty:
+            overlay.close()
         elif self.committer is None:
-            log.info("discarded the overlay of %s (%d bytes changed)", image.name,
-                     entry.overlay.map.covered())
-            entry.overlay.close()
+            log.info("discarded the overlay of %s (%d bytes changed)", name,
+                     overlay.map.covered())
+            overlay.close()
         elif entry.tainted:
-            log.warning("not committing the overlay of %s: %s", image.name, entry.tainted)
-            entry.overlay.close()
+            log.warning("not committing the overlay of %s: %s", name, entry.tainted)
+            overlay.close()
         else:
-            task = asyncio.get_running_loop().create_task(self._commit(entry))
+            task = asyncio.get_running_loop().create_task(self._commit(entry.image, overlay))
             self._commits.add(task)
             task.add_done_callback(self._commits.discard)
 
-    async def _commit(self, entry: _Shared) -> None:
+    async def _commit(self, image: VersionImage, overlay: Overlay) -> None:
         assert self.committer is not None
-        image, overlay = entry.image, entry.overlay
         changed = overlay.map.covered()
         try:
             m = await asyncio.to_thread(self.committer, image, overlay)
@@ -89,5 +103,6 @@ class OverlayRegistry:
 
     async def drain(self) -> None:
         """Wait for every commit under way (at shutdown)."""
+        await asyncio.sleep(0)  # a last user's departure may still be scheduled
         while self._commits:
             await asyncio.gather(*self._commits, return_exceptions=True)

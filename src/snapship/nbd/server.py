@@ -254,7 +254,11 @@ class Connection:
         overlay = None
         if server.options.writable:
             assert server.registry is not None
-            overlay = server.registry.attach(image)
+            try:
+                overlay = await server.registry.attach(image)
+            except OSError as e:
+                log.error("%s: cannot make an overlay for %s: %s", self.peer, image.name, e)
+                return
         self.session = ExportSession(image, server.cache, server.io_pool, overlay,
                                      server.readahead_chunks)
         self._structured = go.structured
