@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from snapship.crypto import Keys
 from snapship.errors import Corrupt, FormatError, UsageError
-from snapship.formats import envelope
+from snapship.formats import envelope, refs
 from snapship.formats import manifest as mf
 from snapship.formats.config import RepoConfig, decode_config, encode_config
 from snapship.formats.constants import KIND_CHUNK, KIND_MANIFEST
@@ -159,3 +159,38 @@ def test_config_roundtrip_and_rejections() -> None:
             decode_config(json.dumps(obj).encode())
     with pytest.raises(FormatError):
         decode_config(b"not json")
+
+
+@given(manifests(), st.text(min_size=1, max_size=20))
+def test_refs_roundtrip_lists_each_distinct_chunk_once(m: mf.Manifest, writer: str) -> None:
+    r = refs.from_manifest(m, writer)
+    assert refs.decode(refs.encode(r), "r") == r
+    assert dict(zip((r.ids[i : i + 32] for i in range(0, len(r.ids), 32)), r.sizes,
+                    strict=True)) == m.unique_chunks()
+    assert list(refs.short_keys(r.ids)) == [refs.short_key(r.ids[i : i + 32])
+                                           for i in range(0, len(r.ids), 32)]
+
+
+@settings(max_examples=300)
+@given(m=manifests(), data=st.data())
+def test_refs_decode_never_crashes_on_garbage(m: mf.Manifest, data: st.DataObject) -> None:
+    body = bytearray(refs.encode(refs.from_manifest(m, "w")))
+    for _ in range(data.draw(st.integers(1, 4))):
+        if data.draw(st.booleans()) and body:
+            body[data.draw(st.integers(0, len(body) - 1))] = data.draw(st.integers(0, 255))
+        else:
+            del body[data.draw(st.integers(0, len(body))) :]
+    with contextlib.suppress(FormatError):
+        refs.decode(bytes(body), "r")
+
+
+def test_refs_reject_unsorted_repeated_and_zero_ids_and_other_versions() -> None:
+    a, b = b"\x01" * 32, b"\x02" * 32
+    for ids in (b + a, a + a, ZERO_ID + a):
+        body = refs.encode(refs.Refs("v", "1", "w", ids, array("I", [5, 5])))
+        with pytest.raises(FormatError, match="inconsistent"):
+            refs.decode(body, "r")
+    framed = bytearray(refs.encode(refs.Refs("v", "1", "w", a + b, array("I", [5, 5]))))
+    framed[4] = 2
+    with pytest.raises(FormatError, match="reference list version 2"):
+        refs.decode(bytes(framed), "r")

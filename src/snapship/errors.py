@@ -57,3 +57,9 @@ class StorageError(SnapshipError):
 
 class TransientStorageError(StorageError):
     """The storage backend failed in a way that may succeed if retried."""
+
+
+class Busy(SnapshipError):
+    """Another process holds a lock this operation needs; trying again later will work."""
+
+    exit_code = 75  # EX_TEMPFAIL: a scheduler may simply retry

@@ -9,7 +9,13 @@ import traceback
 from typing import NoReturn
 
 from snapship import __version__
-from snapship.cli import cow_commands, nbd_commands, repo_commands, transfer_commands
+from snapship.cli import (
+    cow_commands,
+    lifecycle_commands,
+    nbd_commands,
+    repo_commands,
+    transfer_commands,
+)
 from snapship.errors import SnapshipError
 
 
@@ -36,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     repo_commands.register(sub, common)
     transfer_commands.register(sub, common)
+    lifecycle_commands.register(sub, common)
     cow_commands.register(sub, common)
     nbd_commands.register(sub, common)
     return parser

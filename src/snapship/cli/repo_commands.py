@@ -17,6 +17,7 @@ from snapship.formats.constants import (
     ENCRYPTIONS,
 )
 from snapship.formats.manifest import Manifest
+from snapship.repository import catalog
 from snapship.repository.repo import Repository
 from snapship.types import ZERO_ID
 
@@ -84,11 +85,18 @@ def cmd_versions(args: argparse.Namespace) -> int:
     """Lists every version; a damaged manifest is listed as such (exit 1), not fatal."""
     repo = open_repository(args)
     rows: list[dict[str, Any]] = []
+    marks = catalog.damaged(repo.storage)
+    shielded = catalog.protected(repo.storage)
     for volume, version in repo.list_versions(args.volume):
         try:
-            rows.append(version_summary(repo.load_manifest(volume, version)))
+            row = version_summary(repo.load_manifest(volume, version))
         except SnapshipError as e:
-            rows.append({"volume": volume, "version": version, "error": str(e)})
+            row = {"volume": volume, "version": version, "error": str(e)}
+        mark = marks.get((volume, version))
+        if mark is not None and "error" not in row:
+            row["error"] = f"verify found {len(mark.chunks)} damaged chunk(s)"
+        row["protected"] = (volume, version) in shielded
+        rows.append(row)
     damaged = any("error" in r for r in rows)
     if args.json:
         print_json(rows)
@@ -102,7 +110,8 @@ def cmd_versions(args: argparse.Namespace) -> int:
         labels = ",".join(f"{k}={v}" for k, v in sorted(r["labels"].items()))
         print(
             f"{r['volume']}@{r['version']}  {r['created']}  {human_bytes(r['size']):>10}  "
-            f"+{human_bytes(r['new_bytes_stored']):>10} new  {labels}"
+            f"+{human_bytes(r['new_bytes_stored']):>10} new  "
+            + ("protected  " if r["protected"] else "") + labels
         )
     return 1 if damaged else 0
 
@@ -141,9 +150,10 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     repo = open_repository(args)
-    report = run_verify(
-        repo, deep=args.deep, volume=args.volume, progress=TerminalProgress("verify")
-    )
+    if args.sample is not None and not args.deep:
+        raise UsageError("--sample goes with --deep (it picks the chunks to read)")
+    report = run_verify(repo, deep=args.deep, sample=args.sample, volume=args.volume,
+                        progress=TerminalProgress("verify"))
     if args.json:
         print_json(
             {
@@ -152,6 +162,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 "versions": report.versions,
                 "chunks": report.chunks,
                 "bytes_checked": report.bytes_checked,
+                "chunks_deep_checked": report.deep_checked,
+                "sample_percent": args.sample,
+                "marks_cleared": report.marks_cleared,
                 "bad_manifests": report.bad_manifests,
                 "bad_chunks": report.bad_chunks,
                 "affected_versions": report.affected,
@@ -163,8 +176,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
         for hexid, problem in report.bad_chunks.items():
             print(f"BAD chunk {hexid}: {problem}")
         for name, hexids in report.affected.items():
-            print(f"AFFECTED {name}: {len(hexids)} bad chunk(s)")
+            print(f"AFFECTED {name}: {len(hexids)} bad chunk(s); marked damaged")
+        for name in report.marks_cleared:
+            print(f"healed {name}: no longer damaged")
         mode = "deep" if args.deep else "fast"
+        if args.sample is not None:
+            mode += f", {report.deep_checked} chunks sampled ({args.sample:g}%)"
         status = "ok" if report.ok else "FAILED"
         print(f"verify ({mode}): {report.versions} versions, {report.chunks} chunks: {status}")
     return 0 if report.ok else 1
@@ -189,5 +206,7 @@ def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentPars
 
     p = sub.add_parser("verify", parents=[common], help="check that every version is restorable")
     p.add_argument("--deep", action="store_true", help="read, decrypt and hash every chunk")
+    p.add_argument("--sample", type=float, metavar="PERCENT",
+                   help="with --deep: read only a random PERCENT of the chunks")
     p.add_argument("--volume", help="only versions of this volume")
     p.set_defaults(func=cmd_verify)

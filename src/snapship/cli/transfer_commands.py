@@ -87,8 +87,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
         report_backup(args, m)
         return 0
     changed = read_changed_ranges(args.changed_ranges) if args.changed_ranges else None
-    with Source(args.source) as source:
-        repo = open_repository(args)
+    repo = open_repository(args)
+    with Source(args.source) as source, repo.writer(f"backup {volume}") as session:
         # The newest version's chunks are known to exist: no need to ask storage about them.
         base = repo.latest_manifest(volume)
         if changed is not None and base is None:
@@ -102,6 +102,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
             labels=labels,
             source_desc=os.path.abspath(args.source),
             progress=TerminalProgress(f"backup {volume}"),
+            session=session,
         )
     report_backup(args, m)
     return 0

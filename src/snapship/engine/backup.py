@@ -21,7 +21,8 @@ from snapship.engine.pipeline import bounded_map, default_workers, window_for
 from snapship.engine.progress import NoProgress, Progress
 from snapship.errors import UsageError
 from snapship.formats.manifest import Manifest, check_name, chunk_count
-from snapship.repository.repo import Repository, new_version_id, now_iso
+from snapship.repository import catalog
+from snapship.repository.repo import Repository, WriterSession, new_version_id, now_iso
 from snapship.types import ZERO_ID, ByteRange
 
 ZERO, KNOWN, DUPLICATE, EXISTING, NEW = range(5)
@@ -89,7 +90,16 @@ def run_backup(
     labels: dict[str, str] | None = None,
     progress: Progress | None = None,
     workers: int | None = None,
+    session: WriterSession | None = None,
 ) -> Manifest:
+    """Back up `source` as a new version of `volume`.
+
+    A caller that loads `plan.base` must open `session` (`repo.writer()`) before loading it,
+    so that gc knows this backup may rely on the base's chunks (docs/gc.md)."""
+    if session is None:
+        with repo.writer(f"backup {volume}") as own:
+            return run_backup(repo, source, volume, plan=plan, source_desc=source_desc,
+                              labels=labels, progress=progress, workers=workers, session=own)
     check_name("volume", volume)
     started = time.monotonic()
     cs = repo.chunk_size
@@ -112,6 +122,9 @@ def run_backup(
     progress = progress or NoProgress()
     progress.start(sum(min(cs, size - i * cs) for i in indices) if to_read is not None else size)
 
+    # Chunks a verify found damaged are stored again when met, never trusted.
+    damaged = {bytes.fromhex(c) for mark in catalog.damaged(repo.storage).values()
+               for c in mark.chunks}
     zero_full = bytes(cs)
     claimed: set[bytes] = set()
     stored_sizes: dict[bytes, int] = {}
@@ -128,7 +141,7 @@ def run_backup(
         if data == (zero_full if n == cs else bytes(n)):
             return _Result(index, ZERO_ID, ZERO, n, 0)
         cid = repo.chunk_id(data)
-        if base_ids[index * 32 : index * 32 + 32] == cid:
+        if base_ids[index * 32 : index * 32 + 32] == cid and cid not in damaged:
             return _Result(index, cid, KNOWN, n, base_sizes[index])
         with lock:
             if cid in claimed:
@@ -138,7 +151,7 @@ def run_backup(
         blob = repo.seal_chunk(cid, data)
         # The sealed size is deterministic: an object of another size under this name is
         # damaged (or left by a crash of another tool) and is replaced, never trusted.
-        if existing == len(blob):
+        if existing == len(blob) and cid not in damaged:
             stored_sizes[cid] = existing
             return _Result(index, cid, EXISTING, n, existing)
         repo.put_chunk(cid, blob)
@@ -149,6 +162,7 @@ def run_backup(
     counts = [0] * 5
     bytes_read = new_raw = new_stored = 0
     duplicates: list[_Result] = []
+    known: list[_Result] = []
     for r in bounded_map(process, reads(), nworkers, window_for(nworkers, cs)):
         ids[r.index * 32 : r.index * 32 + 32] = r.cid
         counts[r.outcome] += 1
@@ -157,6 +171,8 @@ def run_backup(
             duplicates.append(r)
         else:
             sizes[r.index] = r.stored
+        if r.outcome == KNOWN:
+            known.append(r)
         if r.outcome == NEW:
             new_raw += r.raw
             new_stored += r.stored or 0
@@ -164,6 +180,14 @@ def run_backup(
     progress.finish()
     for r in duplicates:  # every worker has finished: the first copy's size is known now
         sizes[r.index] = stored_sizes[r.cid]
+    if session.collection_at_start is not None:
+        # A collection had set chunks aside before this backup began, so a chunk taken from
+        # the base without asking storage may be a fossil by now (docs/gc.md, "Writers").
+        read = set(indices)
+        reused = [i for i in range(count) if i not in read and sizes[i]]
+        reused += [r.index for r in known]
+        restored = _restore_missing(repo, source, reused, ids, sizes, nworkers)
+        counts[NEW] += restored
 
     # The new id must sort after every existing version of the volume, so `latest` is this one.
     existing = [v for _, v in repo.list_versions(volume)]
@@ -194,5 +218,39 @@ def run_backup(
             "duration": round(time.monotonic() - started, 3),
         },
     )
-    repo.save_manifest(m)
+    repo.save_manifest(m, session)
     return m
+
+
+def _restore_missing(repo: Repository, source: BackupSource, indices: Sequence[int], ids: bytearray,
+                     sizes: array[int], nworkers: int) -> int:
+    """Re-store, from the source, reused chunks that storage no longer has under their name;
+    returns how many. The source still holds that data: those chunks are unchanged."""
+    cs = repo.chunk_size
+    by_id: dict[bytes, list[int]] = {}
+    for i in indices:
+        by_id.setdefault(bytes(ids[i * 32 : i * 32 + 32]), []).append(i)
+
+    def check(item: tuple[bytes, list[int]]) -> list[tuple[int, bytes, int]]:
+        cid, where = item
+        if repo.stat_chunk(cid) == sizes[where[0]]:
+            return []
+        out = []
+        for i in where:
+            data = source.read(i * cs, min(cs, source.size - i * cs))
+            new_id = repo.chunk_id(data)
+            blob = repo.seal_chunk(new_id, data)
+            repo.put_chunk(new_id, blob)
+            out.append((i, new_id, len(blob)))
+            if new_id == cid:  # the usual case: one copy serves every index that uses it
+                out += [(j, cid, len(blob)) for j in where if j != i]
+                break
+        return out
+
+    restored = 0
+    for result in bounded_map(check, by_id.items(), nworkers, window_for(nworkers, cs)):
+        for i, new_id, stored in result:
+            ids[i * 32 : i * 32 + 32] = new_id
+            sizes[i] = stored
+        restored += bool(result)
+    return restored

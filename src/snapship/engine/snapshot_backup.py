@@ -109,45 +109,47 @@ def run_snapshot_backup(
     origin = lvm.lv(vg, lv)
     if origin.origin:
         raise UsageError(f"{vg}/{lv} is itself a snapshot; back up its origin instead")
-    base = repo.latest_manifest(volume)
-    want = base.labels.get(LABEL_SNAPSHOT_UUID) if base else None
-    ours = lvm.snapshots_of(vg, lv)
-    tracking = next((s for s in ours if s.uuid == want), ours[-1] if ours else None)
-    for stale in ours:
-        if stale is not tracking:  # left by a run that died; it tracks nothing we have
-            warn(f"removing stale snapshot {vg}/{stale.name}")
-            lvm.remove(vg, stale.name)
+    with repo.writer(f"backup lvm:{vg}/{lv}") as session:
+        base = repo.latest_manifest(volume)
+        want = base.labels.get(LABEL_SNAPSHOT_UUID) if base else None
+        ours = lvm.snapshots_of(vg, lv)
+        tracking = next((s for s in ours if s.uuid == want), ours[-1] if ours else None)
+        for stale in ours:
+            if stale is not tracking:  # left by a run that died; it tracks nothing we have
+                warn(f"removing stale snapshot {vg}/{stale.name}")
+                lvm.remove(vg, stale.name)
 
-    run_hook(options.pre_hook, "pre-snapshot")
-    try:
-        new = lvm.create_snapshot(vg, lv, snapshot_name(lv),
-                                  None if origin.is_thin else options.size)
-    except BaseException:
-        run_hook(options.post_hook, "post-snapshot")
-        raise
-    try:
-        run_hook(options.post_hook, "post-snapshot")
-        plan = plan_changes(lvm, origin, tracking, new, base)
-        if plan.fallback:
-            warn(f"full read of {vg}/{lv}: {plan.fallback}")
-        all_labels = {**(labels or {}), LABEL_SNAPSHOT: f"{vg}/{new.name}",
-                      LABEL_SNAPSHOT_UUID: new.uuid}
-        with Source(new.device) as source:
-            m = run_backup(repo, source, volume, plan=plan, labels=all_labels,
-                           source_desc=f"lvm:{vg}/{lv}", progress=progress)
-    except BaseException:
+        run_hook(options.pre_hook, "pre-snapshot")
         try:
-            lvm.remove(vg, new.name)
-        except LvmError as e:
-            warn(f"could not remove the new snapshot {vg}/{new.name}: {e}")
-        raise
-    if tracking is not None:
+            new = lvm.create_snapshot(vg, lv, snapshot_name(lv),
+                                      None if origin.is_thin else options.size)
+        except BaseException:
+            run_hook(options.post_hook, "post-snapshot")
+            raise
         try:
-            used = lvm.lv(vg, tracking.name).snap_percent
-            if used is not None and used >= FULL_WARNING_PERCENT:
-                warn(f"tracking snapshot {tracking.name} was {used:.0f}% full: raise "
-                     "--snapshot-size or back up more often before it overflows")
-            lvm.remove(vg, tracking.name)
-        except SnapshipError as e:
-            warn(f"could not remove the old snapshot {vg}/{tracking.name}: {e}")
-    return m
+            run_hook(options.post_hook, "post-snapshot")
+            plan = plan_changes(lvm, origin, tracking, new, base)
+            if plan.fallback:
+                warn(f"full read of {vg}/{lv}: {plan.fallback}")
+            all_labels = {**(labels or {}), LABEL_SNAPSHOT: f"{vg}/{new.name}",
+                          LABEL_SNAPSHOT_UUID: new.uuid}
+            with Source(new.device) as source:
+                m = run_backup(repo, source, volume, plan=plan, labels=all_labels,
+                               source_desc=f"lvm:{vg}/{lv}", progress=progress,
+                               session=session)
+        except BaseException:
+            try:
+                lvm.remove(vg, new.name)
+            except LvmError as e:
+                warn(f"could not remove the new snapshot {vg}/{new.name}: {e}")
+            raise
+        if tracking is not None:
+            try:
+                used = lvm.lv(vg, tracking.name).snap_percent
+                if used is not None and used >= FULL_WARNING_PERCENT:
+                    warn(f"tracking snapshot {tracking.name} was {used:.0f}% full: raise "
+                         "--snapshot-size or back up more often before it overflows")
+                lvm.remove(vg, tracking.name)
+            except SnapshipError as e:
+                warn(f"could not remove the old snapshot {vg}/{tracking.name}: {e}")
+        return m

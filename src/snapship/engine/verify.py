@@ -3,16 +3,23 @@
 Fast mode reads every manifest (which checks it) and the chunk listing, and checks that every
 referenced chunk exists with the size the manifest recorded. Deep mode also fetches, decrypts
 and re-hashes every referenced chunk once. Problems are collected, not raised, so one run names
-every damaged object and the versions it affects.
+every damaged object and the versions it affects. `sample` deep-checks a random share of the
+chunks (the rest get the fast check), for a regular cheap spot check.
+
+Each affected version is marked damaged in the repository (`damaged/`, shown by `versions`,
+and the next backup that meets a damaged chunk stores it again); a later run that checks such a
+version completely, at least as deeply as the run that marked it, clears the mark if it is fine.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 from snapship.engine.pipeline import bounded_map, default_workers, window_for
 from snapship.engine.progress import NoProgress, Progress
-from snapship.errors import Corrupt, ObjectNotFound, SnapshipError
+from snapship.errors import Corrupt, ObjectNotFound, SnapshipError, UsageError
+from snapship.repository import catalog
 from snapship.repository.repo import Repository
 
 
@@ -24,6 +31,8 @@ class VerifyReport:
     bad_manifests: dict[str, str] = field(default_factory=dict)
     bad_chunks: dict[str, str] = field(default_factory=dict)
     affected: dict[str, list[str]] = field(default_factory=dict)
+    deep_checked: int = 0
+    marks_cleared: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -34,12 +43,16 @@ def run_verify(
     repo: Repository,
     *,
     deep: bool = False,
+    sample: float | None = None,
     volume: str | None = None,
     progress: Progress | None = None,
     workers: int | None = None,
 ) -> VerifyReport:
+    if sample is not None and not 0 < sample <= 100:
+        raise UsageError(f"--sample {sample} is not a percentage in (0, 100]")
     report = VerifyReport()
     users: dict[bytes, list[str]] = {}
+    versions: list[tuple[str, str]] = []
     expected_size: dict[bytes, int] = {}
     for vol, ver in repo.list_versions(volume):
         name = f"{vol}@{ver}"
@@ -49,6 +62,7 @@ def run_verify(
             report.bad_manifests[name] = str(e)
             continue
         report.versions += 1
+        versions.append((vol, ver))
         for cid, size in m.unique_chunks().items():
             users.setdefault(cid, []).append(name)
             expected_size[cid] = size
@@ -61,13 +75,16 @@ def run_verify(
         elif have != size:
             report.bad_chunks[cid.hex()] = f"stored size {have}, manifest says {size}"
     if deep:
-        progress = progress or NoProgress()
-        progress.start(sum(stored.get(c, 0) for c in users))
         todo = [c for c in users if c.hex() not in report.bad_chunks]
+        if sample is not None and todo:
+            todo = random.Random().sample(todo, max(1, round(len(todo) * sample / 100)))
+        progress = progress or NoProgress()
+        progress.start(sum(stored.get(c, 0) for c in todo))
+        report.deep_checked = len(todo)
 
         def check(cid: bytes) -> tuple[bytes, int, str | None]:
             try:
-                blob = repo.storage.get(repo.chunk_key(cid))
+                blob = repo.get_chunk_blob(cid)
             except ObjectNotFound:
                 return cid, 0, "missing"
             try:
@@ -88,4 +105,17 @@ def run_verify(
     for hexid in report.bad_chunks:
         for name in users[bytes.fromhex(hexid)]:
             report.affected.setdefault(name, []).append(hexid)
+    _update_marks(repo, report, versions, deep and sample is None)
     return report
+
+
+def _update_marks(repo: Repository, report: VerifyReport, versions: list[tuple[str, str]],
+                  complete_deep: bool) -> None:
+    marked = catalog.damaged(repo.storage)
+    for vol, ver in versions:
+        name = f"{vol}@{ver}"
+        if name in report.affected:
+            catalog.mark_damaged(repo.storage, vol, ver, report.affected[name], complete_deep)
+        elif (vol, ver) in marked and (complete_deep or not marked[(vol, ver)].deep):
+            catalog.mark_damaged(repo.storage, vol, ver, None)
+            report.marks_cleared.append(name)

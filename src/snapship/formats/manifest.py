@@ -9,27 +9,22 @@ Every manifest lists every chunk, so any version restores without reading anothe
 
 from __future__ import annotations
 
-import json
 import re
-import struct
-import sys
 from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
 from snapship.errors import FormatError, UsageError
+from snapship.formats import index
 from snapship.formats.constants import (
     ID_LEN,
     MANIFEST_MAGIC,
     MANIFEST_VERSION,
     MAX_CHUNK_SIZE,
-    MAX_MANIFEST_HEADER,
     MIN_CHUNK_SIZE,
 )
 from snapship.types import ZERO_ID
 
-_PREFIX = struct.Struct("<4sHHI")
-_COUNT = struct.Struct("<Q")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 
 
@@ -44,13 +39,6 @@ def check_name(kind: str, name: str) -> str:
 
 def chunk_count(size: int, chunk_size: int) -> int:
     return -(-size // chunk_size)
-
-
-def _le_u32(values: array[int]) -> bytes:
-    if sys.byteorder == "big":
-        values = array("I", values)
-        values.byteswap()
-    return values.tobytes()
 
 
 @dataclass
@@ -106,42 +94,13 @@ class Manifest:
 
 def encode(m: Manifest) -> bytes:
     validate(m)
-    header = json.dumps(m.header(), sort_keys=True, separators=(",", ":")).encode()
-    return b"".join(
-        (
-            _PREFIX.pack(MANIFEST_MAGIC, MANIFEST_VERSION, 0, len(header)),
-            header,
-            _COUNT.pack(m.count),
-            m.ids,
-            _le_u32(m.sizes),
-        )
-    )
+    return index.encode(MANIFEST_MAGIC, MANIFEST_VERSION, m.header(), m.ids, m.sizes)
 
 
 def decode(data: bytes, what: str) -> Manifest:
     """Parse a manifest body; `what` names it in errors. Rejects anything not exactly v1."""
-    if len(data) < _PREFIX.size:
-        raise FormatError(f"{what} is truncated")
-    magic, version, _, header_len = _PREFIX.unpack_from(data)
-    if magic != MANIFEST_MAGIC:
-        raise FormatError(f"{what} is not a manifest (magic {magic!r})")
-    if version != MANIFEST_VERSION:
-        raise FormatError(f"{what} has manifest version {version}; this snapship reads 1")
-    if header_len > MAX_MANIFEST_HEADER:
-        raise FormatError(f"{what} has an oversized header ({header_len} bytes)")
-    pos = _PREFIX.size
+    h, ids, sizes = index.decode(data, MANIFEST_MAGIC, MANIFEST_VERSION, "manifest", what)
     try:
-        h = json.loads(data[pos : pos + header_len])
-        pos += header_len
-        (count,) = _COUNT.unpack_from(data, pos)
-        pos += _COUNT.size
-        ids = data[pos : pos + count * ID_LEN]
-        pos += count * ID_LEN
-        sizes = array("I")
-        sizes.frombytes(data[pos : pos + count * 4])
-        pos += count * 4
-        if sys.byteorder == "big":
-            sizes.byteswap()
         m = Manifest(
             volume=_typed(h, "volume", str),
             version=_typed(h, "version", str),
@@ -155,10 +114,8 @@ def decode(data: bytes, what: str) -> Manifest:
             labels=_typed(h, "labels", dict),
             stats=_typed(h, "stats", dict),
         )
-    except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as e:
+    except (ValueError, KeyError, TypeError) as e:
         raise FormatError(f"{what} is malformed: {e}") from None
-    if pos != len(data) or len(ids) != count * ID_LEN:
-        raise FormatError(f"{what} has {len(data) - pos:+d} bytes beyond its chunk list")
     try:
         validate(m)
     except (ValueError, UsageError) as e:

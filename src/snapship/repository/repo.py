@@ -7,17 +7,20 @@ write order that makes a repository crash-safe: chunks, then `flush()`, then the
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import secrets
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from snapship import crypto
 from snapship.crypto import Keys, ScryptParams
 from snapship.errors import AuthFailed, Corrupt, NotFound, ObjectNotFound, UsageError
 from snapship.formats import envelope
 from snapship.formats import manifest as manifest_codec
+from snapship.formats import refs as refs_codec
 from snapship.formats.config import (
     KeyFile,
     RepoConfig,
@@ -34,6 +37,7 @@ from snapship.formats.constants import (
     ENCRYPTION_AES_GCM,
     ENCRYPTION_NONE,
     ENCRYPTIONS,
+    FOSSIL_PREFIX,
     ID_LEN,
     KEY_KEY,
     KIND_CHUNK,
@@ -41,9 +45,10 @@ from snapship.formats.constants import (
     MAX_CHUNK_SIZE,
     MAX_ZSTD_LEVEL,
     MIN_CHUNK_SIZE,
-    VERSION_PREFIX,
 )
-from snapship.formats.manifest import Manifest, check_name
+from snapship.formats.manifest import Manifest
+from snapship.repository import catalog, collection
+from snapship.repository.locks import WRITER, Lock
 from snapship.storage.base import Storage
 from snapship.types import VersionRef
 
@@ -65,6 +70,36 @@ def new_version_id(after: str | None = None) -> str:
             break
         time.sleep(0.001)
     return vid
+
+
+@dataclass(frozen=True)
+class WriterSession:
+    """A running backup, registered so gc knows about it (docs/gc.md, "Writers")."""
+
+    lock: Lock
+    collection_at_start: str | None
+    """Id of the collection that had set chunks aside when this session began: reused chunks
+    must then be re-checked before the manifest is written."""
+
+    @property
+    def id(self) -> str:
+        return self.lock.session
+
+
+def chunk_key(cid: bytes, prefix: str = CHUNK_PREFIX) -> str:
+    h = cid.hex()
+    return f"{prefix}{h[:2]}/{h}"
+
+
+def parse_chunk_key(key: str) -> bytes | None:
+    """The id in `chunks/hh/<id>` or `fossils/hh/<id>`; None for anything else."""
+    name = key.rsplit("/", 1)[-1]
+    if len(name) != 2 * ID_LEN:
+        return None
+    try:
+        return bytes.fromhex(name)
+    except ValueError:
+        return None
 
 
 class Repository:
@@ -152,10 +187,7 @@ class Repository:
     def chunk_id(self, data: bytes | memoryview) -> bytes:
         return crypto.chunk_id(data, self._id_key)
 
-    @staticmethod
-    def chunk_key(cid: bytes) -> str:
-        h = cid.hex()
-        return f"{CHUNK_PREFIX}{h[:2]}/{h}"
+    chunk_key = staticmethod(chunk_key)
 
     def seal_chunk(self, cid: bytes, data: bytes | memoryview) -> bytes | bytearray:
         return envelope.seal(KIND_CHUNK, cid, data, self._aead, self.config.compression_level)
@@ -175,28 +207,47 @@ class Repository:
         self.storage.put(self.chunk_key(cid), blob)
 
     def get_chunk(self, cid: bytes) -> bytes:
-        return self.open_chunk(cid, self.storage.get(self.chunk_key(cid)))
+        return self.open_chunk(cid, self.get_chunk_blob(cid))
+
+    def get_chunk_blob(self, cid: bytes) -> bytes:
+        """The stored object; a chunk that a collection set aside is read from its fossil
+        (a version written beside that collection may use it until gc puts it back)."""
+        try:
+            return self.storage.get(self.chunk_key(cid))
+        except ObjectNotFound:
+            try:
+                return self.storage.get(chunk_key(cid, FOSSIL_PREFIX))
+            except ObjectNotFound:
+                raise ObjectNotFound(self.chunk_key(cid)) from None
 
     def list_chunks(self) -> dict[bytes, int]:
-        """Every stored chunk id with its stored size."""
+        """Every stored chunk id with its stored size, fossils included."""
         out: dict[bytes, int] = {}
-        for key, size in self.storage.list(CHUNK_PREFIX):
-            name = key.rsplit("/", 1)[-1]
-            try:
-                cid = bytes.fromhex(name)
-            except ValueError:
-                continue
-            if len(cid) == ID_LEN:
-                out[cid] = size
+        for prefix in (FOSSIL_PREFIX, CHUNK_PREFIX):
+            for key, size in self.storage.list(prefix):
+                cid = parse_chunk_key(key)
+                if cid is not None:
+                    out[cid] = size
         return out
+
+    # -- writers --------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def writer(self, command: str) -> Iterator[WriterSession]:
+        """Register a backup for its whole life: enter before loading its base version."""
+        with Lock(self.storage, WRITER, command).acquire() as lock:
+            pending = collection.load(self.storage)
+            yield WriterSession(lock, pending.id if pending else None)
 
     # -- manifests ------------------------------------------------------------------------
 
-    @staticmethod
-    def manifest_key(volume: str, version: str) -> str:
-        return f"{VERSION_PREFIX}{check_name('volume', volume)}/{check_name('version', version)}"
+    manifest_key = staticmethod(catalog.manifest_key)
 
-    def save_manifest(self, m: Manifest) -> None:
+    def save_manifest(self, m: Manifest, session: WriterSession) -> None:
+        """The reference list, a flush (now every chunk and the list are durable), the
+        manifest, a flush: a durable version always has durable chunks and references."""
+        self.storage.put(catalog.refs_key(m.volume, m.version),
+                         catalog.seal_refs(refs_codec.from_manifest(m, session.id)))
         key = self.manifest_key(m.volume, m.version)
         blob = envelope.seal(KIND_MANIFEST, key.encode(), manifest_codec.encode(m), self._aead)
         self.storage.flush()
@@ -221,13 +272,7 @@ class Repository:
 
     def list_versions(self, volume: str | None = None) -> list[tuple[str, str]]:
         """(volume, version) pairs, sorted by volume then age, without reading manifests."""
-        prefix = VERSION_PREFIX + (check_name("volume", volume) + "/" if volume else "")
-        out = []
-        for key, _size in self.storage.list(prefix):
-            parts = key[len(VERSION_PREFIX) :].split("/")
-            if len(parts) == 2:
-                out.append((parts[0], parts[1]))
-        return sorted(out)
+        return catalog.list_versions(self.storage, volume)
 
     def latest_manifest(self, volume: str) -> Manifest | None:
         """The newest version of `volume`, or None if it has none yet."""
@@ -236,21 +281,7 @@ class Repository:
 
     def resolve(self, ref: VersionRef) -> tuple[str, str]:
         """Turn `volume@version` into an existing version; accepts a unique id prefix."""
-        versions = [v for _, v in self.list_versions(ref.volume)]
-        if not versions:
-            raise NotFound(f"volume {ref.volume} has no versions in this repository")
-        if ref.version in (None, "latest"):
-            return ref.volume, versions[-1]
-        assert ref.version is not None
-        if ref.version in versions:
-            return ref.volume, ref.version
-        matches = [v for v in versions if v.startswith(ref.version)]
-        if len(matches) == 1:
-            return ref.volume, matches[0]
-        if matches:
-            raise UsageError(f"version {ref.version!r} of {ref.volume} is ambiguous")
-        raise NotFound(f"volume {ref.volume} has no version {ref.version}")
-
+        return catalog.resolve(self.storage, ref)
 
 def _key_aad(repo_id: str) -> bytes:
     return b"snapship key v1 " + repo_id.encode()

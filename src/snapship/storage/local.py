@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import os
 import secrets
+import time
 from collections.abc import Iterator
 
 from snapship.errors import ObjectNotFound, StorageError
@@ -111,6 +112,19 @@ class LocalStorage:
                 os.rename(old, new)
         except OSError as e:
             raise StorageError(f"cannot rename {old} to {new}: {e.strerror or e}") from None
+
+    def remove_temporaries(self, older_than: float) -> int:
+        """Delete partial files of writers that died more than `older_than` seconds ago."""
+        removed = 0
+        cutoff = time.time() - older_than
+        for dirpath, _dirnames, filenames in os.walk(self.root):
+            for name in filenames:
+                path = os.path.join(dirpath, name)
+                with contextlib.suppress(FileNotFoundError):
+                    if name.startswith(TMP_PREFIX) and os.stat(path).st_mtime < cutoff:
+                        os.unlink(path)
+                        removed += 1
+        return removed
 
     def flush(self) -> None:
         try:

@@ -1,0 +1,191 @@
+"""`snapship prune`, `forget`, `protect`, `unprotect`, `gc` and `locks`: the version lifecycle.
+
+None of them needs the passphrase: they work from version names and the unencrypted reference
+lists. gc uses the key only when one is at hand, to rebuild a missing reference list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+from typing import Any
+
+from snapship.cli.context import open_repository, open_storage
+from snapship.cli.output import human_bytes, print_json
+from snapship.cli.transfer_commands import parse_ref, warn
+from snapship.engine.gc import run_gc
+from snapship.engine.prune import Policy, forget_versions, parse_duration, run_prune
+from snapship.errors import NotFound, ObjectNotFound, UsageError
+from snapship.formats.config import decode_config
+from snapship.formats.constants import CONFIG_KEY
+from snapship.repository import catalog, locks
+from snapship.repository.repo import Repository
+from snapship.storage.base import Storage
+
+
+def open_keyless(args: argparse.Namespace) -> Storage:
+    """The repository's storage, after checking it holds a repository this snapship reads."""
+    storage = open_storage(args.repo)
+    try:
+        decode_config(storage.get(CONFIG_KEY))
+    except ObjectNotFound:
+        raise NotFound(f"no snapship repository at {storage.describe()}") from None
+    return storage
+
+
+def _local_tz() -> dt.tzinfo | None:
+    """Calendar periods (days, weeks) as the machine's clock shows them (TZ applies)."""
+    return dt.datetime.now().astimezone().tzinfo
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    policy = Policy(args.keep_last, args.keep_hourly, args.keep_daily, args.keep_weekly,
+                    args.keep_monthly, args.keep_yearly,
+                    parse_duration(args.keep_within) if args.keep_within else None)
+    if policy.is_empty():
+        raise UsageError("no retention rule given: use at least one --keep-* option")
+    storage = open_keyless(args)
+    report = run_prune(storage, policy, volume=args.volume, dry_run=args.dry_run,
+                       tz=_local_tz() or dt.UTC, warn=warn)
+    if args.json:
+        print_json({
+            "dry_run": args.dry_run,
+            "volumes": {vol: [{"version": d.version, "keep": d.keep, "reasons": d.reasons}
+                              for d in ds] for vol, ds in report.decisions.items()},
+            "forgotten": report.forgotten,
+            "chunks_freeable": report.chunks_freeable,
+            "bytes_freeable": report.bytes_freeable,
+        })
+        return 0
+    forget = 0
+    for vol, decisions in report.decisions.items():
+        for d in decisions:
+            if d.keep:
+                print(f"keep    {vol}@{d.version}  ({', '.join(d.reasons)})")
+            else:
+                forget += 1
+                print(f"forget  {vol}@{d.version}")
+    verb = "would forget" if args.dry_run else "forgot"
+    print(f"{verb} {forget} version(s); gc will free {human_bytes(report.bytes_freeable)} "
+          f"in {report.chunks_freeable} chunks" + ("" if args.dry_run else
+                                                   " (run `snapship gc`)"))
+    return 0
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    for ref in args.version_refs:
+        if "@" not in ref:
+            raise UsageError(f"{ref}: name the version to forget (VOLUME@VERSION)")
+    storage = open_keyless(args)
+    targets = [catalog.resolve(storage, parse_ref(r)) for r in args.version_refs]
+    chunks, nbytes = forget_versions(storage, targets, allow_newest=args.allow_newest,
+                                     warn=warn)
+    if args.json:
+        print_json({"forgotten": [f"{v}@{n}" for v, n in targets], "chunks_freeable": chunks,
+                    "bytes_freeable": nbytes})
+    else:
+        for vol, ver in targets:
+            print(f"forgot {vol}@{ver}")
+        print(f"gc will free {human_bytes(nbytes)} in {chunks} chunks (run `snapship gc`)")
+    return 0
+
+
+def cmd_protect(args: argparse.Namespace) -> int:
+    storage = open_keyless(args)
+    on = args.command == "protect"
+    with locks.exclusive(storage, locks.PRUNE, args.command, warn):
+        for ref in args.version_refs:
+            vol, ver = catalog.resolve(storage, parse_ref(ref))
+            catalog.set_protected(storage, vol, ver, on, args.note if on else "")
+            if not args.json:
+                print(f"{'protected' if on else 'unprotected'} {vol}@{ver}")
+    if args.json:
+        print_json({"protected" if on else "unprotected": args.version_refs})
+    return 0
+
+
+def _key_if_at_hand(args: argparse.Namespace, storage: Storage) -> Repository | None:
+    """The repository with its key, if that needs no prompt: gc can then rebuild a missing
+    reference list instead of stopping."""
+    if not (args.passphrase_file or os.environ.get("SNAPSHIP_PASSPHRASE")):
+        cfg, _mac = decode_config(storage.get(CONFIG_KEY))
+        if cfg.encrypted:
+            return None
+    return open_repository(args)
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    storage = open_keyless(args)
+    r = run_gc(storage, repo=_key_if_at_hand(args, storage), warn=warn)
+    if args.json:
+        print_json(vars(r))
+        return 0
+    if r.waiting_for:
+        print(f"gc: collection {r.collection} waits for {len(r.waiting_for)} running "
+              f"backup(s) ({', '.join(r.waiting_for)}); run gc again after they finish")
+    print(f"gc: {r.versions} versions reference {r.referenced} chunks; freed {r.chunks_freed} "
+          f"chunks ({human_bytes(r.bytes_freed)}), {r.restored} set-aside chunks were in use "
+          "again and were put back"
+          + (f"; {r.fossils_made} chunks set aside for the next run" if not r.finished else ""))
+    return 0
+
+
+def cmd_locks(args: argparse.Namespace) -> int:
+    storage = open_keyless(args)
+    found = locks.list_locks(storage)
+    if args.clear_stale:
+        found = locks.clear_stale(storage, found, warn)
+    rows = [{"kind": i.kind, "session": i.session, "command": i.command, "pid": i.pid,
+             "machine": i.machine.split("/", 1)[0], "started": i.started,
+             "alive": i.is_alive()} for i in found]
+    if args.json:
+        print_json(rows)
+    else:
+        for row in rows:
+            state = "" if row["alive"] else "  STALE (--clear-stale removes it)"
+            print(f"{row['kind']:6} {row['command']}  pid {row['pid']} on {row['machine']} "
+                  f"since {row['started']}{state}")
+        if not rows:
+            print("no locks")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("prune", parents=[common], help="forget versions no retention rule keeps")
+    p.add_argument("--volume", help="only this volume (default: every volume)")
+    for rule, what in (("last", "the N newest versions"),
+                       ("hourly", "the newest version of each of the last N hours"),
+                       ("daily", "... of each of the last N days"),
+                       ("weekly", "... of each of the last N ISO weeks"),
+                       ("monthly", "... of each of the last N months"),
+                       ("yearly", "... of each of the last N years")):
+        p.add_argument(f"--keep-{rule}", type=int, default=0, metavar="N", help=f"keep {what}")
+    p.add_argument("--keep-within", metavar="DURATION",
+                   help="keep every version less than DURATION (e.g. 7d, 2w, 6m, 1y) older "
+                   "than the newest")
+    p.add_argument("--dry-run", action="store_true", help="only say what would be forgotten")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("forget", parents=[common], help="forget named versions")
+    p.add_argument("version_refs", nargs="+", metavar="VOLUME@VERSION")
+    p.add_argument("--allow-newest", action="store_true",
+                   help="allow forgetting the newest version of a volume")
+    p.set_defaults(func=cmd_forget)
+
+    for name, what in (("protect", "keep versions whatever prune's rules say"),
+                       ("unprotect", "let prune forget versions again")):
+        p = sub.add_parser(name, parents=[common], help=what)
+        p.add_argument("version_refs", nargs="+", metavar="VOLUME[@VERSION]")
+        if name == "protect":
+            p.add_argument("--note", default="", help="why (stored with the mark)")
+        p.set_defaults(func=cmd_protect)
+
+    p = sub.add_parser("gc", parents=[common],
+                       help="delete chunks no version uses (safe beside running backups)")
+    p.set_defaults(func=cmd_gc)
+
+    p = sub.add_parser("locks", parents=[common], help="list running operations' locks")
+    p.add_argument("--clear-stale", action="store_true",
+                   help="remove locks whose process is gone")
+    p.set_defaults(func=cmd_locks)

@@ -1,0 +1,285 @@
+"""gc (engine/gc.py) against the protocol of docs/gc.md, one interleaving at a time.
+
+Each test drives a backup and a gc in one process, in the exact order that would be a race
+between two processes, and checks that every version still restores from `chunks/` (or from
+a fossil while its collection waits) and that garbage really goes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from snapship.devices import Source
+from snapship.engine.backup import BackupPlan, run_backup
+from snapship.engine.gc import run_gc
+from snapship.engine.prune import forget_versions
+from snapship.engine.restore import run_restore
+from snapship.engine.verify import run_verify
+from snapship.errors import Busy, Corrupt
+from snapship.formats.constants import COLLECTION_KEY, ENCRYPTION_AES_GCM
+from snapship.repository import catalog, collection, locks
+from snapship.repository.repo import Repository, chunk_key
+from snapship.storage.local import LocalStorage
+from snapship.types import ByteRange
+from tests.conftest import CHUNK, make_repo
+
+NCHUNKS = 32
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Repository:
+    return make_repo(LocalStorage(str(tmp_path / "repo")), ENCRYPTION_AES_GCM)
+
+
+def write(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+
+
+def backup(repo: Repository, path: Path, volume: str = "disk", **kw: object) -> str:
+    with Source(str(path)) as src:
+        return run_backup(repo, src, volume, workers=2, **kw).version  # type: ignore[arg-type]
+
+
+def restores_to(repo: Repository, volume: str, version: str, expected: bytes, tmp: Path) -> bool:
+    out = tmp / f"restore-{version}.img"
+    run_restore(repo, repo.load_manifest(volume, version), str(out))
+    return out.read_bytes() == expected
+
+
+def objects(repo: Repository, prefix: str) -> set[str]:
+    return {k for k, _ in repo.storage.list(prefix)}
+
+
+def test_gc_frees_exactly_what_no_version_uses(repo: Repository, tmp_path: Path) -> None:
+    rng = random.Random(1)
+    img = tmp_path / "disk.img"
+    first = rng.randbytes(NCHUNKS * CHUNK)
+    write(img, first)
+    v1 = backup(repo, img)
+    second = bytearray(first)
+    second[: 8 * CHUNK] = rng.randbytes(8 * CHUNK)
+    write(img, bytes(second))
+    v2 = backup(repo, img)
+    before = objects(repo, "chunks/")
+    only_v1 = {chunk_key(repo.chunk_id(first[i * CHUNK : (i + 1) * CHUNK])) for i in range(8)}
+    freed_bytes = sum(repo.storage.stat(k) or 0 for k in only_v1)
+
+    assert run_gc(repo.storage).chunks_freed == 0  # nothing to free yet
+    assert objects(repo, "chunks/") == before
+    forget_versions(repo.storage, [("disk", v1)])
+    r = run_gc(repo.storage)
+    assert (r.chunks_freed, r.bytes_freed, r.finished) == (8, freed_bytes, True)
+    assert objects(repo, "chunks/") == before - only_v1
+    assert objects(repo, "fossils/") == set() and repo.storage.stat(COLLECTION_KEY) is None
+    assert restores_to(repo, "disk", v2, bytes(second), tmp_path)
+    assert run_verify(repo, deep=True).ok
+
+
+def test_gc_waits_for_a_backup_that_relies_on_condemned_chunks(
+    repo: Repository, tmp_path: Path
+) -> None:
+    """The backup loaded its base, then the base was forgotten and gc set its chunks aside:
+    the collection must wait for the backup and then put the chunks back."""
+    rng = random.Random(2)
+    img = tmp_path / "disk.img"
+    data = bytearray(rng.randbytes(NCHUNKS * CHUNK))
+    write(img, bytes(data))
+    v1 = backup(repo, img)
+    with repo.writer("backup disk") as session:
+        base = repo.latest_manifest("disk")
+        forget_versions(repo.storage, [("disk", v1)], allow_newest=True)
+        r = run_gc(repo.storage)
+        assert r.waiting_for == [session.id] and not r.finished
+        assert r.fossils_made == NCHUNKS and objects(repo, "chunks/") == set()
+        data[:10] = b"x" * 10
+        write(img, bytes(data))
+        with Source(str(img)) as src:
+            v2 = run_backup(repo, src, "disk", plan=BackupPlan(base, [ByteRange(0, 10)]),
+                            session=session, workers=2).version
+        # Written while the collection waits: it reads its chunks from the fossils.
+        assert restores_to(repo, "disk", v2, bytes(data), tmp_path)
+        assert run_gc(repo.storage).waiting_for == [session.id]  # still alive
+    r = run_gc(repo.storage)
+    assert r.finished and r.restored == NCHUNKS - 1 and r.chunks_freed == 1
+    assert objects(repo, "fossils/") == set()
+    assert restores_to(repo, "disk", v2, bytes(data), tmp_path)
+    assert run_verify(repo, deep=True).ok
+
+
+def test_backup_starting_while_a_collection_waits_stores_fossils_again(
+    repo: Repository, tmp_path: Path
+) -> None:
+    """A base written beside a waiting collection uses fossils; a backup that starts from it
+    while the collection is pending re-checks and re-stores them from its source."""
+    rng = random.Random(3)
+    img = tmp_path / "disk.img"
+    data = bytearray(rng.randbytes(NCHUNKS * CHUNK))
+    write(img, bytes(data))
+    v1 = backup(repo, img)
+    with repo.writer("backup disk") as a:  # A keeps the collection waiting
+        base = repo.latest_manifest("disk")
+        forget_versions(repo.storage, [("disk", v1)], allow_newest=True)
+        assert not run_gc(repo.storage).finished
+        with Source(str(img)) as src:
+            v2 = run_backup(repo, src, "disk", plan=BackupPlan(base, []), session=a).version
+        with repo.writer("backup disk") as b:
+            assert b.collection_at_start is not None
+            base2 = repo.load_manifest("disk", v2)
+            data[5 * CHUNK : 5 * CHUNK + 3] = b"abc"
+            write(img, bytes(data))
+            with Source(str(img)) as src:
+                m3 = run_backup(repo, src, "disk", session=b, workers=2,
+                                plan=BackupPlan(base2, [ByteRange(5 * CHUNK, 5 * CHUNK + 3)]))
+        # Every chunk v3 uses is under chunks/ again, whatever gc does with the fossils.
+        assert m3.stats["chunks_new"] == NCHUNKS
+        for cid in m3.unique_chunks():
+            assert repo.storage.stat(chunk_key(cid)) is not None
+    r = run_gc(repo.storage)
+    assert r.finished and objects(repo, "fossils/") == set()
+    assert restores_to(repo, "disk", m3.version, bytes(data), tmp_path)
+    assert run_verify(repo, deep=True).ok
+
+
+def test_chunk_found_by_stat_while_condemning_is_put_back(
+    repo: Repository, tmp_path: Path
+) -> None:
+    """Another volume's backup finds an unreferenced chunk by stat just before gc moves it."""
+    rng = random.Random(4)
+    shared = rng.randbytes(4 * CHUNK)
+    img = tmp_path / "a.img"
+    write(img, shared)
+    va = backup(repo, img, "a")
+    forget_versions(repo.storage, [("a", va)], allow_newest=True)
+    with repo.writer("backup b") as session:
+        imgb = tmp_path / "b.img"
+        write(imgb, shared)
+        with Source(str(imgb)) as src:  # finds every chunk existing, stores nothing
+            mb = run_backup(repo, src, "b", session=session, workers=2)
+        assert mb.stats["chunks_existing"] == 4
+        # gc ran between b's stat and b's manifest: here it sees b's refs, keeps all.
+        assert run_gc(repo.storage).chunks_freed == 0
+    assert restores_to(repo, "b", mb.version, shared, tmp_path)
+
+
+def test_reference_list_of_a_dead_writer_is_dropped(repo: Repository, tmp_path: Path) -> None:
+    img = tmp_path / "disk.img"
+    data = random.Random(5).randbytes(4 * CHUNK)
+    write(img, data)
+    v1 = backup(repo, img)
+    refs = catalog.load_refs(repo.storage, "disk", v1)
+    # As left by a backup killed between its reference list and its manifest:
+    repo.storage.delete(catalog.manifest_key("disk", v1))
+    r = run_gc(repo.storage)
+    assert r.refs_dropped == 1 and r.chunks_freed == refs.count
+    assert objects(repo, "refs/") == set() and objects(repo, "chunks/") == set()
+
+
+def test_missing_reference_list_stops_keyless_gc_and_is_rebuilt_with_the_key(
+    repo: Repository, tmp_path: Path
+) -> None:
+    img = tmp_path / "disk.img"
+    data = random.Random(6).randbytes(4 * CHUNK)
+    write(img, data)
+    v1 = backup(repo, img)
+    repo.storage.delete(catalog.refs_key("disk", v1))  # as in a repository of snapship 0.1
+    repo.storage.put("chunks/00/" + "00" * 32, b"garbage")
+    before = objects(repo, "chunks/")
+    with pytest.raises(Corrupt, match=r"no reference list.*passphrase"):
+        run_gc(repo.storage)
+    assert objects(repo, "chunks/") == before and objects(repo, "fossils/") == set()
+    r = run_gc(repo.storage, repo=repo)
+    assert r.refs_rebuilt == 1 and r.chunks_freed == 1
+    assert catalog.load_refs(repo.storage, "disk", v1).count == 4
+    assert restores_to(repo, "disk", v1, data, tmp_path)
+
+
+def test_damaged_reference_list_stops_gc(repo: Repository, tmp_path: Path) -> None:
+    img = tmp_path / "disk.img"
+    write(img, random.Random(7).randbytes(4 * CHUNK))
+    v1 = backup(repo, img)
+    key = catalog.refs_key("disk", v1)
+    blob = bytearray(repo.storage.get(key))
+    blob[40] ^= 1
+    repo.storage.put(key, bytes(blob))
+    with pytest.raises(Corrupt, match="gc stopped before deleting anything"):
+        run_gc(repo.storage)
+    assert len(objects(repo, "chunks/")) == 4
+
+
+def _fake_lock(repo: Repository, kind: str, pid: int, machine: str | None = None,
+               heartbeat: float | None = None) -> str:
+    session = f"20260101T000000-{pid:012x}"
+    key = locks.lock_key(kind, session)
+    repo.storage.put(key, json.dumps({
+        "v": 1, "kind": kind, "session": session, "machine": machine or locks.MACHINE,
+        "pid": pid, "pid_start": "1", "started": "2026-01-01T00:00:00+00:00",
+        "heartbeat": heartbeat if heartbeat is not None else 0.0, "command": f"{kind} test",
+    }).encode())
+    return key
+
+
+def test_stale_locks_are_cleared_with_a_message(repo: Repository) -> None:
+    dead = _fake_lock(repo, locks.GC, 4_000_000)  # no such pid on this machine
+    remote = _fake_lock(repo, locks.WRITER, 7, machine="elsewhere/boot", heartbeat=0.0)
+    messages: list[str] = []
+    run_gc(repo.storage, warn=messages.append)
+    assert repo.storage.stat(dead) is None and repo.storage.stat(remote) is None
+    assert any("stale gc lock of gc test (pid 4000000" in m and "gone" in m for m in messages)
+    assert any("stale writer lock" in m for m in messages)
+
+
+def test_a_live_gc_makes_a_second_one_busy(repo: Repository) -> None:
+    with (locks.Lock(repo.storage, locks.GC, "gc elsewhere").acquire(),
+          pytest.raises(Busy, match="gc is already running: gc elsewhere")):
+        run_gc(repo.storage)
+    assert run_gc(repo.storage).finished
+
+
+def test_a_remote_writer_with_a_fresh_heartbeat_is_waited_for(repo: Repository) -> None:
+    key = _fake_lock(repo, locks.WRITER, 7, machine="elsewhere/boot", heartbeat=time.time())
+    repo.storage.put("chunks/00/" + "00" * 32, b"garbage")
+    r = run_gc(repo.storage)
+    assert not r.finished and r.waiting_for == [key.split("writer-", 1)[1]]
+    assert objects(repo, "fossils/") == {"fossils/00/" + "00" * 32}
+    repo.storage.delete(key)
+    assert run_gc(repo.storage).chunks_freed == 1
+
+
+def test_an_interrupted_condemn_step_is_finished_by_the_next_run(
+    repo: Repository, tmp_path: Path
+) -> None:
+    img = tmp_path / "disk.img"
+    data = random.Random(8).randbytes(8 * CHUNK)
+    write(img, data)
+    v1 = backup(repo, img)
+    garbage = ["chunks/00/" + "00" * 32, "chunks/ff/" + "ff" * 32]
+    for k in garbage:
+        repo.storage.put(k, b"garbage")
+    # As left by a gc killed mid-way: state stored, one live chunk and one garbage chunk moved.
+    collection.save(repo.storage, collection.Collection("killed", "2026-01-01T00:00:00"))
+    live = sorted(objects(repo, "chunks/") - set(garbage))[0]
+    repo.storage.rename(live, live.replace("chunks/", "fossils/", 1))
+    repo.storage.rename(garbage[0], garbage[0].replace("chunks/", "fossils/", 1))
+    assert restores_to(repo, "disk", v1, data, tmp_path)  # readers fall back to the fossil
+    r = run_gc(repo.storage)
+    assert r.finished and r.chunks_freed == 2 and r.restored == 1
+    assert objects(repo, "fossils/") == set() and live in objects(repo, "chunks/")
+    assert restores_to(repo, "disk", v1, data, tmp_path)
+
+
+def test_partial_files_older_than_a_day_are_removed(repo: Repository) -> None:
+    assert isinstance(repo.storage, LocalStorage)
+    root = Path(repo.storage.root)
+    (root / "chunks" / "ab").mkdir(parents=True)
+    old, new = root / "chunks/ab/.tmp-old", root / "chunks/ab/.tmp-new"
+    old.write_bytes(b"x")
+    new.write_bytes(b"x")
+    os.utime(old, (0, 0))
+    assert run_gc(repo.storage).temporaries_removed == 1
+    assert not old.exists() and new.exists()
