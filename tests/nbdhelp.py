@@ -97,9 +97,10 @@ def add_versions(tr: NbdRepo, images: Sequence[tuple[str, bytes]], scratch: Path
     for volume, data in images:
         img = scratch / f"{volume}.src.img"
         img.write_bytes(data)
-        with Source(str(img)) as src:
+        with Source(str(img)) as src, repo.writer(f"test backup {volume}") as session:
             base = repo.latest_manifest(volume)
-            m = run_backup(repo, src, volume, plan=BackupPlan(base=base), workers=2)
+            m = run_backup(repo, src, volume, plan=BackupPlan(base=base), workers=2,
+                           session=session)
         img.unlink()
         tr.versions.append(Version(volume, m.version, bytes(data)))
 

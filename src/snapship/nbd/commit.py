@@ -62,9 +62,12 @@ def commit_overlay(
     repo: Repository, volume: str, version: str, overlay: Overlay, labels: dict[str, str]
 ) -> Manifest:
     """Store `overlay` over `volume@version` as a new version whose parent is that version."""
-    # The base manifest is (re)loaded right here, next to run_backup, so a repository session
-    # that must hold the base while the backup runs can wrap exactly these lines.
-    base = repo.load_manifest(volume, version)
-    source = OverlaySource(repo, base, overlay)
-    plan = BackupPlan(base=base, changed=overlay.changed_ranges(), change_source=CHANGE_SOURCE)
-    return run_backup(repo, source, volume, plan=plan, source_desc=source.path, labels=labels)
+    # A writer like any backup (docs/gc.md): the session is open before the base is loaded,
+    # so gc keeps every chunk the new version takes from it.
+    with repo.writer(f"nbd commit {volume}") as session:
+        base = repo.load_manifest(volume, version)
+        source = OverlaySource(repo, base, overlay)
+        plan = BackupPlan(base=base, changed=overlay.changed_ranges(),
+                          change_source=CHANGE_SOURCE)
+        return run_backup(repo, source, volume, plan=plan, source_desc=source.path,
+                          labels=labels, session=session)
