@@ -15,10 +15,10 @@ from snapship.cli.transfer_commands import parse_labels
 from snapship.engine.pipeline import default_workers
 from snapship.errors import UsageError
 from snapship.formats.manifest import Manifest
-from snapship.nbd.catalog import Catalog
 from snapship.nbd.commit import commit_overlay
 from snapship.nbd.exports import VersionImage
 from snapship.nbd.handshake import TlsMode
+from snapship.nbd.names import ExportNames
 from snapship.nbd.overlay import Overlay
 from snapship.nbd.registry import Committer, OverlayRegistry
 from snapship.nbd.server import NbdServer, ServerOptions, make_tls_context
@@ -108,7 +108,7 @@ async def _serve(args: argparse.Namespace, repo: Repository, host: str, port: in
     if options.writable:
         registry = OverlayRegistry(args.overlay_dir,
                                    _committer(repo, labels) if args.commit else None)
-    server = NbdServer(Catalog(repo, read_only=not options.writable), registry, options)
+    server = NbdServer(ExportNames(repo, read_only=not options.writable), registry, options)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

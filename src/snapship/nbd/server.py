@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 from snapship.errors import UsageError
 from snapship.nbd import protocol as p
-from snapship.nbd.catalog import Catalog
 from snapship.nbd.chunkcache import ChunkCache
 from snapship.nbd.exports import ExportSession, Piece, RequestFailed, VersionImage
 from snapship.nbd.handshake import (
@@ -34,6 +33,7 @@ from snapship.nbd.handshake import (
     TlsMode,
     Transmit,
 )
+from snapship.nbd.names import ExportNames
 from snapship.nbd.registry import OverlayRegistry
 
 log = logging.getLogger("snapship.nbd")
@@ -71,22 +71,22 @@ def make_tls_context(cert: str, key: str, client_ca: str | None) -> ssl.SSLConte
 
 
 class NbdServer:
-    def __init__(self, catalog: Catalog, registry: OverlayRegistry | None,
+    def __init__(self, names: ExportNames, registry: OverlayRegistry | None,
                  options: ServerOptions) -> None:  # fmt: skip
         if options.writable and registry is None:
             raise ValueError("a writable server needs an overlay registry")
         if options.tls is not TlsMode.OFF and options.ssl_context is None:
             raise ValueError("TLS needs an SSL context")
-        self.catalog = catalog
+        self.names = names
         self.registry = registry
         self.options = options
         self.pool = ThreadPoolExecutor(options.workers, thread_name_prefix="snapship-nbd")
-        # Catalog look-ups and overlay I/O get threads of their own: never queued behind
+        # Name look-ups and overlay I/O get threads of their own: never queued behind
         # chunk decoding.
         self.io_pool = ThreadPoolExecutor(2, thread_name_prefix="snapship-nbd-io")
-        self.cache = ChunkCache(catalog.repo.get_chunk, self.pool, options.cache_bytes,
+        self.cache = ChunkCache(names.repo.get_chunk, self.pool, options.cache_bytes,
                                 max_prefetch=4 * options.workers)
-        self.readahead_chunks = max(1, options.readahead_bytes // catalog.repo.chunk_size)
+        self.readahead_chunks = max(1, options.readahead_bytes // names.repo.chunk_size)
         self._listeners: list[asyncio.Server] = []
         self._connections: set[asyncio.Task[None]] = set()
         self.accepted = 0
@@ -130,11 +130,11 @@ class NbdServer:
 
     async def list_exports(self) -> list[tuple[str, str]]:
         return await asyncio.get_running_loop().run_in_executor(
-            self.io_pool, self.catalog.list_exports)
+            self.io_pool, self.names.list_exports)
 
     async def open_export(self, name: str) -> VersionImage | None:
         return await asyncio.get_running_loop().run_in_executor(
-            self.io_pool, self.catalog.open, name)
+            self.io_pool, self.names.open, name)
 
 
 class _Budget:
@@ -225,7 +225,7 @@ class Connection:
                 info: ExportInfo | None = None
                 if image is not None:
                     images[image.name] = image
-                    info = self.server.catalog.info(image)
+                    info = self.server.names.info(image)
                 step = hs.resolved(info)
             self.writer.write(step.data)
             await self.writer.drain()

@@ -48,7 +48,7 @@ def describe(m: Manifest) -> str:
     return text
 
 
-class Catalog:
+class ExportNames:
     def __init__(self, repo: Repository, *, read_only: bool, max_images: int = 8) -> None:
         self.repo = repo
         self.read_only = read_only
