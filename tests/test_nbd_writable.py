@@ -28,6 +28,7 @@ from tests.nbdhelp import (
     nbdinfo_map,
     run_tool,
     serve,
+    structured_error,
     tool_stdout_sha,
 )
 
@@ -258,3 +259,35 @@ def test_read_only_connections_to_a_writable_server_commit_nothing(
         run_tool("qemu-io", "-f", "raw", "-c", "read 0 64k", "-c", "flush", server.uri("disk"))
         time.sleep(0.3)
     assert versions_of(repo, "disk") == [base.version]
+
+
+def test_serving_and_committing_beside_forget_and_gc(tmp_path: Path) -> None:
+    v1 = bytes(image_data(SIZE, 51))
+    v2 = bytearray(v1)
+    unique = first_data_chunk(v1, MiB)  # a chunk only v1 has
+    v2[unique : unique + CHUNK] = b"\x42" * CHUNK
+    tr = make_test_repo(tmp_path, [("disk", v1), ("disk", bytes(v2))])
+    old, new = tr.versions
+    model = Model(new.data)
+    with serve(tr.path, "--writable", "--commit", log_dir=tmp_path) as server:
+        held = RawClient(server.port)  # a client still using the version about to go
+        held.greet()
+        held.go(old.name, structured=True)
+        ok(run_cli("forget", "--repo", tr.path, old.name))
+        ok(run_cli("gc", "--repo", tr.path))
+        held.request(p.CMD_READ, unique, CHUNK, cookie=7)
+        cookie, chunks = held.structured_reply()
+        assert cookie == 7 and structured_error(chunks) == p.EIO
+        assert f"of {old.name} at offset {unique}" in chunks[-1][2].decode(errors="replace")
+        held.request(p.CMD_READ, 0, 4096, cookie=8)  # the connection goes on
+        assert held.structured_reply()[0] == 8
+        held.request(p.CMD_DISC)
+        held.close()
+        assert run_tool("nbdinfo", server.uri(old.name), check=False).returncode != 0
+        qemu_io(server, "disk", model.qemu_io_commands())
+        committed = wait_for_versions(tr, "disk", 2, server)[-1]
+        ok(run_cli("gc", "--repo", tr.path))
+        assert tool_stdout_sha("nbdcopy", server.uri("disk"), "-")[0] == model.sha
+        assert tool_stdout_sha("nbdcopy", server.uri(new.name), "-")[0] == new.sha
+    assert versions_of(tr, "disk") == [new.version, committed]
+    assert_verify_ok(tr.path)
