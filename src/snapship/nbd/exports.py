@@ -97,10 +97,6 @@ class ExportSession:
         self._next_offset = -1
         self.wrote = False
 
-    @property
-    def read_only(self) -> bool:
-        return self.overlay is None
-
     # -- reads ----------------------------------------------------------------------------
 
     async def read(self, offset: int, length: int) -> list[Piece]:

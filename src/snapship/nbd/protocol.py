@@ -426,13 +426,6 @@ def block_status_chunk(
 # -- parsing replies (for tests and tools; the server never reads these) -------------------
 
 
-@dataclass(frozen=True)
-class OptionReply:
-    option: int
-    reply_type: int
-    data: bytes
-
-
 def parse_option_reply_header(data: bytes) -> tuple[int, int, int]:
     """(option, reply type, length) of an option reply header (20 bytes)."""
     magic, option, reply_type, length = _OPTION_REPLY.unpack(data)

@@ -41,7 +41,6 @@ class OverlayRegistry:
         self.committer = committer
         self._shared: dict[str, _Shared] = {}
         self._commits: set[asyncio.Task[None]] = set()
-        self.committed: list[Manifest] = []
 
     async def attach(self, image: VersionImage) -> Overlay:
         entry = self._shared.get(image.name)
@@ -97,7 +96,6 @@ class OverlayRegistry:
             return
         finally:
             overlay.close()
-        self.committed.append(m)
         log.info("committed %s@%s (parent %s, %d bytes changed, %d new chunks)", m.volume,
                  m.version, image.name, changed, m.stats.get("chunks_new", 0))
 

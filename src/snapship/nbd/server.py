@@ -91,10 +91,6 @@ class NbdServer:
         self._connections: set[asyncio.Task[None]] = set()
         self.accepted = 0
 
-    @property
-    def active_connections(self) -> int:
-        return len(self._connections)
-
     async def start(self, host: str, port: int) -> list[tuple[str, int]]:
         """Listen on host:port (port 0: any free port); returns the addresses bound."""
         try:
@@ -117,6 +113,8 @@ class NbdServer:
             await self.registry.drain()
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.io_pool.shutdown(wait=True, cancel_futures=True)
+        log.debug("served %d connections; chunk cache: %d hits, %d misses", self.accepted,
+                  self.cache.hits, self.cache.misses)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
