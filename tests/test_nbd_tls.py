@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -178,3 +179,22 @@ def test_nbd_client_lists_over_tls(repo: NbdRepo, pki: Path, required: Server) -
                    "-A", str(pki / "anon" / "ca-cert.pem")).stdout.decode()
     names = {line.split(":", 1)[0] for line in out.splitlines()[1:] if ":" in line}
     assert names == {"disk"} | {v.name for v in repo.versions}, out
+
+
+def test_large_writes_over_tls(pki: Path, tmp_path: Path) -> None:
+    """32 MiB writes through TLS (the stream reader pauses and resumes the TLS transport),
+    committed, then read back over TLS."""
+    tr = make_test_repo(tmp_path / "big", [("big", bytes(image_data(64 << 20, 33)))])
+    src = tmp_path / "src.img"
+    src.write_bytes(bytes(image_data(64 << 20, 34)))
+    want = tool_stdout_sha("cat", str(src))[0]
+    with serve(tr.path, *tls_args(pki), "--writable", "--commit", log_dir=tmp_path) as s:
+        run_tool("nbdcopy", "--request-size=33554432", "--connections=1", src,
+                 nbds(s, "big", pki / "anon"))
+        deadline = time.monotonic() + 60
+        while "committed big@" not in s.log():
+            assert time.monotonic() < deadline, s.log()
+            time.sleep(0.1)
+        assert tool_stdout_sha("nbdcopy", nbds(s, "big", pki / "anon"), "-")[0] == want
+        assert tool_stdout_sha("nbdcopy", nbds(s, tr.versions[0].name, pki / "anon"),
+                               "-")[0] == tr.versions[0].sha
