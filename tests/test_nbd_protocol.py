@@ -220,3 +220,28 @@ def test_block_status_merges_the_version_and_the_overlay() -> None:
         assert session.block_status(image.size - 10, 10, False) == [(10, 0)]
     finally:
         overlay.close()
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.tuples(
+    st.integers(0, 12) | st.integers(0, 2**32 - 1),
+    st.binary(max_size=80) | st.sampled_from([
+        b"", b"disk", info_request("disk", p.INFO_NAME), info_request("nope"),
+        meta_request("disk", "base:allocation"), meta_request("disk"), meta_request("x", "base:")]),
+), max_size=8), st.sampled_from(list(TlsMode)))
+def test_any_option_sequence_gets_an_answer(options: list[tuple[int, bytes]],
+                                            tls: TlsMode) -> None:  # fmt: skip
+    hs = Handshake(tls)
+    hs.client_flags(b"\0\0\0\3")
+    for option, data in options:
+        step = hs.option(option, data)
+        while isinstance(step, NeedExport | NeedList):
+            step = hs.listed([("a", "")]) if isinstance(step, NeedList) else hs.resolved(
+                EXPORT if step.name == "disk" else None)
+        assert isinstance(step, Reply | StartTls | Close | Transmit)
+        if isinstance(step, StartTls):
+            hs.tls_started()
+        if isinstance(step, Reply):
+            assert all(opt == option for opt, _, _ in replies(step.data))
+        if isinstance(step, Close | Transmit):
+            return

@@ -9,6 +9,7 @@ leak no file descriptor, thread or memory; a client killed mid-transfer harms no
 from __future__ import annotations
 
 import hashlib
+import random
 import struct
 import subprocess
 import time
@@ -394,5 +395,31 @@ def test_a_client_that_does_not_read_its_replies_does_not_grow_the_server(
         assert error == 0
         off = (cookie * MiB) % (len(big) - length)
         assert c.recv(length) == big[off : off + length]
+    c.request(p.CMD_DISC)
+    c.close()
+
+
+def test_garbage_never_takes_the_server_down(repo: NbdRepo, ro: Server) -> None:
+    rng = random.Random(7)
+    for i in range(300):
+        c = RawClient(ro.port, timeout=5)
+        try:
+            if i % 3:
+                c.greet()
+            if i % 3 == 2:
+                c.go("disk", structured=bool(i % 2))
+            blob = rng.randbytes(rng.randrange(0, 3000))
+            if i % 5 == 0:  # a valid magic first, so the garbage reaches deeper
+                blob = (p.encode_option(rng.randrange(12), b"")[:8] if i % 3 == 1
+                        else struct.pack(">I", p.REQUEST_MAGIC)) + blob
+            c.sock.sendall(blob)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            c.close()
+    ro.assert_alive()
+    assert "internal error" not in ro.log() and "Traceback" not in ro.log(), ro.log()
+    c, _ = connect(ro, True)
+    assert_still_usable(c, True, repo.latest("disk").data)
     c.request(p.CMD_DISC)
     c.close()
