@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,14 +14,28 @@ from snapship.errors import ObjectNotFound, StorageError, UsageError
 from snapship.storage.base import Storage
 from snapship.storage.local import LocalStorage
 from snapship.storage.memory import MemoryStorage
+from tests.serverproc import ServerProc, http_storage, running_server
 
 
-@pytest.fixture(params=["memory", "local"])
+@pytest.fixture(scope="module")
+def http_server(tmp_path_factory: pytest.TempPathFactory
+                ) -> Iterator[tuple[ServerProc, dict[str, str]]]:
+    with running_server(tmp_path_factory.mktemp("server")) as running:
+        yield running
+
+
+@pytest.fixture(params=["memory", "local", "http"])
 def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]:
     if request.param == "memory":
         yield MemoryStorage()
-    else:
+    elif request.param == "local":
         yield LocalStorage(str(tmp_path / "store"))
+    else:
+        server, tokens = request.getfixturevalue("http_server")
+        # A fresh repository per test, through the admin token (the contract includes delete).
+        s = http_storage(server, "t" + uuid.uuid4().hex[:12], tokens["ops"])
+        yield s
+        s.close()
 
 
 def test_put_get_stat_delete(storage: Storage) -> None:

@@ -32,7 +32,12 @@ class ObjectNotFound(NotFound):
 
 
 class AuthFailed(SnapshipError):
-    """Wrong passphrase, or a key file that does not belong to this repository."""
+    """Wrong passphrase, a key file that does not belong to this repository, or a server that
+    does not accept the token."""
+
+
+class PermissionDenied(AuthFailed):
+    """A server accepted the token but its role may not do this (HTTP 403)."""
 
 
 class Corrupt(SnapshipError):

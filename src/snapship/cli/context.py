@@ -13,17 +13,58 @@ import sys
 from snapship.errors import AuthFailed, UsageError
 from snapship.repository.repo import PassphraseSource, Repository
 from snapship.storage.base import Storage
+from snapship.storage.http import HttpStorage, check_token_text
 from snapship.storage.local import LocalStorage
+from snapship.storage.retry import DEFAULT_RETRY_TIME, RetryPolicy
 
 
-def open_storage(spec: str | None) -> Storage:
+def open_storage(spec: str | None, args: argparse.Namespace | None = None) -> Storage:
+    """A directory path (or file://), or a `snapship server` repository at http(s)://HOST:PORT/NAME
+    (its token and CA from `args` or the environment)."""
     if not spec:
         raise UsageError("no repository given: use --repo PATH or set SNAPSHIP_REPO")
+    if spec.startswith(("http://", "https://")):
+        return HttpStorage(
+            spec,
+            token=server_token(args),
+            ca_file=getattr(args, "ca", None) or os.environ.get("SNAPSHIP_CA") or None,
+            retry=RetryPolicy(budget=_retry_time()),
+            allow_insecure_http=os.environ.get("SNAPSHIP_INSECURE_HTTP") == "1",
+        )
     if spec.startswith("file://"):
         spec = spec[len("file://") :]
     elif "://" in spec:
-        raise UsageError(f"unsupported repository location {spec!r}: give a directory path")
+        raise UsageError(f"unsupported repository location {spec!r}: give a directory path or "
+                         "an http(s):// URL")
     return LocalStorage(spec)
+
+
+def server_token(args: argparse.Namespace | None) -> str | None:
+    """--token-file, else SNAPSHIP_TOKEN, else none (the server will say it needs one)."""
+    path = getattr(args, "token_file", None)
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                token = f.readline().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read token file {path}: "
+                             f"{getattr(e, 'strerror', None) or e}") from None
+        return check_token_text(token, f"token file {path}")
+    env = os.environ.get("SNAPSHIP_TOKEN")
+    return check_token_text(env.strip(), "SNAPSHIP_TOKEN") if env else None
+
+
+def _retry_time() -> float:
+    raw = os.environ.get("SNAPSHIP_RETRY_TIME")
+    if raw is None:
+        return DEFAULT_RETRY_TIME
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 86400:
+        raise UsageError(f"SNAPSHIP_RETRY_TIME={raw!r} is not a number of seconds (0..86400)")
+    return value
 
 
 def passphrase_source(args: argparse.Namespace, confirm: bool = False) -> PassphraseSource:
@@ -61,4 +102,4 @@ def passphrase_source(args: argparse.Namespace, confirm: bool = False) -> Passph
 
 
 def open_repository(args: argparse.Namespace) -> Repository:
-    return Repository.open(open_storage(args.repo), passphrase_source(args))
+    return Repository.open(open_storage(args.repo, args), passphrase_source(args))

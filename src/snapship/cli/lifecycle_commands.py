@@ -11,6 +11,7 @@ import datetime as dt
 import os
 from typing import Any
 
+from snapship.cli import server_commands
 from snapship.cli.context import open_repository, open_storage
 from snapship.cli.output import human_bytes, print_json
 from snapship.cli.transfer_commands import parse_ref, warn
@@ -26,7 +27,7 @@ from snapship.storage.base import Storage
 
 def open_keyless(args: argparse.Namespace) -> Storage:
     """The repository's storage, after checking it holds a repository this snapship reads."""
-    storage = open_storage(args.repo)
+    storage = open_storage(args.repo, args)
     try:
         decode_config(storage.get(CONFIG_KEY))
     except ObjectNotFound:
@@ -116,6 +117,8 @@ def _key_if_at_hand(args: argparse.Namespace, storage: Storage) -> Repository | 
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    if args.on_server:
+        return server_commands.cmd_gc_on_server(args)
     storage = open_keyless(args)
     r = run_gc(storage, repo=_key_if_at_hand(args, storage), warn=warn)
     if args.json:
@@ -183,6 +186,7 @@ def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentPars
 
     p = sub.add_parser("gc", parents=[common],
                        help="delete chunks no version uses (safe beside running backups)")
+    server_commands.add_on_server_option(p)
     p.set_defaults(func=cmd_gc)
 
     p = sub.add_parser("locks", parents=[common], help="list running operations' locks")

@@ -14,6 +14,7 @@ from snapship.cli import (
     lifecycle_commands,
     nbd_commands,
     repo_commands,
+    server_commands,
     transfer_commands,
 )
 from snapship.errors import SnapshipError
@@ -29,7 +30,14 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--repo", default=os.environ.get("SNAPSHIP_REPO"),
-                        help="repository directory (default: $SNAPSHIP_REPO)")
+                        help="repository directory, or http(s)://HOST:PORT/NAME of a snapship "
+                        "server (default: $SNAPSHIP_REPO)")
+    common.add_argument("--token-file", metavar="FILE",
+                        help="server repositories: read the token from FILE "
+                        "(default: $SNAPSHIP_TOKEN)")
+    common.add_argument("--ca", metavar="FILE",
+                        help="https repositories: trust the CA certificates in FILE "
+                        "(default: $SNAPSHIP_CA, else the system's)")
     common.add_argument("--passphrase-file", metavar="FILE",
                         help="read the passphrase from FILE (default: $SNAPSHIP_PASSPHRASE, "
                         "else a prompt)")
@@ -44,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     transfer_commands.register(sub, common)
     lifecycle_commands.register(sub, common)
     cow_commands.register(sub, common)
+    server_commands.register(sub, common)
     nbd_commands.register(sub, common)
     return parser
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from snapship.cli import server_commands
 from snapship.cli.context import open_repository, open_storage, passphrase_source
 from snapship.cli.output import TerminalProgress, human_bytes, parse_size, print_json
-from snapship.cli.transfer_commands import parse_ref
+from snapship.cli.transfer_commands import parse_ref, warn
 from snapship.engine.verify import run_verify
 from snapship.errors import SnapshipError, UsageError
 from snapship.formats.constants import (
@@ -28,7 +29,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     repo = Repository.create(
-        open_storage(args.repo),
+        open_storage(args.repo, args),
         encryption=args.encryption,
         chunk_size=chunk_size,
         compression_level=args.compression_level,
@@ -149,11 +150,15 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    if args.on_server:
+        return server_commands.cmd_verify_on_server(args)
     repo = open_repository(args)
     if args.sample is not None and not args.deep:
         raise UsageError("--sample goes with --deep (it picks the chunks to read)")
     report = run_verify(repo, deep=args.deep, sample=args.sample, volume=args.volume,
                         progress=TerminalProgress("verify"))
+    if report.marks_error:
+        warn(f"damage marks not updated: {report.marks_error}")
     if args.json:
         print_json(
             {
@@ -176,7 +181,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         for hexid, problem in report.bad_chunks.items():
             print(f"BAD chunk {hexid}: {problem}")
         for name, hexids in report.affected.items():
-            print(f"AFFECTED {name}: {len(hexids)} bad chunk(s); marked damaged")
+            print(f"AFFECTED {name}: {len(hexids)} bad chunk(s)"
+                  + ("" if report.marks_error else "; marked damaged"))
         for name in report.marks_cleared:
             print(f"healed {name}: no longer damaged")
         mode = "deep" if args.deep else "fast"
@@ -209,4 +215,5 @@ def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentPars
     p.add_argument("--sample", type=float, metavar="PERCENT",
                    help="with --deep: read only a random PERCENT of the chunks")
     p.add_argument("--volume", help="only versions of this volume")
+    server_commands.add_on_server_option(p)
     p.set_defaults(func=cmd_verify)

@@ -33,6 +33,8 @@ class VerifyReport:
     affected: dict[str, list[str]] = field(default_factory=dict)
     deep_checked: int = 0
     marks_cleared: list[str] = field(default_factory=list)
+    marks_error: str | None = None
+    """Why the damage marks could not be stored (e.g. a read-only token)."""
 
     @property
     def ok(self) -> bool:
@@ -105,7 +107,10 @@ def run_verify(
     for hexid in report.bad_chunks:
         for name in users[bytes.fromhex(hexid)]:
             report.affected.setdefault(name, []).append(hexid)
-    _update_marks(repo, report, versions, deep and sample is None)
+    try:
+        _update_marks(repo, report, versions, deep and sample is None)
+    except SnapshipError as e:
+        report.marks_error = str(e)
     return report
 
 

@@ -156,8 +156,17 @@ class Lock:
     def __enter__(self) -> Lock:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        self.release_after(exc)
+
+    def release_after(self, exc: BaseException | None) -> None:
+        """Release; if that fails while `exc` is on its way up, `exc` is what the user must
+        see (the storage is probably gone): the lock is left to go stale."""
+        try:
+            self.release()
+        except SnapshipError:
+            if exc is None:
+                raise
 
 
 def clear_stale(storage: Storage, locks: list[LockInfo], warn: Any) -> list[LockInfo]:
@@ -177,13 +186,10 @@ def clear_stale(storage: Storage, locks: list[LockInfo], warn: Any) -> list[Lock
 @contextlib.contextmanager
 def exclusive(storage: Storage, kind: str, command: str, warn: Any) -> Iterator[Lock]:
     """Hold the `kind` lock alone, or raise `Busy` naming who holds it."""
-    lock = Lock(storage, kind, command).acquire()
-    try:
+    with Lock(storage, kind, command).acquire() as lock:
         others = [i for i in list_locks(storage, kind) if i.session != lock.session]
         live = clear_stale(storage, others, warn)
         if live:
             raise Busy(f"{kind} is already running: {live[0].describe()}; "
                        "try again when it has finished")
         yield lock
-    finally:
-        lock.release()

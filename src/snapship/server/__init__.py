@@ -1,0 +1,1 @@
+"""`snapship server`: repositories served over HTTP with token roles (docs/http-api.md)."""

@@ -1,0 +1,239 @@
+"""The API's request handling, between the HTTP layer and the repositories on disk.
+
+For each request, in this order: who is asking (the token; 401 before anything else is looked
+at), what is asked (`routes.route`), whether the token's scope and role allow it
+(`policy.permission`, 403 and a log line if not), then the operation on the repository's
+`RepoStore`. The HTTP layer gives the method, target, headers and a way to read the body, and
+gets back a `Response`; it never decides anything itself.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, NoReturn, Protocol
+
+from snapship.errors import (
+    Busy,
+    NotFound,
+    ObjectNotFound,
+    SnapshipError,
+    StorageError,
+    UsageError,
+)
+from snapship.formats import http_api as api
+from snapship.server.objects import (
+    ExistsWithOtherContent,
+    PutOutcome,
+    Repositories,
+    RepoStore,
+)
+from snapship.server.policy import Op, Permission, permission
+from snapship.server.routes import ApiError, Route, route, server_key
+from snapship.server.tokens import Principal, TokenTable
+
+log = logging.getLogger("snapship.server")
+_PREFIX = re.compile(r"[A-Za-z0-9._+/-]*")
+_BODY_OPS = frozenset({Op.PUT, Op.MISSING, Op.RENAME, Op.MAINTAIN})
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: str | None = None
+    file: BinaryIO | None = None
+    """A body to stream from an open file (`length` bytes); the HTTP layer closes it."""
+    length: int | None = None
+    """The body's length when it is not `body`: a streamed file, or the size a HEAD reports."""
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    reason: str | None = None
+    """The status line's reason phrase: an error's message, which a HEAD reply (no body)
+    can carry only there."""
+
+
+class Maintenance(Protocol):
+    """Server-side maintenance of one repository (server/maintenance.py)."""
+
+    def run(self, task: str, repo: str, store: RepoStore, options: bytes) -> dict[str, Any]: ...
+
+
+def error_response(code: str, message: str, headers: list[tuple[str, str]] | None = None
+                   ) -> Response:
+    reason = "".join(c if " " <= c <= "~" else "?" for c in message)[:300]
+    return Response(api.STATUS[code], api.encode_error(code, message), api.JSON_TYPE,
+                    headers=headers or [], reason=reason)
+
+
+def _json(body: bytes, status: int = 200) -> Response:
+    return Response(status, body, api.JSON_TYPE)
+
+
+class App:
+    def __init__(
+        self,
+        repos: Repositories,
+        tokens: Callable[[], TokenTable],
+        *,
+        max_object_size: int = api.DEFAULT_MAX_OBJECT_SIZE,
+        maintenance: Maintenance | None = None,
+    ) -> None:
+        self.repos = repos
+        self.tokens = tokens
+        self.max_object_size = max_object_size
+        self.maintenance = maintenance
+
+    def handle(
+        self,
+        method: str,
+        target: str,
+        authorization: str | None,
+        body_length: int | None,
+        read_body: Callable[[], bytes],
+        client: str,
+    ) -> Response:
+        """Answer one request. `read_body()` returns the whole body (`body_length` bytes);
+        the HTTP layer discards whatever is not read."""
+        try:
+            who = self._authenticate(authorization, client)
+            if who is None:
+                return error_response(
+                    api.UNAUTHORIZED,
+                    "a valid token is needed (Authorization: Bearer TOKEN)",
+                    [("WWW-Authenticate", 'Bearer realm="snapship"')],
+                )
+            r = route(method, target)
+            if not who.may_use(r.repo):
+                self._deny(who, r, r.key, client, f"may not use repository {r.repo}")
+            if r.op in _BODY_OPS:
+                if body_length is None:
+                    raise ApiError(api.LENGTH_REQUIRED, "a request body needs a Content-Length")
+                if body_length > self.max_object_size:
+                    raise ApiError(api.TOO_LARGE, f"the body has {body_length} bytes; this "
+                                   f"server takes at most {self.max_object_size}")
+            return self._dispatch(who, r, read_body, client)
+        except ApiError as e:
+            return error_response(e.code, e.message)
+        except ObjectNotFound as e:
+            return error_response(api.NOT_FOUND, f"object {e.key} not found")
+        except StorageError as e:
+            log.error("storage failed: %s %s: %s", method, target, e)
+            return error_response(api.STORAGE_FAILED, str(e))
+        except SnapshipError as e:
+            log.error("%s %s failed: %s", method, target, e)
+            return error_response(api.INTERNAL, str(e))
+
+    def _authenticate(self, authorization: str | None, client: str) -> Principal | None:
+        scheme, _, token = (authorization or "").partition(" ")
+        token = token.strip()
+        if not hmac.compare_digest(scheme.lower(), "bearer") or not token:
+            log.info("unauthorized request from %s: no token", client)
+            return None
+        who = self.tokens().lookup(token)
+        if who is None:
+            log.warning("unauthorized request from %s: unknown token", client)
+        return who
+
+    def _deny(self, who: Principal, r: Route, key: str | None, client: str, what: str
+              ) -> NoReturn:
+        """Log the refusal and raise the 403."""
+        message = f"token {who.name} (role {who.role.value}) {what}"
+        log.warning("denied: %s [op %s, repository %s, key %s, from %s]", message, r.op.value,
+                    r.repo, key or "-", client)
+        raise ApiError(api.FORBIDDEN, message)
+
+    def _check(self, who: Principal, r: Route, key: str | None, client: str,
+               dst: str | None = None) -> Permission:
+        p = permission(who.role, r.op, key, dst)
+        if p is Permission.DENY:
+            target = f" {key}" if key else ""
+            onto = f" to {dst}" if dst else ""
+            self._deny(who, r, key, client, f"may not {r.op.value}{target}{onto}")
+        return p
+
+    def _dispatch(self, who: Principal, r: Route, read_body: Callable[[], bytes],
+                  client: str) -> Response:
+        store = self.repos.get(r.repo)
+        op = r.op
+        if op is Op.INFO:
+            return _json(api.encode_whoami(r.repo, who.name, who.role.value))
+        if op is Op.GET:
+            assert r.key is not None
+            f, size = store.open(r.key)
+            return Response(200, content_type=api.OBJECT_TYPE, file=f, length=size)
+        if op is Op.HEAD:
+            assert r.key is not None
+            found = store.stat(r.key)
+            if found is None:
+                raise ObjectNotFound(r.key)
+            return Response(200, content_type=api.OBJECT_TYPE, length=found)
+        if op is Op.LIST:
+            return self._list(store, r.query)
+        if op is Op.MISSING:
+            keys = [server_key(k) for k in _wire(api.decode_missing_request, read_body())]
+            return _json(api.encode_missing_reply(*store.stat_many(keys)))
+        if op is Op.PUT:
+            assert r.key is not None
+            p = self._check(who, r, r.key, client)
+            data = read_body()
+            try:
+                outcome = store.put(r.key, data, create_only=p is Permission.CREATE_ONLY)
+            except ExistsWithOtherContent:
+                self._deny(who, r, r.key, client,
+                           f"may not overwrite {r.key} (it exists with other content)")
+            return Response(201 if outcome is PutOutcome.CREATED else 204)
+        if op is Op.DELETE:
+            assert r.key is not None
+            self._check(who, r, r.key, client)
+            store.delete(r.key)
+            return Response(204)
+        if op is Op.RENAME:
+            src, dst = (server_key(k) for k in _wire(api.decode_rename, read_body()))
+            self._check(who, r, src, client, dst)
+            store.rename(src, dst)
+            return Response(204)
+        if op is Op.FLUSH:
+            self._check(who, r, None, client)
+            store.flush()
+            return Response(204)
+        if op is Op.MAINTAIN:
+            assert r.task is not None
+            self._check(who, r, None, client)
+            if self.maintenance is None:
+                raise ApiError(api.NO_SUCH_ENDPOINT, "this server runs no maintenance")
+            options = read_body()
+            log.info("maintenance: %s of %s started by token %s", r.task, r.repo, who.name)
+            try:
+                report = self.maintenance.run(r.task, r.repo, store, options)
+            except (api.WireError, UsageError) as e:
+                raise ApiError(api.BAD_REQUEST, str(e)) from None
+            except Busy as e:
+                raise ApiError(api.CONFLICT, str(e)) from None
+            except NotFound as e:
+                raise ApiError(api.NO_REPOSITORY, str(e)) from None
+            log.info("maintenance: %s of %s finished", r.task, r.repo)
+            return _json(api.encode_json(report))
+        raise AssertionError(f"unhandled operation {op}")
+
+    def _list(self, store: RepoStore, query: dict[str, str]) -> Response:
+        prefix = query.get("prefix", "")
+        if not _PREFIX.fullmatch(prefix):
+            raise ApiError(api.BAD_REQUEST, f"invalid prefix {prefix!r}")
+        after = query.get("after")
+        if after is not None:
+            after = server_key(after)
+        raw_limit = query.get("limit", str(api.MAX_LIST_LIMIT))
+        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= api.MAX_LIST_LIMIT:
+            raise ApiError(api.BAD_REQUEST, f"limit must be 1 to {api.MAX_LIST_LIMIT}")
+        items, nxt = store.list_page(prefix, after, int(raw_limit))
+        return _json(api.encode_list_page(items, nxt))
+
+
+def _wire(decode: Callable[[bytes], Any], body: bytes) -> Any:
+    try:
+        return decode(body)
+    except api.WireError as e:
+        raise ApiError(api.BAD_REQUEST, str(e)) from None

@@ -1,0 +1,175 @@
+"""The server's repositories on disk: one `LocalStorage` directory per repository name.
+
+Writes go through `LocalStorage` (temp file, fsync, rename; syncfs on flush), so the server is
+exactly as crash-safe as a local repository. This module adds what serving needs on top of it,
+relying on `LocalStorage`'s documented layout (each object is the file `ROOT/<key>`):
+
+- create-only puts, checked and done under a per-key lock, so that "does it exist, and with
+  these bytes" cannot race another writer of the same key;
+- GETs as open files, so large objects stream without being held in memory;
+- a listing in a fixed order that resumes after any key, so it can be paged without the
+  server remembering anything between pages.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import threading
+import zlib
+from collections.abc import Iterator
+from stat import S_ISREG
+from typing import BinaryIO
+
+from snapship.errors import ObjectNotFound, StorageError
+from snapship.storage.local import TMP_PREFIX, LocalStorage
+
+_STRIPES = 256
+
+
+class PutOutcome(enum.Enum):
+    CREATED = "created"
+    REPLACED = "replaced"
+    IDENTICAL = "identical"
+
+
+class ExistsWithOtherContent(Exception):
+    """A create-only put found the key holding other bytes."""
+
+
+class RepoStore:
+    """One repository directory. `stripes` are locks shared by every store of the server:
+    puts and deletes of one key (in one repository) take the same one."""
+
+    def __init__(self, root: str, stripes: list[threading.Lock] | None = None) -> None:
+        self.root = root
+        self.local = LocalStorage(root)
+        self._stripes = stripes or [threading.Lock() for _ in range(_STRIPES)]
+
+    def _lock(self, key: str) -> threading.Lock:
+        return self._stripes[zlib.crc32(f"{self.root}/{key}".encode()) % len(self._stripes)]
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, key)
+
+    def put(self, key: str, data: bytes | bytearray, *, create_only: bool) -> PutOutcome:
+        with self._lock(key):
+            size = self.stat(key)
+            if size is not None and create_only:
+                if size == len(data) and self._same(key, data):
+                    return PutOutcome.IDENTICAL
+                raise ExistsWithOtherContent(key)
+            self.local.put(key, data)
+            return PutOutcome.CREATED if size is None else PutOutcome.REPLACED
+
+    def _same(self, key: str, data: bytes | bytearray) -> bool:
+        try:
+            return self.local.get(key) == data
+        except ObjectNotFound:
+            return False
+
+    def open(self, key: str) -> tuple[BinaryIO, int]:
+        """The object as an open file and its size (the file stays whole if replaced)."""
+        path = self._path(key)
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - the caller streams and closes it
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise ObjectNotFound(key) from None
+        except OSError as e:
+            raise StorageError(f"cannot read {path}: {e.strerror or e}") from None
+        try:
+            return f, os.fstat(f.fileno()).st_size
+        except OSError as e:
+            f.close()
+            raise StorageError(f"cannot stat {path}: {e.strerror or e}") from None
+
+    def stat(self, key: str) -> int | None:
+        """The object's size; None if there is no file under that name (a directory that
+        holds other keys is not an object)."""
+        path = self._path(key)
+        try:
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as e:
+            raise StorageError(f"cannot stat {path}: {e.strerror or e}") from None
+        return st.st_size if S_ISREG(st.st_mode) else None
+
+    def delete(self, key: str) -> None:
+        with self._lock(key):
+            self.local.delete(key)
+
+    def rename(self, src: str, dst: str) -> None:
+        self.local.rename(src, dst)
+
+    def flush(self) -> None:
+        self.local.flush()
+
+    def stat_many(self, keys: list[str]) -> tuple[list[str], list[tuple[str, int]]]:
+        """(keys that do not exist, (key, size) of those that do), in the order given."""
+        missing, present = [], []
+        for k in keys:
+            size = self.stat(k)
+            if size is None:
+                missing.append(k)
+            else:
+                present.append((k, size))
+        return missing, present
+
+    def list_page(self, prefix: str, after: str | None, limit: int
+                  ) -> tuple[list[tuple[str, int]], str | None]:
+        """Up to `limit` (key, size) in listing order after `after`; the next cursor or None."""
+        out: list[tuple[str, int]] = []
+        for item in sorted_objects(self.root, prefix, after):
+            out.append(item)
+            if len(out) == limit:
+                return out, item[0]
+        return out, None
+
+
+def sorted_objects(root: str, prefix: str, after: str | None) -> Iterator[tuple[str, int]]:
+    """Objects under `root` whose key starts with `prefix`, ordered by key segments, starting
+    after `after`. Directories wholly before `after`, or that cannot hold the prefix, are not
+    read: each page costs the directories it touches, not the whole repository."""
+    cursor = after.split("/") if after else None
+
+    def walk(dirpath: str, rel: list[str]) -> Iterator[tuple[str, int]]:
+        try:
+            with os.scandir(dirpath) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except OSError as e:
+            raise StorageError(f"cannot list {dirpath}: {e.strerror or e}") from None
+        for entry in entries:
+            if entry.name.startswith(TMP_PREFIX):
+                continue
+            parts = [*rel, entry.name]
+            key = "/".join(parts)
+            if entry.is_dir(follow_symlinks=False):
+                if cursor is not None and parts < cursor[: len(parts)]:
+                    continue
+                if (key + "/").startswith(prefix) or prefix.startswith(key + "/"):
+                    yield from walk(entry.path, parts)
+            elif entry.is_file(follow_symlinks=False):
+                if (cursor is not None and parts <= cursor) or not key.startswith(prefix):
+                    continue
+                try:
+                    size = entry.stat(follow_symlinks=False).st_size
+                except FileNotFoundError:
+                    continue
+                yield key, size
+
+    yield from walk(root, [])
+
+
+class Repositories:
+    """Every repository under the server's root, by name (created on first write). Nothing
+    is kept per repository, so asking for many names costs no memory."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        self._stripes = [threading.Lock() for _ in range(_STRIPES)]
+
+    def get(self, name: str) -> RepoStore:
+        return RepoStore(os.path.join(self.root, name), self._stripes)

@@ -1,0 +1,82 @@
+"""Who may do what: the role table of docs/http-api.md as one pure function.
+
+A `backup` token adds and never destroys: it may create what a backup writes (chunks,
+reference lists, manifests, and at `init` the config and key file), re-put such an object only
+with the bytes it already holds, and fully manage only writer locks (`locks/writer-*`, which a
+backup replaces every minute and deletes at the end). Nothing else: not gc's state, not
+protection or damage marks, not another kind of lock. The server asks `permission` before
+touching storage; `CREATE_ONLY` leaves the "does it exist, and with which bytes" part to the
+object store, which checks it under a lock.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from snapship.formats.constants import (
+    CHUNK_PREFIX,
+    CONFIG_KEY,
+    KEY_KEY,
+    LOCK_PREFIX,
+    REFS_PREFIX,
+    VERSION_PREFIX,
+)
+from snapship.repository.locks import WRITER
+
+
+class Role(enum.StrEnum):
+    READ = "read"
+    BACKUP = "backup"
+    ADMIN = "admin"
+
+
+class Op(enum.StrEnum):
+    INFO = "info"
+    GET = "get"
+    HEAD = "head"
+    LIST = "list"
+    MISSING = "missing"
+    PUT = "put"
+    DELETE = "delete"
+    RENAME = "rename"
+    FLUSH = "flush"
+    MAINTAIN = "maintain"
+
+
+class Permission(enum.Enum):
+    ALLOW = "allow"
+    DENY = "deny"
+    CREATE_ONLY = "create-only"
+    """Allowed if the key does not exist, or already holds exactly the bytes being put."""
+
+
+READ_OPS = frozenset({Op.INFO, Op.GET, Op.HEAD, Op.LIST, Op.MISSING})
+WRITER_LOCK_PREFIX = f"{LOCK_PREFIX}{WRITER}-"
+BACKUP_CREATES = (CHUNK_PREFIX, REFS_PREFIX, VERSION_PREFIX)
+"""Prefixes under which a backup token may create objects."""
+INIT_KEYS = frozenset({CONFIG_KEY, KEY_KEY})
+
+
+def _is_lock(key: str | None) -> bool:
+    return key is not None and key.startswith(WRITER_LOCK_PREFIX)
+
+
+def permission(role: Role, op: Op, key: str | None = None, dst: str | None = None) -> Permission:
+    """May a token of `role` do `op` on `key` (and, for a rename, onto `dst`)?"""
+    if op in READ_OPS or role is Role.ADMIN:
+        return Permission.ALLOW
+    if role is Role.READ:
+        return Permission.DENY
+    if op is Op.PUT:
+        if _is_lock(key):
+            return Permission.ALLOW
+        if key is not None and (key.startswith(BACKUP_CREATES) or key in INIT_KEYS):
+            return Permission.CREATE_ONLY
+        return Permission.DENY
+    if op is Op.DELETE:
+        return Permission.ALLOW if _is_lock(key) else Permission.DENY
+    if op is Op.RENAME:
+        return Permission.ALLOW if _is_lock(key) and _is_lock(dst) else Permission.DENY
+    if op is Op.FLUSH:
+        return Permission.ALLOW
+    return Permission.DENY
