@@ -149,13 +149,13 @@ class Server:
 
 @contextlib.contextmanager
 def serve(repo: Path, *args: str, log_dir: Path, passphrase: str = PASSPHRASE) -> Iterator[Server]:
-    """`snapship nbd serve --repo REPO --listen 127.0.0.1:0 --json --verbose ARGS...`."""
+    """`snapship nbd serve --repo REPO --listen 127.0.0.1:0 --json --debug ARGS...`."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"server-{time.monotonic_ns()}.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [*CLI, "nbd", "serve", "--repo", str(repo), "--listen", "127.0.0.1:0", "--json",
-             "--verbose", *args],
+             "--debug", *args],
             env=cli_env(passphrase), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=log, text=True,
         )  # fmt: skip

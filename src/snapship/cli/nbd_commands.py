@@ -98,7 +98,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     handler.setFormatter(logging.Formatter("snapship nbd: %(message)s"))
     log = logging.getLogger("snapship.nbd")
     log.addHandler(handler)
-    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    log.setLevel(logging.DEBUG if args.debug else logging.INFO)
     return asyncio.run(_serve(args, repo, host, port, options, labels))
 
 
@@ -164,5 +164,6 @@ def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentPars
                    help="how far ahead of a sequential reader to fetch (default: %(default)s)")
     p.add_argument("--workers", type=int, metavar="N",
                    help="threads decoding chunks (default: one per CPU)")
-    p.add_argument("--verbose", action="store_true", help="log every connection and error")
+    p.add_argument("--debug", action="store_true",
+                   help="log every connection and every refused request")
     p.set_defaults(func=cmd_serve)
