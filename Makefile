@@ -15,11 +15,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
+# The NBD tests talk to the real clients (libnbd-bin: nbdinfo, nbdcopy; qemu-utils: qemu-img,
+# qemu-io, qemu-nbd; nbd-client; nbdkit as a reference server). nbd-client's package only
+# registers its boot-time service (with an empty /etc/nbdtab); installing it starts nothing.
+APT_TOOLS := mkfs.ext4:e2fsprogs debugfs:e2fsprogs nbdinfo:libnbd-bin nbdcopy:libnbd-bin \
+	qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils nbdkit:nbdkit \
+	nbd-client:nbd-client
+
 apt:
-	@missing=""; for tool in mkfs.ext4:e2fsprogs debugfs:e2fsprogs; do \
-	  command -v $${tool%%:*} >/dev/null 2>&1 || missing="$$missing $${tool##*:}"; done; \
+	@missing=""; for tool in $(APT_TOOLS); do \
+	  PATH="$$PATH:/usr/sbin:/sbin" command -v $${tool%%:*} >/dev/null 2>&1 \
+	    || missing="$$missing $${tool##*:}"; done; \
 	if [ -n "$$missing" ]; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends $$missing; \
 	  else echo "please install:$$missing" >&2; exit 1; fi; fi
 
 # qemu, lvm2, thin-provisioning-tools, xfsprogs and a Debian kernel for the VM tests (cached).

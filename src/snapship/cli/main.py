@@ -12,6 +12,7 @@ from snapship import __version__
 from snapship.cli import (
     cow_commands,
     lifecycle_commands,
+    nbd_commands,
     repo_commands,
     server_commands,
     transfer_commands,
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     lifecycle_commands.register(sub, common)
     cow_commands.register(sub, common)
     server_commands.register(sub, common)
+    nbd_commands.register(sub, common)
     return parser
 
 

@@ -14,9 +14,9 @@ import time
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from snapship.changes.ranges import touched_chunks
-from snapship.devices import Source
 from snapship.engine.pipeline import bounded_map, default_workers, window_for
 from snapship.engine.progress import NoProgress, Progress
 from snapship.errors import UsageError
@@ -36,6 +36,20 @@ class _Result:
     raw: int
     stored: int | None
     """Size of the chunk's object; None for an in-run duplicate, whose first copy knows it."""
+
+
+class BackupSource(Protocol):
+    """What a backup reads: `snapship.devices.Source`, or a view such as an NBD overlay."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def path(self) -> str: ...
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Exactly `length` bytes at `offset`."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -68,7 +82,7 @@ def chunks_to_read(plan: BackupPlan, size: int, chunk_size: int) -> list[int] | 
 
 def run_backup(
     repo: Repository,
-    source: Source,
+    source: BackupSource,
     volume: str,
     *,
     plan: BackupPlan = BackupPlan(),
@@ -208,7 +222,7 @@ def run_backup(
     return m
 
 
-def _restore_missing(repo: Repository, source: Source, indices: Sequence[int], ids: bytearray,
+def _restore_missing(repo: Repository, source: BackupSource, indices: Sequence[int], ids: bytearray,
                      sizes: array[int], nworkers: int) -> int:
     """Re-store, from the source, reused chunks that storage no longer has under their name;
     returns how many. The source still holds that data: those chunks are unchanged."""

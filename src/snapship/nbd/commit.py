@@ -1,0 +1,73 @@
+"""Storing an overlay as a new version: the served version with the overlay's changes on top.
+
+The backup engine does the work: an incremental backup whose base is the served version and
+whose change set is every range the overlay wrote, zeroed or trimmed, read through
+`OverlaySource`. Unchanged chunks keep their ids; changed ones are deduplicated like any
+backup's. Blocking: the server runs it on a worker thread.
+"""
+
+from __future__ import annotations
+
+from snapship.engine.backup import BackupPlan, run_backup
+from snapship.formats.manifest import Manifest
+from snapship.nbd.overlay import WRITTEN, Overlay
+from snapship.repository.repo import Repository
+from snapship.types import ZERO_ID
+
+CHANGE_SOURCE = "nbd overlay"
+
+
+class OverlaySource:
+    """A read-only view of `base` with `overlay` on top, with the interface of a backup
+    source. The overlay must not change while it is read (the server detaches it first)."""
+
+    def __init__(self, repo: Repository, base: Manifest, overlay: Overlay) -> None:
+        if overlay.size != base.size:
+            raise ValueError(f"overlay of {overlay.size} bytes over a {base.size}-byte version")
+        self.repo = repo
+        self.base = base
+        self.overlay = overlay
+        self.size = base.size
+        self.path = f"nbd overlay over {base.volume}@{base.version}"
+        self._last: tuple[int, bytes] | None = None
+
+    def read(self, offset: int, length: int) -> bytes:
+        out = bytearray(length)
+        for s, e, state in self.overlay.segments(offset, offset + length):
+            if state == WRITTEN:
+                out[s - offset : e - offset] = self.overlay.pread(s, e - s)
+            elif state is None:
+                self._read_base(s, e, out, offset)
+            # zeroed or trimmed: already zero
+        return bytes(out)
+
+    def _read_base(self, start: int, end: int, out: bytearray, origin: int) -> None:
+        cs = self.base.chunk_size
+        for index in range(start // cs, (end - 1) // cs + 1):
+            cid = self.base.chunk(index)
+            if cid == ZERO_ID:
+                continue
+            a, b = max(start, index * cs), min(end, (index + 1) * cs)
+            data = self._chunk(index, cid)
+            out[a - origin : b - origin] = data[a - index * cs : b - index * cs]
+
+    def _chunk(self, index: int, cid: bytes) -> bytes:
+        # The engine reads chunk by chunk in order: one remembered chunk serves its pieces.
+        if self._last is None or self._last[0] != index:
+            self._last = (index, self.repo.get_chunk(cid))
+        return self._last[1]
+
+
+def commit_overlay(
+    repo: Repository, volume: str, version: str, overlay: Overlay, labels: dict[str, str]
+) -> Manifest:
+    """Store `overlay` over `volume@version` as a new version whose parent is that version."""
+    # A writer like any backup (docs/gc.md): the session is open before the base is loaded,
+    # so gc keeps every chunk the new version takes from it.
+    with repo.writer(f"nbd commit {volume}") as session:
+        base = repo.load_manifest(volume, version)
+        source = OverlaySource(repo, base, overlay)
+        plan = BackupPlan(base=base, changed=overlay.changed_ranges(),
+                          change_source=CHANGE_SOURCE)
+        return run_backup(repo, source, volume, plan=plan, source_desc=source.path,
+                          labels=labels, session=session)
