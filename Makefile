@@ -5,10 +5,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-APT_PACKAGES := e2fsprogs
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test lint unit bench apt vm-assets clean
+.PHONY: demo test lint unit bench apt-demo apt-test vm-assets clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,12 +17,16 @@ $(STAMP): pyproject.toml
 # The NBD tests talk to the real clients (libnbd-bin: nbdinfo, nbdcopy; qemu-utils: qemu-img,
 # qemu-io, qemu-nbd; nbd-client; nbdkit as a reference server). nbd-client's package only
 # registers its boot-time service (with an empty /etc/nbdtab); installing it starts nothing.
-APT_TOOLS := mkfs.ext4:e2fsprogs debugfs:e2fsprogs nbdinfo:libnbd-bin nbdcopy:libnbd-bin \
+DEMO_TOOLS := mkfs.ext4:e2fsprogs debugfs:e2fsprogs
+TEST_TOOLS := $(DEMO_TOOLS) nbdinfo:libnbd-bin nbdcopy:libnbd-bin \
 	qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils nbdkit:nbdkit \
 	nbd-client:nbd-client
 
-apt:
-	@missing=""; for tool in $(APT_TOOLS); do \
+# `command:package` pairs: installs the packages whose command is missing (root only).
+apt-demo: TOOLS = $(DEMO_TOOLS)
+apt-test: TOOLS = $(TEST_TOOLS)
+apt-demo apt-test:
+	@missing=""; for tool in $(TOOLS); do \
 	  PATH="$$PATH:/usr/sbin:/sbin" command -v $${tool%%:*} >/dev/null 2>&1 \
 	    || missing="$$missing $${tool##*:}"; done; \
 	if [ -n "$$missing" ]; then \
@@ -36,14 +39,14 @@ vm-assets:
 	@if [ "$$(id -u)" = 0 ]; then bash tests/vm/setup.sh; \
 	else echo "make test: run as root once so tests/vm/setup.sh can install the VM tools" >&2; fi
 
-demo: $(STAMP) apt
+demo: $(STAMP) apt-demo
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash demo/demo.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 
-unit: $(STAMP) apt vm-assets
+unit: $(STAMP) apt-test vm-assets
 	$(BIN)/pytest -q
 
 test: lint unit
