@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.s3faultproxy import FaultProxy
 from tests.seaweed import Bucket, WeedServer, use_endpoint
 
 
@@ -35,3 +36,13 @@ def s3_bucket(weed: WeedServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[Buc
         yield Bucket(weed, name)
     finally:
         weed.drop_bucket(name)
+
+
+@pytest.fixture
+def proxy(s3_bucket: Bucket) -> Iterator[FaultProxy]:
+    """A fault-injecting proxy in front of the bucket's server (tests/s3faultproxy.py)."""
+    p = FaultProxy(int(s3_bucket.endpoint.rsplit(":", 1)[1]))
+    try:
+        yield p
+    finally:
+        p.close()

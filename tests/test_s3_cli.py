@@ -35,7 +35,7 @@ from tests.clihelp import (
 from tests.s3faultproxy import FaultProxy, Rule, puts_under
 from tests.seaweed import Bucket, WeedServer, use_endpoint
 
-pytest_plugins = ("tests.s3server",)  # the weed and s3_bucket fixtures
+pytest_plugins = ("tests.s3server",)  # the weed, s3_bucket and proxy fixtures
 
 
 def make_repo(url: str, encryption: str = "aes-256-gcm") -> str:
@@ -92,15 +92,6 @@ def random_image(path: Path, chunks: int, seed: int, zero: int = 0) -> tuple[byt
 
 def count_chunks(bucket: Bucket) -> int:
     return len(bucket.keys("repo/chunks/"))
-
-
-@pytest.fixture
-def proxy(s3_bucket: Bucket) -> Iterator[FaultProxy]:
-    p = FaultProxy(int(s3_bucket.endpoint.rsplit(":", 1)[1]))
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 # -- the everyday commands ----------------------------------------------------------------------

@@ -29,18 +29,9 @@ from snapship.storage.s3_client import ClientOptions, make_client, parse_s3_url
 from tests.s3faultproxy import FaultProxy, Rule, puts_under
 from tests.seaweed import Bucket, use_endpoint
 
-pytest_plugins = ("tests.s3server",)  # the weed and s3_bucket fixtures
+pytest_plugins = ("tests.s3server",)  # the weed, s3_bucket and proxy fixtures
 
 FAST = RetryPolicy(budget=30.0, first_delay=0.05, max_delay=0.2, attempts=6)
-
-
-@pytest.fixture
-def proxy(s3_bucket: Bucket) -> Iterator[FaultProxy]:
-    p = FaultProxy(int(s3_bucket.endpoint.rsplit(":", 1)[1]))
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 def through(proxy: FaultProxy, bucket: Bucket, mp: pytest.MonkeyPatch, *,

@@ -66,29 +66,26 @@ def server_token(args: argparse.Namespace | None) -> str | None:
     return check_token_text(env.strip(), "SNAPSHIP_TOKEN") if env else None
 
 
-def _retry_time() -> float:
-    raw = os.environ.get("SNAPSHIP_RETRY_TIME")
+def _seconds_from_env(name: str, default: float, most: float) -> float:
+    raw = os.environ.get(name)
     if raw is None:
-        return DEFAULT_RETRY_TIME
+        return default
     try:
         value = float(raw)
     except ValueError:
         value = -1.0
-    if not 0 <= value <= 86400:
-        raise UsageError(f"SNAPSHIP_RETRY_TIME={raw!r} is not a number of seconds (0..86400)")
+    if not 0 <= value <= most:
+        raise UsageError(f"{name}={raw!r} is not a number of seconds (0..{most:g})")
     return value
+
+
+def _retry_time() -> float:
+    return _seconds_from_env("SNAPSHIP_RETRY_TIME", DEFAULT_RETRY_TIME, 86400)
 
 
 def s3_list_lag() -> float:
     """`SNAPSHIP_S3_LIST_LAG`: seconds a store that lists late needs (docs/s3.md)."""
-    text = os.environ.get("SNAPSHIP_S3_LIST_LAG", "0")
-    try:
-        lag = float(text)
-    except ValueError:
-        lag = -1.0
-    if not 0 <= lag <= 3600:
-        raise UsageError(f"SNAPSHIP_S3_LIST_LAG={text!r} is not a number of seconds (0..3600)")
-    return lag
+    return _seconds_from_env("SNAPSHIP_S3_LIST_LAG", 0.0, 3600)
 
 
 def passphrase_source(args: argparse.Namespace, confirm: bool = False) -> PassphraseSource:

@@ -233,10 +233,4 @@ def decode_options(body: bytes, allowed: dict[str, type | tuple[type, ...]], wha
 
 
 def decode_report(body: bytes, what: str) -> dict[str, Any]:
-    try:
-        obj = json.loads(body)
-    except (UnicodeDecodeError, ValueError):
-        raise WireError(f"{what} is not JSON") from None
-    if not isinstance(obj, dict):
-        raise WireError(f"{what} is not a JSON object")
-    return obj
+    return _object(body, what)
