@@ -128,8 +128,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
         print(f"gc: collection {r.collection} waits for {len(r.waiting_for)} running "
               f"backup(s) ({', '.join(r.waiting_for)}); run gc again after they finish")
     print(f"gc: {r.versions} versions reference {r.referenced} chunks; freed {r.chunks_freed} "
-          f"chunks ({human_bytes(r.bytes_freed)}), {r.restored} set-aside chunks were in use "
-          "again and were put back"
+          f"chunks ({human_bytes(r.bytes_freed)})"
+          + (f"; {r.restored} set-aside chunks were in use again and were put back"
+             if r.restored else "")
           + (f"; {r.fossils_made} chunks set aside for the next run" if not r.finished else ""))
     return 0
 
