@@ -11,6 +11,7 @@ import json
 import os
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -283,3 +284,32 @@ def test_partial_files_older_than_a_day_are_removed(repo: Repository) -> None:
     os.utime(old, (0, 0))
     assert run_gc(repo.storage).temporaries_removed == 1
     assert not old.exists() and new.exists()
+
+
+class _PruneBetweenListings(LocalStorage):
+    """Forgets a version (as a concurrent prune would) right when gc lists reference lists,
+    after it has listed the versions."""
+
+    victim: tuple[str, str] | None = None
+
+    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+        if prefix == "refs/" and self.victim is not None:
+            catalog.delete_version(self, *self.victim)
+            self.victim = None
+        return super().list(prefix)
+
+
+def test_a_prune_between_gcs_listings_is_not_mistaken_for_damage(
+    repo: Repository, tmp_path: Path
+) -> None:
+    img = tmp_path / "disk.img"
+    rng = random.Random(9)
+    write(img, rng.randbytes(4 * CHUNK))
+    v1 = backup(repo, img)
+    write(img, rng.randbytes(4 * CHUNK))
+    v2 = backup(repo, img)
+    racing = _PruneBetweenListings(repo.storage.root)  # type: ignore[attr-defined]
+    racing.victim = ("disk", v1)
+    r = run_gc(racing)  # keyless: a missing list would stop it
+    assert r.finished and r.chunks_freed == 4
+    assert catalog.list_versions(repo.storage) == [("disk", v2)]

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from snapship.engine.pipeline import bounded_map
-from snapship.errors import Corrupt, ObjectNotFound
+from snapship.errors import Corrupt, NotFound, ObjectNotFound
 from snapship.formats import refs as refs_codec
 from snapship.formats.constants import CHUNK_PREFIX, FOSSIL_PREFIX
 from snapship.formats.refs import Refs
@@ -60,7 +60,6 @@ class GcReport:
     waiting_for: list[str] = field(default_factory=list)
     """Writers the collection still waits for; its fossils are freed by a later gc."""
     finished: bool = False
-
 
 
 def list_lag(storage: Storage) -> float:
@@ -126,13 +125,16 @@ class _Gc:
         return self.storage.stat(catalog.manifest_key(r.volume, r.version)) is not None
 
     def _rebuild_refs(self, vol: str, ver: str) -> Iterator[int]:
+        # A prune between the two listings removes the manifest, then the list: it is gone.
+        if self.storage.stat(catalog.manifest_key(vol, ver)) is None:
+            return iter(())
         if self.repo is None:
             raise Corrupt(f"version {vol}@{ver} has no reference list (made by an older "
                           "snapship, or damaged); run gc once with the repository passphrase "
                           "to rebuild it. Nothing was deleted")
         try:
             m = self.repo.load_manifest(vol, ver)
-        except ObjectNotFound:
+        except NotFound:
             return iter(())
         r = refs_codec.from_manifest(m, "rebuilt-by-gc")
         self.storage.put(catalog.refs_key(vol, ver), catalog.seal_refs(r))
