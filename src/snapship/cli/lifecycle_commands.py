@@ -12,12 +12,12 @@ import os
 from typing import Any
 
 from snapship.cli import server_commands
-from snapship.cli.context import open_repository, open_storage
+from snapship.cli.context import open_storage, passphrase_source
 from snapship.cli.output import human_bytes, print_json
 from snapship.cli.transfer_commands import parse_ref, warn
 from snapship.engine.gc import run_gc
 from snapship.engine.prune import Policy, forget_versions, parse_duration, run_prune
-from snapship.errors import NotFound, ObjectNotFound, UsageError
+from snapship.errors import AuthFailed, NotFound, ObjectNotFound, UsageError
 from snapship.formats.config import decode_config
 from snapship.formats.constants import CONFIG_KEY
 from snapship.repository import catalog, locks
@@ -109,11 +109,12 @@ def cmd_protect(args: argparse.Namespace) -> int:
 def _key_if_at_hand(args: argparse.Namespace, storage: Storage) -> Repository | None:
     """The repository with its key, if that needs no prompt: gc can then rebuild a missing
     reference list instead of stopping."""
-    if not (args.passphrase_file or os.environ.get("SNAPSHIP_PASSPHRASE")):
-        cfg, _mac = decode_config(storage.get(CONFIG_KEY))
-        if cfg.encrypted:
-            return None
-    return open_repository(args)
+    if args.passphrase_file or os.environ.get("SNAPSHIP_PASSPHRASE"):
+        return Repository.open(storage, passphrase_source(args))
+    try:  # the storage already open, not a second backend (and connection pool) of its own
+        return Repository.open(storage, None)
+    except AuthFailed:  # encrypted, and no passphrase without a prompt
+        return None
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
