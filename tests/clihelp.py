@@ -14,7 +14,8 @@ import random
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -274,3 +275,40 @@ def check_every_chunk_file_decodes(
         assert 0 < len(data) <= r.chunk_size
         seen.add(path.name)
     return seen
+
+
+# -- watching and pausing processes ----------------------------------------------------------
+
+
+def wait_for(condition: Callable[[], object], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def new_chunks(repo: Path, before: set[str]) -> int:
+    """Chunk files stored since `before` was taken (the image's new chunks come after the
+    reused ones, so by then those were all found by stat)."""
+    n = 0
+    if not (repo / "chunks").is_dir():
+        return 0
+    for d in os.scandir(repo / "chunks"):
+        n += sum(1 for e in os.scandir(d.path) if e.name not in before
+                 and not e.name.startswith(".tmp-"))
+    return n
+
+
+def child_pid(pid: int) -> int:
+    """The one child of `pid` (what `unshare --fork` runs)."""
+    def children() -> list[int]:
+        found = []
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found += [int(c) for c in f.read().split()]
+        return found
+
+    wait_for(children, "unshare to start its child")
+    return children()[0]

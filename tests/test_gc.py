@@ -313,3 +313,108 @@ def test_a_prune_between_gcs_listings_is_not_mistaken_for_damage(
     r = run_gc(racing)  # keyless: a missing list would stop it
     assert r.finished and r.chunks_freed == 4
     assert catalog.list_versions(repo.storage) == [("disk", v2)]
+
+
+def _condemned_version(repo: Repository, tmp_path: Path) -> tuple[str, bytes, bytes]:
+    """A version whose chunks a waiting collection has set aside (its writer was live when gc
+    condemned them): (version, image, id of one of its chunks)."""
+    img = tmp_path / "disk.img"
+    data = random.Random(21).randbytes(4 * CHUNK)
+    write(img, data)
+    with repo.writer("backup disk") as session, Source(str(img)) as src:
+        with Source(str(img)) as first:  # its chunks stored, nothing referencing them yet
+            for i in range(4):
+                piece = first.read(i * CHUNK, CHUNK)
+                cid = repo.chunk_id(piece)
+                repo.put_chunk(cid, repo.seal_chunk(cid, piece))
+        assert not run_gc(repo.storage).finished  # sets them aside, waits for the writer
+        assert len(objects(repo, "fossils/")) == 4
+        version = run_backup(repo, src, "disk", session=session, workers=2).version
+    return version, data, repo.chunk_id(data[:CHUNK])
+
+
+def test_a_forged_copy_beside_a_fossil_never_costs_the_original(repo: Repository,
+                                                                tmp_path: Path) -> None:
+    """Issue 10 item 3, without a server: bytes of the right size under a fossil's chunk name
+    are not proof that they are the chunk. gc (without the key) puts the fossil back over
+    them; nothing is lost."""
+    version, data, cid = _condemned_version(repo, tmp_path)
+    key = chunk_key(cid)
+    original = repo.storage.get("fossils/" + key[len("chunks/") :])
+    assert repo.storage.get(key) == original  # stored again by the backup: the same bytes
+    forged = original[:8] + os.urandom(len(original) - 8)
+    repo.storage.put(key, forged)
+    r = run_gc(repo.storage)
+    assert r.finished and r.restored >= 1, r
+    assert repo.storage.get(key) == original
+    assert restores_to(repo, "disk", version, data, tmp_path)
+    assert run_verify(repo, deep=True).ok
+
+
+def test_the_same_bytes_beside_a_fossil_let_gc_drop_the_fossil(repo: Repository,
+                                                              tmp_path: Path) -> None:
+    version, data, cid = _condemned_version(repo, tmp_path)
+    fossil = "fossils/" + chunk_key(cid)[len("chunks/") :]
+    assert repo.storage.get(chunk_key(cid)) == repo.storage.get(fossil)  # sealed alike
+    assert run_gc(repo.storage).finished
+    assert objects(repo, "fossils/") == set()
+    assert restores_to(repo, "disk", version, data, tmp_path)
+
+
+def test_chunks_are_sealed_deterministically(repo: Repository) -> None:
+    """The same chunk sealed twice is the same object: what lets a server (or a keyless gc)
+    tell a genuine second copy from a forged one by its bytes."""
+    data = random.Random(22).randbytes(CHUNK)
+    cid = repo.chunk_id(data)
+    assert repo.seal_chunk(cid, data) == repo.seal_chunk(cid, data)
+    other = bytearray(data)
+    other[0] ^= 1
+    a, b = repo.seal_chunk(cid, data), repo.seal_chunk(repo.chunk_id(bytes(other)), bytes(other))
+    assert a[8:20] != b[8:20]  # another chunk, another nonce
+    assert repo.open_chunk(cid, bytes(a)) == data
+
+
+def test_unreadable_locks_are_ignored_and_cleared(repo: Repository, tmp_path: Path) -> None:
+    """Issue 10 item 6, readers: one junk object in locks/ must not stop gc, `locks` or a
+    backup; gc removes it (leaving a tombstone) and says so."""
+    junk = {"locks/writer-20260101T000000-00000000000a": b"not json",
+            "locks/writer-20260101T000000-00000000000b": b"[" * 100_000,
+            "locks/gc-20260101T000000-00000000000c": b'{"v": 1}'}
+    for key, data in junk.items():
+        repo.storage.put(key, data)
+    img = tmp_path / "disk.img"
+    data = random.Random(23).randbytes(4 * CHUNK)
+    write(img, data)
+    v1 = backup(repo, img)
+    messages: list[str] = []
+    assert run_gc(repo.storage, warn=messages.append).finished
+    assert all(repo.storage.stat(k) is None for k in junk)
+    assert sum("not a lock this snapship can trust" in m for m in messages) == 3, messages
+    assert {k for k, _ in repo.storage.list("locks/stale/")} == {
+        "locks/stale/" + k[len("locks/"):] for k in junk}
+    assert restores_to(repo, "disk", v1, data, tmp_path)
+
+
+def test_a_damaged_newest_version_does_not_stop_later_backups(repo: Repository,
+                                                             tmp_path: Path) -> None:
+    img = tmp_path / "disk.img"
+    data = bytearray(random.Random(24).randbytes(4 * CHUNK))
+    write(img, bytes(data))
+    v1 = backup(repo, img)
+    data[:10] = b"x" * 10
+    write(img, bytes(data))
+    v2 = backup(repo, img)
+    key = repo.manifest_key("disk", v2)
+    blob = bytearray(repo.storage.get(key))
+    blob[-1] ^= 1
+    repo.storage.put(key, bytes(blob))
+    messages: list[str] = []
+    base = repo.latest_manifest("disk", messages.append)
+    assert base is not None and base.version == v1
+    assert len(messages) == 1 and v2 in messages[0], messages
+    with pytest.raises(Corrupt):
+        repo.latest_manifest("disk")
+    with Source(str(img)) as src:
+        m = run_backup(repo, src, "disk", plan=BackupPlan(base=base), workers=2)
+    assert m.version > v2
+    assert restores_to(repo, "disk", m.version, bytes(data), tmp_path)

@@ -64,6 +64,8 @@ class Keys:
         enc_key = blake3.blake3(master, derive_key_context="snapship v1 object encryption").digest()
         self.id_key = blake3.blake3(master, derive_key_context="snapship v1 chunk id").digest()
         self.mac_key = blake3.blake3(master, derive_key_context="snapship v1 config mac").digest()
+        self.nonce_key = blake3.blake3(master,
+                                       derive_key_context="snapship v1 chunk nonce").digest()
         self.aead = AESGCM(enc_key)
 
     @classmethod
@@ -92,11 +94,24 @@ def checksum(*parts: bytes | memoryview) -> bytes:
     return h.digest()
 
 
-def encrypt_after(prefix: bytes, aead: AESGCM, plaintext: bytes | memoryview, aad: bytes
-                  ) -> bytearray:
+def synthetic_nonce(key: bytes, aad: bytes, plaintext: bytes | memoryview) -> bytes:
+    """A nonce that is a keyed hash of everything it encrypts (as in SIV): sealing the same
+    bytes again gives the same object, so "same bytes" proves two copies of a chunk equal
+    without the key (docs/gc.md), and a repeated nonce only ever encrypts the same plaintext
+    under the same header. Two different inputs share a nonce with the probability of two
+    random nonces colliding."""
+    h = blake3.blake3(key=key)
+    h.update(len(aad).to_bytes(4, "little"))
+    h.update(aad)
+    h.update(plaintext)
+    return h.digest(length=NONCE_LEN)
+
+
+def encrypt_after(prefix: bytes, aead: AESGCM, plaintext: bytes | memoryview, aad: bytes,
+                  nonce: bytes | None = None) -> bytearray:
     """`prefix | nonce | ciphertext | tag` built in one buffer: no copy of a chunk-sized
-    result is made while holding the GIL."""
-    nonce = os.urandom(NONCE_LEN)
+    result is made while holding the GIL. The nonce is random unless given."""
+    nonce = nonce or os.urandom(NONCE_LEN)
     start = len(prefix) + NONCE_LEN
     out = bytearray(start + len(plaintext) + TAG_LEN)
     out[: len(prefix)] = prefix

@@ -40,6 +40,11 @@ class PermissionDenied(AuthFailed):
     """A server accepted the token but its role may not do this (HTTP 403)."""
 
 
+class SetAside(PermissionDenied):
+    """A server refused a chunk because gc has set aside a copy with other bytes under its
+    name: only that copy's exact bytes may bring it back (docs/gc.md)."""
+
+
 class Corrupt(SnapshipError):
     """Stored data failed its integrity check (tampered, truncated or damaged)."""
 

@@ -138,16 +138,21 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 def cmd_locks(args: argparse.Namespace) -> int:
     storage = open_keyless(args)
-    found = locks.list_locks(storage)
+    found = locks.list_locks(storage, warn=None if args.clear_stale else warn)
     if args.clear_stale:
         found = locks.clear_stale(storage, found, warn)
     rows = [{"kind": i.kind, "session": i.session, "command": i.command, "pid": i.pid,
              "machine": i.machine.split("/", 1)[0], "started": i.started,
-             "alive": i.is_alive()} for i in found]
+             "alive": i.is_alive(), **({"problem": i.problem} if i.problem else {})}
+            for i in found]
     if args.json:
         print_json(rows)
     else:
         for row in rows:
+            if "problem" in row:
+                print(f"{row['kind']:6} {row['session']}  UNREADABLE: {row['problem']}"
+                      + ("" if row["alive"] else " (--clear-stale removes it)"))
+                continue
             state = "" if row["alive"] else "  STALE (--clear-stale removes it)"
             print(f"{row['kind']:6} {row['command']}  pid {row['pid']} on {row['machine']} "
                   f"since {row['started']}{state}")

@@ -90,7 +90,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     repo = open_repository(args)
     with Source(args.source) as source, repo.writer(f"backup {volume}") as session:
         # The newest version's chunks are known to exist: no need to ask storage about them.
-        base = repo.latest_manifest(volume)
+        base = repo.latest_manifest(volume, warn)
         if changed is not None and base is None:
             raise UsageError(f"--changed-ranges needs an earlier version of {volume} to apply to")
         m = run_backup(
@@ -103,6 +103,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
             source_desc=os.path.abspath(args.source),
             progress=TerminalProgress(f"backup {volume}"),
             session=session,
+            warn=warn,
         )
     report_backup(args, m)
     return 0

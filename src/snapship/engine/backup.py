@@ -12,20 +12,24 @@ from __future__ import annotations
 import threading
 import time
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from snapship.changes.ranges import touched_chunks
 from snapship.engine.pipeline import bounded_map, default_workers, window_for
 from snapship.engine.progress import NoProgress, Progress
-from snapship.errors import UsageError
+from snapship.errors import Corrupt, UsageError
 from snapship.formats.manifest import Manifest, check_name, chunk_count
 from snapship.repository import catalog
+from snapship.repository.locks import LeaseLost
 from snapship.repository.repo import Repository, WriterSession, new_version_id, now_iso
 from snapship.types import ZERO_ID, ByteRange
 
 ZERO, KNOWN, DUPLICATE, EXISTING, NEW = range(5)
+MAX_RENEWALS = 2
+"""How often a backup registers again after losing its lease before it gives up."""
+Warn = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,7 @@ def run_backup(
     progress: Progress | None = None,
     workers: int | None = None,
     session: WriterSession | None = None,
+    warn: Warn | None = None,
 ) -> Manifest:
     """Back up `source` as a new version of `volume`.
 
@@ -99,7 +104,8 @@ def run_backup(
     if session is None:
         with repo.writer(f"backup {volume}") as own:
             return run_backup(repo, source, volume, plan=plan, source_desc=source_desc,
-                              labels=labels, progress=progress, workers=workers, session=own)
+                              labels=labels, progress=progress, workers=workers, session=own,
+                              warn=warn)
     check_name("volume", volume)
     started = time.monotonic()
     cs = repo.chunk_size
@@ -154,9 +160,9 @@ def run_backup(
         if existing == len(blob) and cid not in damaged:
             stored_sizes[cid] = existing
             return _Result(index, cid, EXISTING, n, existing)
-        repo.put_chunk(cid, blob)
-        stored_sizes[cid] = len(blob)
-        return _Result(index, cid, NEW, n, len(blob))
+        stored = repo.put_chunk(cid, blob)
+        stored_sizes[cid] = stored
+        return _Result(index, cid, NEW, n, stored)
 
     nworkers = workers or default_workers(repo.storage)
     counts = [0] * 5
@@ -191,35 +197,76 @@ def run_backup(
 
     # The new id must sort after every existing version of the volume, so `latest` is this one.
     existing = [v for _, v in repo.list_versions(volume)]
-    m = Manifest(
-        volume=volume,
-        version=new_version_id(max(existing) if existing else None),
-        size=size,
-        chunk_size=cs,
-        created=now_iso(),
-        source=source_desc or source.path,
-        parent=base.version if base is not None else None,
-        ids=bytes(ids),
-        sizes=sizes,
-        labels=dict(labels or {}),
-        stats={
-            "mode": "full" if to_read is None else "incremental",
-            "change_source": plan.change_source,
-            **({"fallback": plan.fallback} if plan.fallback else {}),
-            "bytes_read": bytes_read,
-            "chunks_read": len(indices),
-            "chunks_zero_read": counts[ZERO],
-            "chunks_known": counts[KNOWN] + counts[DUPLICATE],
-            "chunks_existing": counts[EXISTING],
-            "chunks_new": counts[NEW],
-            "bytes_new": new_raw,
-            "bytes_new_stored": new_stored,
-            "workers": nworkers,
-            "duration": round(time.monotonic() - started, 3),
-        },
-    )
+    version = new_version_id(max(existing) if existing else None)
+
+    def manifest() -> Manifest:
+        return Manifest(
+            volume=volume,
+            version=version,
+            size=size,
+            chunk_size=cs,
+            created=now_iso(),
+            source=source_desc or source.path,
+            parent=base.version if base is not None else None,
+            ids=bytes(ids),
+            sizes=sizes,
+            labels=dict(labels or {}),
+            stats={
+                "mode": "full" if to_read is None else "incremental",
+                "change_source": plan.change_source,
+                **({"fallback": plan.fallback} if plan.fallback else {}),
+                "bytes_read": bytes_read,
+                "chunks_read": len(indices),
+                "chunks_zero_read": counts[ZERO],
+                "chunks_known": counts[KNOWN] + counts[DUPLICATE],
+                "chunks_existing": counts[EXISTING],
+                "chunks_new": counts[NEW],
+                "bytes_new": new_raw,
+                "bytes_new_stored": new_stored,
+                "workers": nworkers,
+                "duration": round(time.monotonic() - started, 3),
+            },
+        )
+
+    def recheck(when: str) -> None:
+        """After a lost lease: register again, then check every chunk the version uses and
+        store again from the source any that storage no longer has (docs/gc.md, "Leases")."""
+        (warn or _ignore)(f"{session.command}: {session.lapse()}; registering again and "
+                          f"re-checking every chunk {when}")
+        session.renew()
+        used = [i for i in range(count) if sizes[i]]
+        counts[NEW] += _restore_missing(repo, source, used, ids, sizes, nworkers)
+
+    for _attempt in range(MAX_RENEWALS + 1):
+        if session.confirm():
+            break
+        recheck("before writing the version")
+    else:
+        raise LeaseLost(f"{session.command}: lost its lock {MAX_RENEWALS + 1} times in a row "
+                        f"({session.lapse()}); no version was written")
+    m = manifest()
     repo.save_manifest(m, session)
-    return m
+    for _attempt in range(MAX_RENEWALS + 1):
+        if session.confirm():
+            return m
+        # The lease lapsed while the version was being written: it is visible, and gc may
+        # have removed what it relies on meanwhile. Make it whole under a new registration.
+        written = bytes(ids)
+        recheck(f"of {volume}@{version}, which was written meanwhile")
+        if bytes(ids) != written:
+            raise Corrupt(f"{volume}@{version} may be incomplete: a chunk gc removed while "
+                          f"this backup was paused no longer matches the source {m.source}; "
+                          "run `snapship verify`, and back up again")
+        if not repo.has_refs(m):  # gc drops a reference list whose writer it took for gone
+            repo.put_refs(m, session)
+        repo.storage.flush()
+    raise LeaseLost(f"{session.command}: lost its lock {MAX_RENEWALS + 1} times in a row "
+                    f"({session.lapse()}) after writing {volume}@{version}: run "
+                    "`snapship verify` before relying on it")
+
+
+def _ignore(message: str) -> None:
+    pass
 
 
 def _restore_missing(repo: Repository, source: BackupSource, indices: Sequence[int], ids: bytearray,
@@ -240,10 +287,10 @@ def _restore_missing(repo: Repository, source: BackupSource, indices: Sequence[i
             data = source.read(i * cs, min(cs, source.size - i * cs))
             new_id = repo.chunk_id(data)
             blob = repo.seal_chunk(new_id, data)
-            repo.put_chunk(new_id, blob)
-            out.append((i, new_id, len(blob)))
+            stored = repo.put_chunk(new_id, blob)
+            out.append((i, new_id, stored))
             if new_id == cid:  # the usual case: one copy serves every index that uses it
-                out += [(j, cid, len(blob)) for j in where if j != i]
+                out += [(j, cid, stored) for j in where if j != i]
                 break
         return out
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from snapship.engine.pipeline import bounded_map
-from snapship.errors import Corrupt, NotFound, ObjectNotFound
+from snapship.errors import Corrupt, FormatError, NotFound, ObjectNotFound, UsageError
 from snapship.formats import refs as refs_codec
 from snapship.formats.constants import CHUNK_PREFIX, FOSSIL_PREFIX
 from snapship.formats.refs import Refs
@@ -69,11 +69,12 @@ def list_lag(storage: Storage) -> float:
 
 class _Gc:
     def __init__(self, storage: Storage, repo: Repository | None, warn: Warn,
-                 report: GcReport) -> None:
+                 report: GcReport, lock: locks_mod.Lock) -> None:
         self.storage = storage
         self.repo = repo
         self.warn = warn
         self.report = report
+        self.lock = lock
 
     @staticmethod
     def io(fn: Callable[[tuple[str, int]], int], items: Iterable[tuple[str, int]]
@@ -81,7 +82,7 @@ class _Gc:
         return bounded_map(fn, items, IO_WORKERS, 4 * IO_WORKERS)
 
     def live_writers(self) -> set[str]:
-        found = locks_mod.list_locks(self.storage, locks_mod.WRITER)
+        found = locks_mod.list_locks(self.storage, locks_mod.WRITER, self.warn)
         return {i.session for i in locks_mod.clear_stale(self.storage, found, self.warn)}
 
     def referenced(self) -> set[int]:
@@ -120,8 +121,8 @@ class _Gc:
         try:
             if locks_mod.decode_lock(key, self.storage.get(key)).is_alive():
                 return True
-        except ObjectNotFound:
-            pass
+        except (ObjectNotFound, FormatError, UsageError):
+            pass  # gone, or no lock one can trust: its writer (if any) re-checks on waking
         return self.storage.stat(catalog.manifest_key(r.volume, r.version)) is not None
 
     def _rebuild_refs(self, vol: str, ver: str) -> Iterator[int]:
@@ -161,6 +162,7 @@ class _Gc:
 
         def condemn_one(item: tuple[str, int]) -> int:
             key = item[0]
+            self.lock.ensure("setting more chunks aside")
             try:
                 self.storage.rename(key, FOSSIL_PREFIX + key[len(CHUNK_PREFIX) :])
             except ObjectNotFound:
@@ -195,11 +197,9 @@ class _Gc:
             cid = parse_chunk_key(key)
             if cid is None:
                 return 0
+            self.lock.ensure("deleting or putting back more fossils")
             if refs_codec.short_key(cid) in keep:
-                if self.storage.stat(chunk_key(cid)) == size:
-                    self.storage.delete(key)  # a backup stored it again meanwhile
-                else:
-                    self.storage.rename(key, chunk_key(cid))
+                self._put_back(key, cid)
                 return -1
             self.storage.delete(key)
             return size
@@ -216,18 +216,52 @@ class _Gc:
         return True
 
 
+    def _put_back(self, key: str, cid: bytes) -> None:
+        """Return a fossil in use to `chunks/`. A chunk stored under its name meanwhile wins
+        only if it is proven to be the same object: the same bytes (writers seal a chunk
+        deterministically, docs/format.md), or, with the key, a copy that opens and matches its
+        id. Anything else is replaced by the fossil: a forged upload must never cost the
+        original."""
+        live = chunk_key(cid)
+        if self.storage.stat(live) is not None:
+            try:
+                fossil = self.storage.get(key)
+                current = self.storage.get(live)
+            except ObjectNotFound:
+                fossil = current = b""  # one of them moved meanwhile: settle it by the rename
+            if fossil and (current == fossil or self._opens(cid, current)):
+                self.storage.delete(key)
+                return
+        try:
+            self.storage.rename(key, live)
+        except ObjectNotFound:
+            # Put back meanwhile: a snapship server does that when a backup uploads it.
+            if self.storage.stat(live) is None:
+                raise
+
+    def _opens(self, cid: bytes, blob: bytes) -> bool:
+        if self.repo is None:
+            return False
+        try:
+            self.repo.open_chunk(cid, blob)
+        except Corrupt:
+            return False
+        return True
+
+
 def run_gc(storage: Storage, *, repo: Repository | None = None,
            warn: Warn = lambda message: None) -> GcReport:
     """One gc run: finish a pending collection if its writers are done, then start and (with
     no backup running) finish a new one. `repo` (opened with the key) is only needed to
     rebuild missing reference lists."""
     report = GcReport()
-    with locks_mod.exclusive(storage, locks_mod.GC, "gc", warn):
-        gc = _Gc(storage, repo, warn, report)
+    with locks_mod.exclusive(storage, locks_mod.GC, "gc", warn) as lock:
+        gc = _Gc(storage, repo, warn, report, lock)
         pending = collection.load(storage)
         if pending is not None and not gc.finalize(pending):
             return report
         gc.finalize(gc.condemn())
         if isinstance(storage, LeavesTemporaries):
             report.temporaries_removed = storage.remove_temporaries(TEMP_MAX_AGE)
+        locks_mod.remove_old_tombstones(storage)
     return report

@@ -110,7 +110,7 @@ def run_snapshot_backup(
     if origin.origin:
         raise UsageError(f"{vg}/{lv} is itself a snapshot; back up its origin instead")
     with repo.writer(f"backup lvm:{vg}/{lv}") as session:
-        base = repo.latest_manifest(volume)
+        base = repo.latest_manifest(volume, warn)
         want = base.labels.get(LABEL_SNAPSHOT_UUID) if base else None
         ours = lvm.snapshots_of(vg, lv)
         tracking = next((s for s in ours if s.uuid == want), ours[-1] if ours else None)
@@ -136,7 +136,7 @@ def run_snapshot_backup(
             with Source(new.device) as source:
                 m = run_backup(repo, source, volume, plan=plan, labels=all_labels,
                                source_desc=f"lvm:{vg}/{lv}", progress=progress,
-                               session=session)
+                               session=session, warn=warn)
         except BaseException:
             try:
                 lvm.remove(vg, new.name)

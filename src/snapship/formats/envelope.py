@@ -58,8 +58,11 @@ def seal(
     payload: bytes | memoryview,
     aead: AESGCM | None,
     level: int = DEFAULT_ZSTD_LEVEL,
+    nonce_key: bytes | None = None,
 ) -> bytes | bytearray:
-    """Encode `payload` as a stored object called `name`; zstd is kept only if it shrinks it."""
+    """Encode `payload` as a stored object called `name`; zstd is kept only if it shrinks it.
+    With `nonce_key` the nonce is derived from the content (`crypto.synthetic_nonce`), so
+    the same payload always seals to the same bytes."""
     flags = 0
     body: bytes | memoryview = payload
     if level:
@@ -70,8 +73,28 @@ def seal(
         flags |= FLAG_ENCRYPTED
     header = _HEADER.pack(OBJECT_MAGIC, OBJECT_VERSION, kind, flags, 0)
     if aead is not None:
-        return crypto.encrypt_after(header, aead, body, header + name)
+        aad = header + name
+        nonce = crypto.synthetic_nonce(nonce_key, aad, body) if nonce_key else None
+        return crypto.encrypt_after(header, aead, body, aad, nonce)
     return b"".join((header, body, crypto.checksum(header, name, body)))
+
+
+def inspect(blob: bytes | bytearray, kind: int, encrypted: bool) -> str | None:
+    """What is wrong with an object's envelope as far as it shows without the key (for a
+    server or a keyless verify); None if nothing is."""
+    if len(blob) < OBJECT_HEADER_LEN:
+        return f"truncated to {len(blob)} bytes"
+    magic, version, got_kind, flags, reserved = _HEADER.unpack_from(blob)
+    if magic != OBJECT_MAGIC:
+        return f"bad magic {magic!r}"
+    if version != OBJECT_VERSION or got_kind != kind or flags & ~KNOWN_FLAGS or reserved:
+        return f"unexpected header (version {version}, kind {got_kind}, flags {flags:#x})"
+    if bool(flags & FLAG_ENCRYPTED) != encrypted:
+        return "its encryption flag does not match the repository"
+    trailer = NONCE_LEN + TAG_LEN if encrypted else CHECKSUM_LEN
+    if len(blob) < OBJECT_HEADER_LEN + trailer:
+        return f"truncated to {len(blob)} bytes"
+    return None
 
 
 def open_sealed(

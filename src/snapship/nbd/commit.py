@@ -8,6 +8,8 @@ backup's. Blocking: the server runs it on a worker thread.
 
 from __future__ import annotations
 
+import logging
+
 from snapship.engine.backup import BackupPlan, run_backup
 from snapship.formats.manifest import Manifest
 from snapship.nbd.overlay import WRITTEN, Overlay
@@ -15,6 +17,7 @@ from snapship.repository.repo import Repository
 from snapship.types import ZERO_ID
 
 CHANGE_SOURCE = "nbd overlay"
+log = logging.getLogger("snapship.nbd")
 
 
 class OverlaySource:
@@ -70,4 +73,4 @@ def commit_overlay(
         plan = BackupPlan(base=base, changed=overlay.changed_ranges(),
                           change_source=CHANGE_SOURCE)
         return run_backup(repo, source, volume, plan=plan, source_desc=source.path,
-                          labels=labels, session=session)
+                          labels=labels, session=session, warn=log.warning)

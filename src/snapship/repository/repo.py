@@ -13,11 +13,17 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 from snapship import crypto
 from snapship.crypto import Keys, ScryptParams
-from snapship.errors import AuthFailed, Corrupt, NotFound, ObjectNotFound, UsageError
+from snapship.errors import (
+    AuthFailed,
+    Corrupt,
+    NotFound,
+    ObjectNotFound,
+    SetAside,
+    UsageError,
+)
 from snapship.formats import envelope
 from snapship.formats import manifest as manifest_codec
 from snapship.formats import refs as refs_codec
@@ -48,7 +54,7 @@ from snapship.formats.constants import (
 )
 from snapship.formats.manifest import Manifest
 from snapship.repository import catalog, collection
-from snapship.repository.locks import WRITER, Lock
+from snapship.repository.locks import WRITER, LeaseLost, Lock
 from snapship.storage.base import Storage
 from snapship.types import VersionRef
 
@@ -72,18 +78,49 @@ def new_version_id(after: str | None = None) -> str:
     return vid
 
 
-@dataclass(frozen=True)
 class WriterSession:
-    """A running backup, registered so gc knows about it (docs/gc.md, "Writers")."""
+    """A running backup, registered so gc knows about it (docs/gc.md, "Writers" and "Leases").
 
-    lock: Lock
-    collection_at_start: str | None
-    """Id of the collection that had set chunks aside when this session began: reused chunks
-    must then be re-checked before the manifest is written."""
+    It holds a writer lock whose lease the backup must confirm before and after it writes its
+    version. A lease that was lost cannot be trusted again: `renew` registers the backup anew
+    (a new lock, a new session), after which the backup must re-check every chunk it relies
+    on, as a writer that started during a collection does."""
+
+    def __init__(self, storage: Storage, command: str) -> None:
+        self._storage = storage
+        self.command = command
+        self.lock = Lock(storage, WRITER, command).acquire()
+        self.collection_at_start: str | None = None
+        """Id of the collection that had set chunks aside when this session began: reused
+        chunks must then be re-checked before the manifest is written."""
+        self.renewals = 0
+        self._load_collection()
+
+    def _load_collection(self) -> None:
+        pending = collection.load(self._storage)
+        self.collection_at_start = pending.id if pending else None
 
     @property
     def id(self) -> str:
         return self.lock.session
+
+    def confirm(self) -> bool:
+        """Whether the lease has held without a gap up to now (a heartbeat is made first)."""
+        return self.lock.confirm()
+
+    def lapse(self) -> str:
+        return self.lock.lapse()
+
+    def renew(self) -> None:
+        """Register again under a new session, after the lease was lost."""
+        old = self.lock
+        self.lock = Lock(self._storage, WRITER, self.command).acquire()
+        self.renewals += 1
+        old.release_after(None if old.lost is None else LeaseLost(old.lost))
+        self._load_collection()
+
+    def close(self, exc: BaseException | None) -> None:
+        self.lock.release_after(exc)
 
 
 def chunk_key(cid: bytes, prefix: str = CHUNK_PREFIX) -> str:
@@ -109,6 +146,7 @@ class Repository:
         self.keys = keys
         self._aead = keys.aead if keys else None
         self._id_key = keys.id_key if keys else None
+        self._nonce_key = keys.nonce_key if keys else None
 
     @property
     def chunk_size(self) -> int:
@@ -190,7 +228,9 @@ class Repository:
     chunk_key = staticmethod(chunk_key)
 
     def seal_chunk(self, cid: bytes, data: bytes | memoryview) -> bytes | bytearray:
-        return envelope.seal(KIND_CHUNK, cid, data, self._aead, self.config.compression_level)
+        # Deterministic, so a chunk stored twice is the same object twice (docs/gc.md).
+        return envelope.seal(KIND_CHUNK, cid, data, self._aead, self.config.compression_level,
+                             self._nonce_key)
 
     def open_chunk(self, cid: bytes, blob: bytes) -> bytes:
         """Decode a stored chunk and check it really is the chunk `cid` names."""
@@ -203,8 +243,27 @@ class Repository:
     def stat_chunk(self, cid: bytes) -> int | None:
         return self.storage.stat(self.chunk_key(cid))
 
-    def put_chunk(self, cid: bytes, blob: bytes | bytearray) -> None:
-        self.storage.put(self.chunk_key(cid), blob)
+    def put_chunk(self, cid: bytes, blob: bytes | bytearray) -> int:
+        """Store a sealed chunk; returns the size of what is stored under its name (the
+        copy gc had set aside, when a server insists on that one)."""
+        try:
+            self.storage.put(self.chunk_key(cid), blob)
+            return len(blob)
+        except SetAside:
+            # gc set aside a copy with other bytes (sealed by an older snapship, or forged):
+            # bring that copy back as it is, once the key confirms it is this chunk.
+            try:
+                held = self.storage.get(chunk_key(cid, FOSSIL_PREFIX))
+            except ObjectNotFound:
+                held = b""  # settled meanwhile: our own bytes go in
+            if held:
+                try:
+                    self.open_chunk(cid, held)
+                except Corrupt as e:
+                    raise Corrupt(f"chunk {cid.hex()} cannot be stored: the copy gc set aside "
+                                  f"is not it ({e}); an administrator's gc settles it") from None
+            self.storage.put(self.chunk_key(cid), held or blob)
+            return len(held or blob)
 
     def get_chunk(self, cid: bytes) -> bytes:
         return self.open_chunk(cid, self.get_chunk_blob(cid))
@@ -235,9 +294,13 @@ class Repository:
     @contextlib.contextmanager
     def writer(self, command: str) -> Iterator[WriterSession]:
         """Register a backup for its whole life: enter before loading its base version."""
-        with Lock(self.storage, WRITER, command).acquire() as lock:
-            pending = collection.load(self.storage)
-            yield WriterSession(lock, pending.id if pending else None)
+        session = WriterSession(self.storage, command)
+        try:
+            yield session
+        except BaseException as e:
+            session.close(e)
+            raise
+        session.close(None)
 
     # -- manifests ------------------------------------------------------------------------
 
@@ -245,14 +308,24 @@ class Repository:
 
     def save_manifest(self, m: Manifest, session: WriterSession) -> None:
         """The reference list, a flush (now every chunk and the list are durable), the
-        manifest, a flush: a durable version always has durable chunks and references."""
-        self.storage.put(catalog.refs_key(m.volume, m.version),
-                         catalog.seal_refs(refs_codec.from_manifest(m, session.id)))
+        manifest, a flush: a durable version always has durable chunks and references.
+        The caller has confirmed the session's lease just before (engine/backup.py)."""
+        if not session.lock.lease_intact():
+            raise LeaseLost(f"{session.command}: {session.lapse()}; the version was not "
+                            "written")
+        self.put_refs(m, session)
         key = self.manifest_key(m.volume, m.version)
         blob = envelope.seal(KIND_MANIFEST, key.encode(), manifest_codec.encode(m), self._aead)
         self.storage.flush()
         self.storage.put(key, blob)
         self.storage.flush()
+
+    def put_refs(self, m: Manifest, session: WriterSession) -> None:
+        self.storage.put(catalog.refs_key(m.volume, m.version),
+                         catalog.seal_refs(refs_codec.from_manifest(m, session.id)))
+
+    def has_refs(self, m: Manifest) -> bool:
+        return self.storage.stat(catalog.refs_key(m.volume, m.version)) is not None
 
     def load_manifest(self, volume: str, version: str) -> Manifest:
         key = self.manifest_key(volume, version)
@@ -274,10 +347,21 @@ class Repository:
         """(volume, version) pairs, sorted by volume then age, without reading manifests."""
         return catalog.list_versions(self.storage, volume)
 
-    def latest_manifest(self, volume: str) -> Manifest | None:
-        """The newest version of `volume`, or None if it has none yet."""
-        versions = self.list_versions(volume)
-        return self.load_manifest(*versions[-1]) if versions else None
+    def latest_manifest(self, volume: str, warn: Callable[[str], None] | None = None
+                        ) -> Manifest | None:
+        """The newest version of `volume`, or None if it has none yet. With `warn`, a
+        damaged newest version is skipped (and reported) for the newest readable one: one bad
+        object must not stop every later backup of the volume."""
+        for vol, ver in reversed(self.list_versions(volume)):
+            try:
+                return self.load_manifest(vol, ver)
+            except NotFound:
+                continue  # forgotten meanwhile
+            except Corrupt as e:
+                if warn is None:
+                    raise
+                warn(f"{e}: not using {vol}@{ver} as the base of this backup")
+        return None
 
     def resolve(self, ref: VersionRef) -> tuple[str, str]:
         """Turn `volume@version` into an existing version; accepts a unique id prefix."""
