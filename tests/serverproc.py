@@ -33,6 +33,7 @@ _SERVING = re.compile(r"serving .* on (https?://\S+)")
 STANDARD_TOKENS: tuple[tuple[str, Role, frozenset[str] | None], ...] = (
     ("ops", Role.ADMIN, None),
     ("db1-backup", Role.BACKUP, None),
+    ("db1-backup-2", Role.BACKUP, None),
     ("restorer", Role.READ, None),
     ("only-r1", Role.BACKUP, frozenset({"r1"})),
 )
@@ -63,8 +64,9 @@ class ServerProc:
     """`snapship server` as a subprocess; use as a context manager."""
 
     def __init__(self, root: Path, tokens_file: Path, *, tls: tuple[Path, Path] | None = None,
-                 extra: Sequence[str] = ()) -> None:
+                 extra: Sequence[str] = (), env: dict[str, str] | None = None) -> None:
         self.root = root
+        self.env = env or {}
         self.tokens_file = tokens_file
         self.tls = tls
         self.extra = list(extra)
@@ -80,7 +82,8 @@ class ServerProc:
                 "--listen", f"127.0.0.1:{self.port}", *self.extra]
         if self.tls:
             argv += ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])]
-        self.proc = subprocess.Popen(argv, env=cli_env(None), stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(argv, env={**cli_env(None), **self.env},
+                                     stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      text=True)
         started = threading.Event()
@@ -148,11 +151,12 @@ class ServerProc:
 
 @contextlib.contextmanager
 def running_server(tmp: Path, *, tls: tuple[Path, Path] | None = None,
-                   extra: Sequence[str] = ()) -> Iterator[tuple[ServerProc, dict[str, str]]]:
+                   extra: Sequence[str] = (), env: dict[str, str] | None = None
+                   ) -> Iterator[tuple[ServerProc, dict[str, str]]]:
     """A server on `tmp/root` with the standard tokens; yields it and name -> token."""
     tmp.mkdir(parents=True, exist_ok=True)
     tokens = write_tokens(tmp / "tokens")
-    with ServerProc(tmp / "root", tmp / "tokens", tls=tls, extra=extra) as server:
+    with ServerProc(tmp / "root", tmp / "tokens", tls=tls, extra=extra, env=env) as server:
         yield server, tokens
 
 

@@ -10,17 +10,34 @@ from __future__ import annotations
 import http.client
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
-from snapship.errors import AuthFailed, ObjectNotFound, PermissionDenied
+from snapship.errors import AuthFailed, ObjectNotFound, PermissionDenied, StorageError
 from snapship.formats import http_api as api
-from tests.serverproc import ServerProc, http_storage, running_server
+from snapship.formats.config import RepoConfig
+from snapship.repository.repo import Repository
+from snapship.storage.memory import MemoryStorage
+from tests.forge import Forge, lock_object
+from tests.serverproc import ServerProc, create_repo_fast_kdf, http_storage, running_server
 
-CHUNK_KEY = "chunks/ab/" + "ab" * 32
-MANIFEST_KEY = "versions/disk/20261126-093000.000-abcd"
-LOCK_KEY = "locks/writer-20261126T093000-0123456789ab"
+# Unencrypted, so the objects are the same in every repository of this chunk size.
+FORGE = Forge(Repository(MemoryStorage(), RepoConfig("0" * 32, 64 * 1024, "none", ""), None))
+# The same chunk sealed without compression: valid, and other bytes under the same name.
+PLAIN = Forge(Repository(MemoryStorage(), RepoConfig("0" * 32, 64 * 1024, "none", "",
+                                                     compression_level=0), None))
+CHUNK_KEY, CHUNK_BLOB, _ = FORGE.chunk(b"chunk bytes" * 100)
+OTHER_KEY, OTHER_BLOB, _ = FORGE.chunk(b"other bytes" * 100)
+VERSION = FORGE.version("disk", [b"chunk bytes" * 100])
+REFS_KEY, REFS_BLOB = FORGE.refs(VERSION)
+MANIFEST_KEY, MANIFEST_BLOB = FORGE.manifest(VERSION)
+LOCK_KEY, LOCK_BLOB = lock_object("20261126T093000-0123456789ab")
+
+
+def init(server: ServerProc, repo: str, token: str) -> None:
+    create_repo_fast_kdf(http_storage(server, repo, token), encryption="none")
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +45,11 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProc, 
     with running_server(tmp_path_factory.mktemp("roles"),
                         extra=["--max-object-size", "1M", "--body-memory", "4M"]) as running:
         server, tokens = running
+        init(server, "db1", tokens["ops"])
         admin = http_storage(server, "db1", tokens["ops"])
-        admin.put(CHUNK_KEY, b"chunk bytes")
-        admin.put(MANIFEST_KEY, b"manifest bytes")
-        admin.put("config", b"{}")
+        admin.put(CHUNK_KEY, CHUNK_BLOB)
+        admin.put(REFS_KEY, REFS_BLOB)
+        admin.put(MANIFEST_KEY, MANIFEST_BLOB)
         yield running
 
 
@@ -59,14 +77,14 @@ def test_backup_token_adds_but_never_destroys(srv: tuple[ServerProc, dict[str, s
     server, tokens = srv
     s = http_storage(server, "db1", tokens["db1-backup"])
     assert s.whoami() == ("db1-backup", "backup")
-    new_chunk = "chunks/cd/" + "cd" * 32
-    s.put(new_chunk, b"new")  # creating is allowed
-    s.put(new_chunk, b"new")  # so is putting the same bytes again (a retried or raced put)
-    s.put(CHUNK_KEY, b"chunk bytes")
+    s.put(OTHER_KEY, OTHER_BLOB)  # creating is allowed
+    s.put(OTHER_KEY, OTHER_BLOB)  # so is putting the same bytes again (a retried or raced put)
+    s.put(CHUNK_KEY, CHUNK_BLOB)
     s.flush()
+    damaged = CHUNK_BLOB[:-1] + bytes([CHUNK_BLOB[-1] ^ 1])
     refused: list[tuple[Callable[[], object], str, str]] = [
-        (lambda: s.put(CHUNK_KEY, b"garbage"), "overwrite", CHUNK_KEY),
-        (lambda: s.put(MANIFEST_KEY, b"x" * 14), "overwrite", MANIFEST_KEY),
+        (lambda: s.put(CHUNK_KEY, PLAIN.chunk(b"chunk bytes" * 100)[1]), "overwrite", CHUNK_KEY),
+        (lambda: s.put(MANIFEST_KEY, MANIFEST_BLOB[:-1] + b"x"), "overwrite", MANIFEST_KEY),
         (lambda: s.delete(CHUNK_KEY), "delete", CHUNK_KEY),
         (lambda: s.delete(MANIFEST_KEY), "delete", MANIFEST_KEY),
         (lambda: s.rename(CHUNK_KEY, "fossils/ab/" + "ab" * 32), "rename", CHUNK_KEY),
@@ -90,32 +108,54 @@ def test_backup_token_adds_but_never_destroys(srv: tuple[ServerProc, dict[str, s
         assert "denied: token db1-backup (role backup)" in line
     # Nothing changed.
     admin = http_storage(server, "db1", tokens["ops"])
-    assert admin.get(CHUNK_KEY) == b"chunk bytes"
-    assert admin.get(MANIFEST_KEY) == b"manifest bytes"
+    assert admin.get(CHUNK_KEY) == CHUNK_BLOB
+    assert admin.get(MANIFEST_KEY) == MANIFEST_BLOB
     assert admin.stat("fossils/ab/" + "ab" * 32) is None
+    assert damaged != CHUNK_BLOB
 
 
 def test_backup_token_owns_its_locks(srv: tuple[ServerProc, dict[str, str]]) -> None:
+    """A writer lock is its token's: the server stamps it with its own clock and the token's
+    name, and no other backup token may replace or delete it (an admin may)."""
     server, tokens = srv
     s = http_storage(server, "db1", tokens["db1-backup"])
-    s.put(LOCK_KEY, b'{"heartbeat": 1}')
-    s.put(LOCK_KEY, b'{"heartbeat": 2}')  # heartbeats replace the lock object
-    assert s.get(LOCK_KEY) == b'{"heartbeat": 2}'
-    s.rename(LOCK_KEY, LOCK_KEY + "-moved")
-    s.delete(LOCK_KEY + "-moved")
-    assert s.stat(LOCK_KEY + "-moved") is None
+    key, blob = lock_object("20261201T000000-00000000000a", heartbeat=time.time() + 1e9)
+    before = time.time()
+    s.put(key, blob)
+    stored = json.loads(s.get(key))
+    assert stored["owner"] == "db1-backup"
+    assert before - 5 < stored["heartbeat"] < time.time() + 5  # the server's clock
+    s.put(key, blob)  # heartbeats replace the lock object
+    s.delete(key)
+    assert s.stat(key) is None
+    s.put(key, blob)
+    thief = http_storage(server, "db1", tokens["db1-backup-2"])
+    attempts: list[Callable[[], None]] = [lambda: thief.put(key, blob),
+                                          lambda: thief.delete(key)]
+    for attempt in attempts:
+        with pytest.raises(PermissionDenied, match="db1-backup's lock"):
+            attempt()
+    assert json.loads(s.get(key))["owner"] == "db1-backup"
+    http_storage(server, "db1", tokens["ops"]).delete(key)  # an admin may
     with pytest.raises(PermissionDenied):
         s.rename(CHUNK_KEY, "locks/writer-stolen")  # out of locks/ is not its own
     with pytest.raises(PermissionDenied):
+        s.put(key, blob)
+        s.rename(key, key + "-moved")  # no rename for a backup token at all
+    with pytest.raises(PermissionDenied):
         s.delete("locks/prune-20261126T093000-0123456789ab")
+    for junk in (b'{"heartbeat": 1}', b"[" * 100_000, b"not json",
+                 lock_object("20261201T000000-00000000000b", heartbeat=1e18)[1]):
+        with pytest.raises(StorageError, match=r"lock .* (malformed|version)"):
+            s.put(key.replace("00a", "00b"), junk)
 
 
 def test_read_token_reads_and_writes_nothing(srv: tuple[ServerProc, dict[str, str]]) -> None:
     server, tokens = srv
     s = http_storage(server, "db1", tokens["restorer"])
-    assert s.get(CHUNK_KEY) == b"chunk bytes"
-    assert s.stat(MANIFEST_KEY) == len(b"manifest bytes")
-    assert dict(s.list("versions/")) == {MANIFEST_KEY: 14}
+    assert s.get(CHUNK_KEY) == CHUNK_BLOB
+    assert s.stat(MANIFEST_KEY) == len(MANIFEST_BLOB)
+    assert dict(s.list("versions/")) == {MANIFEST_KEY: len(MANIFEST_BLOB)}
     assert s.missing([CHUNK_KEY, "chunks/ee/ee"]) == {"chunks/ee/ee"}
     attempts: list[Callable[[], object]] = [
         lambda: s.put("chunks/ff/ff", b"x"), lambda: s.delete(CHUNK_KEY),
@@ -172,7 +212,7 @@ def test_no_or_wrong_token_gets_401_on_everything(srv: tuple[ServerProc, dict[st
         assert resp.getheader(api.API_HEADER) == "1"
         if method != "HEAD":
             assert error_code(data) == api.UNAUTHORIZED
-            assert b"chunk bytes" not in data and b"db1" not in data
+            assert CHUNK_BLOB not in data and b"db1" not in data
     assert http_storage(server, "db1", tokens["ops"]).stat("chunks/00/0000") is None
     with pytest.raises(AuthFailed, match="refused the token"):
         http_storage(server, "db1", "wrong-token-wrong-token-wrong").get(CHUNK_KEY)
@@ -218,7 +258,8 @@ def test_protocol_errors_are_json_with_the_right_status(
     first.read()
     conn.request("GET", "/v1/repos/db1/objects/config", headers=auth)
     second = conn.getresponse()
-    assert (first.status, second.status, second.read()) == (403, 200, b"{}")
+    config = http_storage(server, "db1", tokens["ops"]).get("config")
+    assert (first.status, second.status, second.read()) == (403, 200, config)
     conn.close()
 
 
@@ -248,13 +289,14 @@ def test_backups_racing_on_one_chunk_all_succeed(srv: tuple[ServerProc, dict[str
     """Two backups storing the same new chunk at once: both puts succeed (same bytes), one
     object results; another writer's different bytes under that name are refused."""
     server, tokens = srv
+    init(server, "race", tokens["db1-backup"])
     s = http_storage(server, "race", tokens["db1-backup"])
-    data = bytes(range(256)) * 4096
+    key, blob, _cid = FORGE.chunk(bytes(range(256)) * 256)
     errors: list[BaseException] = []
 
     def put() -> None:
         try:
-            s.put("chunks/77/" + "77" * 32, data)
+            s.put(key, blob)
         except BaseException as e:
             errors.append(e)
 
@@ -264,7 +306,8 @@ def test_backups_racing_on_one_chunk_all_succeed(srv: tuple[ServerProc, dict[str
     for t in threads:
         t.join()
     assert errors == []
-    assert dict(s.list("chunks/")) == {"chunks/77/" + "77" * 32: len(data)}
-    with pytest.raises(PermissionDenied, match="exists with other content"):
-        s.put("chunks/77/" + "77" * 32, data[:-1] + b"x")
-    assert s.get("chunks/77/" + "77" * 32) == data
+    assert dict(s.list("chunks/")) == {key: len(blob)}
+    damaged = blob[:-1] + bytes([blob[-1] ^ 1])
+    with pytest.raises(StorageError, match="checksum"):
+        s.put(key, damaged)  # not even a chunk: refused before anything is looked up
+    assert s.get(key) == blob

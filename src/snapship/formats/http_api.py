@@ -36,6 +36,7 @@ BAD_REQUEST = "bad-request"
 BAD_KEY = "bad-key"
 UNAUTHORIZED = "unauthorized"
 FORBIDDEN = "forbidden"
+SET_ASIDE = "set-aside"
 NOT_FOUND = "not-found"
 NO_REPOSITORY = "no-repository"
 CONFLICT = "conflict"
@@ -53,6 +54,7 @@ STATUS = {
     BAD_KEY: 400,
     UNAUTHORIZED: 401,
     FORBIDDEN: 403,
+    SET_ASIDE: 403,
     NOT_FOUND: 404,
     NO_REPOSITORY: 404,
     CONFLICT: 409,

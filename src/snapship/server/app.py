@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import logging
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, NoReturn, Protocol
@@ -25,6 +26,7 @@ from snapship.errors import (
     UsageError,
 )
 from snapship.formats import http_api as api
+from snapship.formats.constants import CHUNK_PREFIX, MAX_MANIFEST_HEADER
 from snapship.server.objects import (
     ExistsWithOtherContent,
     PutOutcome,
@@ -34,6 +36,7 @@ from snapship.server.objects import (
 from snapship.server.policy import Op, Permission, permission
 from snapship.server.routes import ApiError, Route, route, server_key
 from snapship.server.tokens import Principal, TokenTable
+from snapship.server.validate import Rejected, check_upload, require_owner
 
 log = logging.getLogger("snapship.server")
 _PREFIX = re.compile(r"[A-Za-z0-9._+/-]*")
@@ -137,13 +140,13 @@ class App:
             log.warning("unauthorized request from %s: unknown token", client)
         return who
 
-    def _deny(self, who: Principal, r: Route, key: str | None, client: str, what: str
-              ) -> NoReturn:
+    def _deny(self, who: Principal, r: Route, key: str | None, client: str, what: str,
+              code: str | None = None) -> NoReturn:
         """Log the refusal and raise the 403."""
         message = f"token {who.name} (role {who.role.value}) {what}"
         log.warning("denied: %s [op %s, repository %s, key %s, from %s]", message, r.op.value,
                     r.repo, key or "-", client)
-        raise ApiError(api.FORBIDDEN, message)
+        raise ApiError(code or api.FORBIDDEN, message)
 
     def _check(self, who: Principal, r: Route, key: str | None, client: str,
                dst: str | None = None) -> Permission:
@@ -180,7 +183,17 @@ class App:
             p = self._check(who, r, r.key, client)
             data = read_body()
             try:
-                outcome = store.put(r.key, data, create_only=p is Permission.CREATE_ONLY)
+                upload = check_upload(store, who, r.key, data, time.time(), MAX_MANIFEST_HEADER)
+            except Rejected as e:
+                if e.forbidden:
+                    self._deny(who, r, r.key, client, e.message,
+                               code=api.SET_ASIDE if r.key.startswith(CHUNK_PREFIX) else None)
+                raise ApiError(api.BAD_REQUEST, e.message) from None
+            if upload.fossil is not None and store.put_back(upload.fossil, r.key, data):
+                return Response(201)
+            try:
+                outcome = store.put(r.key, upload.data,
+                                    create_only=p is Permission.CREATE_ONLY)
             except ExistsWithOtherContent:
                 self._deny(who, r, r.key, client,
                            f"may not overwrite {r.key} (it exists with other content)")
@@ -188,6 +201,10 @@ class App:
         if op is Op.DELETE:
             assert r.key is not None
             self._check(who, r, r.key, client)
+            try:
+                require_owner(store, who, r.key, "delete")
+            except Rejected as e:
+                self._deny(who, r, r.key, client, e.message)
             store.delete(r.key)
             return Response(204)
         if op is Op.RENAME:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -23,28 +22,16 @@ from typing import Any
 from snapship.engine.gc import run_gc
 from snapship.engine.pipeline import bounded_map
 from snapship.errors import Busy, Corrupt, NotFound, ObjectNotFound, SnapshipError, UsageError
+from snapship.formats import envelope
 from snapship.formats import http_api as api
 from snapship.formats.config import decode_config
-from snapship.formats.constants import (
-    CHUNK_PREFIX,
-    CONFIG_KEY,
-    FLAG_ENCRYPTED,
-    FOSSIL_PREFIX,
-    KIND_CHUNK,
-    KNOWN_FLAGS,
-    NONCE_LEN,
-    OBJECT_HEADER_LEN,
-    OBJECT_MAGIC,
-    OBJECT_VERSION,
-    TAG_LEN,
-)
+from snapship.formats.constants import CHUNK_PREFIX, CONFIG_KEY, FOSSIL_PREFIX, KIND_CHUNK
 from snapship.repository import catalog
 from snapship.repository.repo import Repository, chunk_key, parse_chunk_key
 from snapship.server.objects import Repositories, RepoStore
 from snapship.storage.base import Storage
 
 log = logging.getLogger("snapship.server")
-_HEADER = struct.Struct("<4sBBBB")
 IO_WORKERS = 4
 
 
@@ -61,22 +48,6 @@ class KeylessVerifyReport:
     bad_chunks: dict[str, str] = field(default_factory=dict)
     bad_refs: dict[str, str] = field(default_factory=dict)
     affected: dict[str, list[str]] = field(default_factory=dict)
-
-
-def _check_envelope(blob: bytes, encrypted: bool) -> str | None:
-    """What is wrong with a chunk object's envelope, as far as it shows without the key."""
-    if len(blob) < OBJECT_HEADER_LEN:
-        return f"truncated to {len(blob)} bytes"
-    magic, version, kind, flags, _ = _HEADER.unpack_from(blob)
-    if magic != OBJECT_MAGIC:
-        return f"bad magic {magic!r}"
-    if version != OBJECT_VERSION or kind != KIND_CHUNK or flags & ~KNOWN_FLAGS:
-        return f"unexpected header (version {version}, kind {kind}, flags {flags:#x})"
-    if bool(flags & FLAG_ENCRYPTED) != encrypted:
-        return "its encryption flag does not match the repository"
-    if encrypted and len(blob) < OBJECT_HEADER_LEN + NONCE_LEN + TAG_LEN:
-        return f"truncated to {len(blob)} bytes"
-    return None
 
 
 def keyless_verify(storage: Storage, deep: bool = False) -> KeylessVerifyReport:
@@ -130,7 +101,7 @@ def keyless_verify(storage: Storage, deep: bool = False) -> KeylessVerifyReport:
                     blob = storage.get(chunk_key(cid))  # gc moved it back meanwhile
                 except ObjectNotFound:
                     return cid, 0, "missing"
-            problem = _check_envelope(blob, cfg.encrypted)
+            problem = envelope.inspect(blob, KIND_CHUNK, cfg.encrypted)
             if problem is None and plain is not None:
                 try:
                     plain.open_chunk(cid, blob)

@@ -62,6 +62,18 @@ class RepoStore:
             self.local.put(key, data)
             return PutOutcome.CREATED if size is None else PutOutcome.REPLACED
 
+    def put_back(self, fossil: str, key: str, data: bytes) -> bool:
+        """Rename `fossil` to `key` if it still holds exactly `data`; False if it no longer
+        does (gc settled it meanwhile: the caller then stores `data` as usual)."""
+        with self._lock(key):
+            try:
+                if self.local.get(fossil) != data:
+                    return False
+                self.local.rename(fossil, key)
+            except ObjectNotFound:
+                return False
+            return True
+
     def _same(self, key: str, data: bytes | bytearray) -> bool:
         try:
             return self.local.get(key) == data

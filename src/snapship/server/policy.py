@@ -2,11 +2,12 @@
 
 A `backup` token adds and never destroys: it may create what a backup writes (chunks,
 reference lists, manifests, and at `init` the config and key file), re-put such an object only
-with the bytes it already holds, and fully manage only writer locks (`locks/writer-*`, which a
-backup replaces every minute and deletes at the end). Nothing else: not gc's state, not
-protection or damage marks, not another kind of lock. The server asks `permission` before
-touching storage; `CREATE_ONLY` leaves the "does it exist, and with which bytes" part to the
-object store, which checks it under a lock.
+with the bytes it already holds, and manage only writer locks (`locks/writer-*`, which a
+backup replaces every minute and deletes at the end; the server also makes sure each lock is
+replaced or deleted only by the token that stored it, server/validate.py). Nothing else: not
+gc's state, not protection or damage marks, not another kind of lock, no rename. The server
+asks `permission` before touching storage; `CREATE_ONLY` leaves the "does it exist, and with
+which bytes" part to the object store, which checks it under a lock.
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ from snapship.formats.constants import (
     CHUNK_PREFIX,
     CONFIG_KEY,
     KEY_KEY,
-    LOCK_PREFIX,
     REFS_PREFIX,
     VERSION_PREFIX,
 )
-from snapship.repository.locks import WRITER
+from snapship.repository.locks import WRITER, parse_lock_key
 
 
 class Role(enum.StrEnum):
@@ -51,14 +51,14 @@ class Permission(enum.Enum):
 
 
 READ_OPS = frozenset({Op.INFO, Op.GET, Op.HEAD, Op.LIST, Op.MISSING})
-WRITER_LOCK_PREFIX = f"{LOCK_PREFIX}{WRITER}-"
 BACKUP_CREATES = (CHUNK_PREFIX, REFS_PREFIX, VERSION_PREFIX)
 """Prefixes under which a backup token may create objects."""
 INIT_KEYS = frozenset({CONFIG_KEY, KEY_KEY})
 
 
 def _is_lock(key: str | None) -> bool:
-    return key is not None and key.startswith(WRITER_LOCK_PREFIX)
+    found = parse_lock_key(key) if key is not None else None
+    return found is not None and found[0] == WRITER
 
 
 def permission(role: Role, op: Op, key: str | None = None, dst: str | None = None) -> Permission:
@@ -75,8 +75,6 @@ def permission(role: Role, op: Op, key: str | None = None, dst: str | None = Non
         return Permission.DENY
     if op is Op.DELETE:
         return Permission.ALLOW if _is_lock(key) else Permission.DENY
-    if op is Op.RENAME:
-        return Permission.ALLOW if _is_lock(key) and _is_lock(dst) else Permission.DENY
     if op is Op.FLUSH:
         return Permission.ALLOW
     return Permission.DENY

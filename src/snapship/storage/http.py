@@ -25,6 +25,7 @@ from snapship.errors import (
     NotFound,
     ObjectNotFound,
     PermissionDenied,
+    SetAside,
     SnapshipError,
     StorageError,
     TransientStorageError,
@@ -257,7 +258,7 @@ class HttpStorage:
                 f"{self._where}: {what}: the server needs a token: set SNAPSHIP_TOKEN or use "
                 "--token-file")
         if reply.status == 403:
-            return PermissionDenied(message)
+            return SetAside(message) if code == api.SET_ASIDE else PermissionDenied(message)
         if reply.status == 409:
             return Busy(message)
         if reply.status == 404 and code == api.NOT_FOUND and key is not None:
