@@ -16,10 +16,12 @@ from snapship.formats import refs as refs_codec
 from snapship.formats.constants import (
     DAMAGED_PREFIX,
     KIND_REFS,
+    MAX_MARKER_JSON,
     PROTECTED_PREFIX,
     REFS_PREFIX,
     VERSION_PREFIX,
 )
+from snapship.formats.json_bounded import load_object
 from snapship.formats.manifest import check_name
 from snapship.formats.refs import Refs
 from snapship.storage.base import Storage
@@ -129,12 +131,14 @@ def damaged(storage: Storage) -> dict[tuple[str, str], DamageMark]:
     """Versions verify found damaged, with the chunk ids it named."""
     out = {}
     for vol, ver in _pairs(storage, DAMAGED_PREFIX, None):
+        key = _key(DAMAGED_PREFIX, vol, ver)
         try:
-            d = json.loads(storage.get(_key(DAMAGED_PREFIX, vol, ver)))
+            d = load_object(storage.get(key), key, MAX_MARKER_JSON)
             out[(vol, ver)] = DamageMark([str(c) for c in d["chunks"]], bool(d["deep"]))
         except ObjectNotFound:
             continue
-        except (ValueError, KeyError, TypeError):
+        except (FormatError, KeyError, TypeError):
+            # Unreadable: still damaged, by chunks unknown, and only a deep verify may clear it.
             out[(vol, ver)] = DamageMark([], True)
     return out
 
