@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,6 +96,25 @@ class Manifest:
 def encode(m: Manifest) -> bytes:
     validate(m)
     return index.encode(MANIFEST_MAGIC, MANIFEST_VERSION, m.header(), m.ids, m.sizes)
+
+
+def plaintext_size(peek: Callable[[int], bytes], what: str) -> int:
+    """The exact size of a manifest's plaintext, from its start alone: 20 + header_len + 36 x
+    count, where count must be ceil(size / chunk_size) of its header. What the envelope
+    requires of a compressed manifest before decompressing it."""
+    head = index.read_head(peek, MANIFEST_MAGIC, MANIFEST_VERSION, "manifest", what)
+    try:
+        size = _typed(head.header, "size", int)
+        cs = _typed(head.header, "chunk_size", int)
+    except (ValueError, KeyError) as e:
+        raise FormatError(f"{what} is malformed: {e}") from None
+    if size < 0 or cs < MIN_CHUNK_SIZE or cs > MAX_CHUNK_SIZE or cs & (cs - 1):
+        raise FormatError(f"{what} is inconsistent: size {size}, chunk size {cs}")
+    n = chunk_count(size, cs)
+    if head.count != n:
+        raise FormatError(f"{what} is inconsistent: {head.count} chunks listed, {n} expected "
+                          f"for {size} bytes")
+    return head.size
 
 
 def decode(data: bytes, what: str) -> Manifest:

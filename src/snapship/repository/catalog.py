@@ -27,8 +27,6 @@ from snapship.formats.refs import Refs
 from snapship.storage.base import Storage
 from snapship.types import VersionRef
 
-_MAX_REFS = 1 << 34
-
 
 def _key(prefix: str, volume: str, version: str) -> str:
     return f"{prefix}{check_name('volume', volume)}/{check_name('version', version)}"
@@ -88,7 +86,10 @@ def load_refs(storage: Storage, volume: str, version: str) -> Refs:
     """The reference list; `ObjectNotFound` if there is none, `Corrupt` if it is damaged."""
     key = refs_key(volume, version)
     what = f"reference list of {volume}@{version}"
-    body = envelope.open_sealed(KIND_REFS, key.encode(), storage.get(key), None, _MAX_REFS, what)
+    blob = storage.get(key)
+    body = envelope.open_sealed(KIND_REFS, key.encode(), blob, None,
+                                refs_codec.max_plaintext(len(blob)), what,
+                                lambda peek: refs_codec.plaintext_size(peek, what))
     r = refs_codec.decode(body, what)
     if (r.volume, r.version) != (volume, version):
         raise FormatError(f"{what} names itself {r.volume}@{r.version}")
