@@ -307,3 +307,29 @@ def test_manifest_and_refs_headers_nested_deeply_are_refused() -> None:
         with pytest.raises(FormatError, match="the header of m is nested more than 32 levels"):
             decode(_with_header(body, deep), "m")
 
+
+# -- manifest statistics (issue 10, item 9) -----------------------------------------------------
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"bytes_read": None}, "bytes_read"), ({"chunks_new": -1}, "chunks_new"),
+    ({"bytes_new_stored": "5"}, "bytes_new_stored"), ({"workers": True}, "workers"),
+    ({"duration": [1]}, "duration"), ({"duration": float("inf")}, "duration"),
+    ({"mode": 3}, "mode"), ({"bytes_new": 1.5}, "bytes_new")])
+def test_manifest_decode_refuses_mistyped_stats(change: dict[str, object], field: str) -> None:
+    m = mf.Manifest("v", "1", 65536, 65536, "t", "s", None, ZERO_ID, array("I", [0]),
+                    stats={"bytes_read": 1, "duration": 0.5, "mode": "full"})
+    body = mf.encode(m)
+    header = json.loads(body[12 : 12 + struct.unpack_from("<I", body, 8)[0]])
+    header["stats"].update(change)
+    with pytest.raises(FormatError, match=f"m is malformed: stats field '{field}'"):
+        mf.decode(_with_header(body, json.dumps(header).encode()), "m")
+    m.stats.update(change)
+    with pytest.raises(ValueError, match=field):
+        mf.encode(m)
+
+
+def test_manifest_stats_may_leave_fields_out_and_keep_unknown_ones() -> None:
+    m = mf.Manifest("v", "1", 0, 65536, "t", "s", None, b"", array("I"),
+                    stats={"future": [1, {"a": None}], "duration": 2})
+    assert mf.decode(mf.encode(m), "m") == m
