@@ -54,6 +54,39 @@ def run_cli(
     )
 
 
+def run_cli_peak_rss(
+    *args: str | os.PathLike[str],
+    passphrase: str | None = PASSPHRASE,
+    timeout: float = CLI_TIMEOUT,
+) -> tuple[Result, int]:
+    """`run_cli`, plus the command's own peak resident memory in bytes.
+
+    `os.wait4` reports the rusage of exactly that child (not of every child this test process
+    ever had, as RUSAGE_CHILDREN would); ru_maxrss is in KiB on Linux. Output goes to files,
+    so a chatty command cannot block on a full pipe while we wait.
+    """
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([*CLI, *map(str, args)], env=cli_env(passphrase),
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=err, text=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                os.wait4(proc.pid, 0)
+                raise subprocess.TimeoutExpired(proc.args, timeout)
+            time.sleep(0.02)
+        proc.returncode = os.waitstatus_to_exitcode(status)  # Popen must not wait again
+        out.seek(0)
+        err.seek(0)
+        result = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
+    return result, usage.ru_maxrss * 1024
+
+
 def start_cli(
     *args: str | os.PathLike[str], passphrase: str | None = PASSPHRASE
 ) -> subprocess.Popen[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -39,6 +40,47 @@ def test_parse_ranges_round_trip(pairs: list[tuple[int, int]]) -> None:
     expected = parse_ranges("".join(f"{s} {n}\n" for s, n in pairs))
     assert parse_ranges(text) == expected
     assert sum(r.length for r in expected) <= sum(n for _, n in pairs)
+
+
+def test_parse_ranges_leading_zeros_are_decimal() -> None:
+    assert parse_ranges("0100 4096\n00 010\n0x0010,0x00\n") == [ByteRange(0, 10),
+                                                                  ByteRange(100, 4196)]
+
+
+@pytest.mark.parametrize("number", ["1" * 5000, "9" * 20, str(1 << 63), "0x" + "f" * 17,
+                                    "0x8000000000000000"])
+def test_parse_ranges_bounds_numbers_and_names_the_line(number: str) -> None:
+    with pytest.raises(UsageError, match=r"line 2: .* is too large \(at most 2\^63-1\)") as e:
+        parse_ranges(f"0 1\n{number} 1\n")
+    assert len(str(e.value)) < 120
+
+
+def test_parse_ranges_accepts_the_largest_numbers() -> None:
+    top = (1 << 63) - 1
+    for text in (f"{top} {top}", f"{'0' * 100}{top} 0x{'0' * 50}7fffffffffffffff"):
+        assert parse_ranges(text) == [ByteRange(top, 2 * top)]
+
+
+@pytest.mark.parametrize("text", ["\u0661\u0662 4096\n", "1 \uff11\n"])
+def test_parse_ranges_takes_only_ascii_digits(text: str) -> None:
+    with pytest.raises(UsageError, match="line 1: expected 'START LENGTH'"):
+        parse_ranges(text)
+
+
+@given(st.lists(st.tuples(st.integers(0, 2**63 - 1), st.integers(0, 2**63 - 1),
+                          st.integers(0, 5)), max_size=10))
+def test_parse_ranges_any_padding_of_zeros_is_the_same_number(
+        items: list[tuple[int, int, int]]) -> None:
+    plain = "".join(f"{s} {n}\n" for s, n, _ in items)
+    padded = "".join(f"{'0' * z}{s},{'0' * z}{n}\n" for s, n, z in items)
+    assert parse_ranges(padded) == parse_ranges(plain)
+
+
+@given(st.text(max_size=60))
+def test_parse_ranges_never_crashes(text: str) -> None:
+    with contextlib.suppress(UsageError):
+        for r in parse_ranges(text):
+            assert 0 <= r.start <= r.end < 2**64
 
 
 def cli(*args: str | Path, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -5,18 +5,22 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import struct
 from array import array
+from collections.abc import Callable
 
 import pytest
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from snapship import crypto
 from snapship.crypto import Keys
 from snapship.errors import Corrupt, FormatError, UsageError
 from snapship.formats import envelope, refs
 from snapship.formats import manifest as mf
 from snapship.formats.config import RepoConfig, decode_config, encode_config
-from snapship.formats.constants import KIND_CHUNK, KIND_MANIFEST
+from snapship.formats.constants import KIND_CHUNK, KIND_MANIFEST, KIND_REFS
 from snapship.types import ZERO_ID
 
 KEYS = Keys(bytes(range(64)))
@@ -193,3 +197,139 @@ def test_refs_reject_unsorted_repeated_and_zero_ids_and_other_versions() -> None
     framed[4] = 2
     with pytest.raises(FormatError, match="reference list version 2"):
         refs.decode(bytes(framed), "r")
+
+
+# -- decompressed sizes (issue 10, item 7) ------------------------------------------------------
+
+
+def _sealed_frame(frame: bytes, name: bytes = b"n", kind: int = KIND_CHUNK) -> bytes:
+    header = struct.pack("<4sBBBB", b"SNPO", 1, kind, 0x01, 0)
+    return b"".join((header, frame, crypto.checksum(header, name, frame)))
+
+
+def test_envelope_refuses_a_frame_that_does_not_declare_its_size() -> None:
+    frame = zstandard.ZstdCompressor(write_content_size=False).compress(bytes(1000))
+    with pytest.raises(Corrupt, match="does not declare its size"):
+        envelope.open_sealed(KIND_CHUNK, b"n", _sealed_frame(frame), None, 1 << 20, "x")
+
+
+def test_envelope_refuses_a_declared_size_beyond_the_bound_before_decompressing() -> None:
+    frame = zstandard.ZstdCompressor().compress(bytes((1 << 20) + 1))
+    with pytest.raises(Corrupt, match=r"declares 1048577 bytes, more than the 1048576"):
+        envelope.open_sealed(KIND_CHUNK, b"n", _sealed_frame(frame), None, 1 << 20, "x")
+    assert len(envelope.open_sealed(KIND_CHUNK, b"n", _sealed_frame(frame), None,
+                                    (1 << 20) + 1, "x")) == (1 << 20) + 1
+
+
+def test_envelope_refuses_bytes_after_the_frame() -> None:
+    frame = zstandard.ZstdCompressor().compress(b"a" * 100)
+    with pytest.raises(Corrupt, match="damaged"):
+        envelope.open_sealed(KIND_CHUNK, b"n", _sealed_frame(frame + frame), None, 1000, "x")
+
+
+def test_envelope_exact_rule_reads_only_a_prefix_and_must_match() -> None:
+    payload = b"head" + bytes(1 << 20)
+    blob = envelope.seal(KIND_CHUNK, b"n", payload, None)
+    asked: list[int] = []
+
+    def rule(size: int) -> Callable[[envelope.Peek], int]:
+        def exact(peek: envelope.Peek) -> int:
+            asked.append(len(peek(4)))
+            assert peek(4) == b"head"
+            return size
+        return exact
+
+    assert envelope.open_sealed(KIND_CHUNK, b"n", blob, None, 1 << 21, "x",
+                                rule(len(payload))) == payload
+    with pytest.raises(Corrupt, match=f"declares {len(payload)} bytes, its header implies 7"):
+        envelope.open_sealed(KIND_CHUNK, b"n", blob, None, 1 << 21, "x", rule(7))
+    assert asked == [4, 4]
+
+
+@given(manifests())
+def test_manifest_plaintext_size_is_its_length_and_opens_sealed(m: mf.Manifest) -> None:
+    body = mf.encode(m)
+    assert mf.plaintext_size(lambda n: body[:n], "m") == len(body)
+    blob = envelope.seal(KIND_MANIFEST, b"k", body, None)
+
+    def rule(peek: envelope.Peek) -> int:
+        return mf.plaintext_size(peek, "m")
+
+    assert envelope.open_sealed(KIND_MANIFEST, b"k", blob, None, 1 << 30, "m", rule) == body
+
+
+@settings(max_examples=300)
+@given(m=manifests(), data=st.data())
+def test_manifest_plaintext_size_never_crashes_on_garbage(m: mf.Manifest, data: st.DataObject
+                                                          ) -> None:
+    body = mangled(mf.encode(m), data)
+    with contextlib.suppress(FormatError):
+        assert mf.plaintext_size(lambda n: body[:n], "m") >= 20
+
+
+def test_manifest_plaintext_size_needs_the_count_its_header_implies() -> None:
+    m = mf.Manifest("v", "1", 3 * 65536, 65536, "t", "s", None, ZERO_ID * 3, array("I", [0] * 3))
+    body = bytearray(mf.encode(m))
+    count_at = 12 + struct.unpack_from("<I", body, 8)[0]
+    struct.pack_into("<Q", body, count_at, 1 << 40)
+    with pytest.raises(FormatError, match="1099511627776 chunks listed, 3 expected"):
+        mf.plaintext_size(lambda n: bytes(body[:n]), "m")
+
+
+@given(manifests(), st.text(min_size=1, max_size=20))
+def test_refs_plaintext_size_is_its_length(m: mf.Manifest, writer: str) -> None:
+    body = refs.encode(refs.from_manifest(m, writer))
+    assert refs.plaintext_size(lambda n: body[:n], "r") == len(body)
+    assert len(body) <= refs.max_plaintext(len(body))
+
+
+def test_real_reference_lists_compress_far_less_than_their_bound_allows() -> None:
+    """Sorted random ids with identical stored sizes, at the strongest level: what the ratio
+    bound must never refuse."""
+    ids = sorted(os.urandom(32) for _ in range(50_000))
+    r = refs.Refs("v", "1", "w", b"".join(ids), array("I", [1 << 20] * len(ids)))
+    body = refs.encode(r)
+    blob = envelope.seal(KIND_REFS, b"k", body, None, 19)
+    assert len(body) / len(blob) < 1.25
+    assert len(body) <= refs.max_plaintext(len(blob))
+
+
+def _with_header(body: bytes, header: bytes) -> bytes:
+    old = struct.unpack_from("<I", body, 8)[0]
+    return body[:8] + struct.pack("<I", len(header)) + header + body[12 + old :]
+
+
+def test_manifest_and_refs_headers_nested_deeply_are_refused() -> None:
+    m = mf.Manifest("v", "1", 65536, 65536, "t", "s", None, ZERO_ID, array("I", [0]))
+    deep = ('{"x":' + "[" * 100_000 + "]" * 100_000 + "}").encode()
+    for decode, body in [(mf.decode, mf.encode(m)),
+                         (refs.decode, refs.encode(refs.from_manifest(m, "w")))]:
+        with pytest.raises(FormatError, match="the header of m is nested more than 32 levels"):
+            decode(_with_header(body, deep), "m")
+
+
+# -- manifest statistics (issue 10, item 9) -----------------------------------------------------
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"bytes_read": None}, "bytes_read"), ({"chunks_new": -1}, "chunks_new"),
+    ({"bytes_new_stored": "5"}, "bytes_new_stored"), ({"workers": True}, "workers"),
+    ({"duration": [1]}, "duration"), ({"duration": float("inf")}, "duration"),
+    ({"mode": 3}, "mode"), ({"bytes_new": 1.5}, "bytes_new")])
+def test_manifest_decode_refuses_mistyped_stats(change: dict[str, object], field: str) -> None:
+    m = mf.Manifest("v", "1", 65536, 65536, "t", "s", None, ZERO_ID, array("I", [0]),
+                    stats={"bytes_read": 1, "duration": 0.5, "mode": "full"})
+    body = mf.encode(m)
+    header = json.loads(body[12 : 12 + struct.unpack_from("<I", body, 8)[0]])
+    header["stats"].update(change)
+    with pytest.raises(FormatError, match=f"m is malformed: stats field '{field}'"):
+        mf.decode(_with_header(body, json.dumps(header).encode()), "m")
+    m.stats.update(change)
+    with pytest.raises(ValueError, match=field):
+        mf.encode(m)
+
+
+def test_manifest_stats_may_leave_fields_out_and_keep_unknown_ones() -> None:
+    m = mf.Manifest("v", "1", 0, 65536, "t", "s", None, b"", array("I"),
+                    stats={"future": [1, {"a": None}], "duration": 2})
+    assert mf.decode(mf.encode(m), "m") == m

@@ -41,8 +41,14 @@ class _ReadOnlyDevice:
             os.close(self.fd)
             raise SourceError(f"{what} {path} is not a regular file or a block device")
         self.kind = kind
-        os.set_blocking(self.fd, True)
-        self.size = os.lseek(self.fd, 0, os.SEEK_END)
+        try:
+            os.set_blocking(self.fd, True)
+            # Files under /proc (e.g. /proc/self/mem) pass as regular and cannot be sized.
+            self.size = os.lseek(self.fd, 0, os.SEEK_END)
+        except OSError as e:
+            os.close(self.fd)
+            raise SourceError(f"cannot use {what} {path}: its size cannot be determined "
+                              f"({e.strerror or e})") from None
 
     def close(self) -> None:
         os.close(self.fd)

@@ -74,7 +74,8 @@ def version_summary(m: Manifest) -> dict[str, Any]:
         "stored_bytes": sum(unique.values()),
         "new_bytes_stored": s.get("bytes_new_stored", 0),
         "dedup_ratio": round(nonzero / len(unique), 3) if unique else 1.0,
-        "compression_ratio": round(s["bytes_new"] / s["bytes_new_stored"], 3)
+        # Manifest decoding checked the types of these; older writers may have left some out.
+        "compression_ratio": round(s.get("bytes_new", 0) / s["bytes_new_stored"], 3)
         if s.get("bytes_new_stored")
         else None,
         "duration": s.get("duration"),

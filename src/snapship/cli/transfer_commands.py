@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import stat
 import sys
-from pathlib import Path
 from typing import Any
 
 from snapship.changes.lvm import Lvm
-from snapship.changes.range_file import parse_ranges
+from snapship.changes.range_file import MAX_FILE_SIZE, parse_ranges
 from snapship.cli.context import open_repository
 from snapship.cli.output import TerminalProgress, human_bytes, print_json
 from snapship.devices import Source
@@ -37,11 +37,39 @@ def default_volume_name(source: str) -> str:
 
 
 def read_changed_ranges(path: str) -> list[ByteRange]:
+    """The list in file `path` (`-`: standard input): a regular file or a pipe, at most
+    MAX_FILE_SIZE bytes. A device or a directory is refused before anything is read."""
+    what = "standard input" if path == "-" else f"changed-ranges file {path}"
     try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+        if path == "-":
+            data = sys.stdin.buffer.read(MAX_FILE_SIZE + 1)
+        else:
+            kind = _file_kind(os.stat(path).st_mode)
+            if kind is not None:
+                raise UsageError(f"{what} is {kind}, not a regular file or a pipe")
+            # Blocking: a named pipe is read once its writer has opened it.
+            with open(path, "rb") as f:
+                data = f.read(MAX_FILE_SIZE + 1)
+        if len(data) > MAX_FILE_SIZE:
+            raise UsageError(f"{what} is larger than {MAX_FILE_SIZE >> 20} MiB, the most a "
+                             "changed-ranges list may hold")
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read changed-ranges file {path}: {e}") from None
-    return parse_ranges(text, f"changed-ranges file {path}")
+        raise UsageError(f"cannot read {what}: {e}") from None
+    return parse_ranges(text, what)
+
+
+def _file_kind(mode: int) -> str | None:
+    """None for what a changed-ranges list may be read from, else what it is instead."""
+    if stat.S_ISREG(mode) or stat.S_ISFIFO(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    return "a socket" if stat.S_ISSOCK(mode) else "a special file"
 
 
 def parse_ref(text: str) -> VersionRef:

@@ -21,9 +21,11 @@ from snapship.formats.constants import (
     FORMAT_VERSION,
     KEYFILE_VERSION,
     MAX_CHUNK_SIZE,
+    MAX_CONFIG_JSON,
     MAX_ZSTD_LEVEL,
     MIN_CHUNK_SIZE,
 )
+from snapship.formats.json_bounded import load_object
 
 
 def _canonical(obj: dict[str, Any]) -> bytes:
@@ -59,8 +61,8 @@ def encode_config(cfg: RepoConfig, mac: bytes | None) -> bytes:
 
 def decode_config(data: bytes) -> tuple[RepoConfig, bytes | None]:
     """Parse and check `config`; returns it with its MAC (checked later, once unlocked)."""
+    obj = load_object(data, "repository config", MAX_CONFIG_JSON)
     try:
-        obj = json.loads(data)
         if obj.get("format") != "snapship":
             raise FormatError("not a snapship repository (config has no snapship format tag)")
         if obj.get("version") != FORMAT_VERSION:
@@ -116,8 +118,8 @@ def encode_keyfile(k: KeyFile) -> bytes:
 
 
 def decode_keyfile(data: bytes) -> KeyFile:
+    obj = load_object(data, "repository key file", MAX_CONFIG_JSON)
     try:
-        obj = json.loads(data)
         if obj["version"] != KEYFILE_VERSION:
             raise FormatError(f"key file version {obj['version']} is not supported")
         kdf = obj["kdf"]

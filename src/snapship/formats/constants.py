@@ -52,5 +52,14 @@ DEFAULT_CHUNK_SIZE = 1024 * 1024
 DEFAULT_ZSTD_LEVEL = 3
 MAX_ZSTD_LEVEL = 19
 MAX_MANIFEST_HEADER = 1 << 20
+"""Also the cap on a reference list's header."""
+
+MAX_JSON_DEPTH = 32
+"""Nesting accepted in any JSON read from storage or the network (`formats/json_bounded.py`);
+what snapship writes is at most a few levels deep."""
+MAX_CONFIG_JSON = 64 << 10
+"""`config` and `keys/repokey`: a few hundred bytes each."""
+MAX_MARKER_JSON = 64 << 20
+"""A `damaged/` marker lists chunk ids, 67 bytes each: about a million of them."""
 
 ID_LEN = 32

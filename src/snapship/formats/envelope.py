@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from collections.abc import Callable
 
 import zstandard
 from cryptography.exceptions import InvalidTag
@@ -97,10 +98,27 @@ def inspect(blob: bytes | bytearray, kind: int, encrypted: bool) -> str | None:
     return None
 
 
+Peek = Callable[[int], bytes]
+"""The first `n` bytes of an object's plaintext (fewer only where it ends), decompressed no
+further than that: what an `exact` size rule reads to tell how large the whole must be."""
+
+
 def open_sealed(
-    kind: int, name: bytes, blob: bytes | bytearray, aead: AESGCM | None, max_size: int, what: str
+    kind: int,
+    name: bytes,
+    blob: bytes | bytearray,
+    aead: AESGCM | None,
+    max_size: int,
+    what: str,
+    exact: Callable[[Peek], int] | None = None,
 ) -> bytes:
-    """Check and decode a stored object; `what` names it in errors (e.g. "chunk 3fa9...")."""
+    """Check and decode a stored object; `what` names it in errors (e.g. "chunk 3fa9...").
+
+    A compressed payload is only decompressed once its zstd frame has declared its content
+    size and that size is at most `max_size` and, with `exact`, equal to what `exact` derives
+    from the start of the plaintext (read by streaming only that far). Nothing is allocated
+    for a size the format does not allow, so a small object cannot expand into a huge one.
+    """
     if len(blob) < OBJECT_HEADER_LEN:
         raise Corrupt(f"{what} is damaged: truncated to {len(blob)} bytes")
     magic, version, got_kind, flags, _ = _HEADER.unpack_from(blob)
@@ -133,8 +151,51 @@ def open_sealed(
             raise Corrupt(f"{what} is damaged (checksum mismatch)")
         body = bytes(body_mv)
     if flags & FLAG_ZSTD:
+        return _decompress(body, max_size, exact, what)
+    return body
+
+
+def _decompress(body: bytes, max_size: int, exact: Callable[[Peek], int] | None, what: str
+                ) -> bytes:
+    try:
+        declared = zstandard.frame_content_size(body)
+    except zstandard.ZstdError as e:
+        raise Corrupt(f"{what} is damaged: {e}") from None
+    if declared < 0:  # snapship always writes the size; without it nothing bounds the output
+        raise Corrupt(f"{what} is damaged: its zstd frame does not declare its size")
+    if declared > max_size:
+        raise Corrupt(f"{what} is damaged: its zstd frame declares {declared} bytes, more than "
+                      f"the {max_size} it can have")
+    if exact is not None:
         try:
-            return _decompressor().decompress(body, max_output_size=max_size)
+            with _decompressor().stream_reader(body) as reader:
+                expected = exact(_Prefix(reader))
         except zstandard.ZstdError as e:
             raise Corrupt(f"{what} is damaged: {e}") from None
-    return body
+        if declared != expected:
+            raise Corrupt(f"{what} is damaged: its zstd frame declares {declared} bytes, its "
+                          f"header implies {expected}")
+    try:
+        # Exactly `declared` bytes are allocated; a frame that yields another amount, or is
+        # followed by anything, is refused.
+        return _decompressor().decompress(body, max_output_size=declared,
+                                          allow_extra_data=False)
+    except zstandard.ZstdError as e:
+        raise Corrupt(f"{what} is damaged: {e}") from None
+
+
+class _Prefix:
+    """`Peek` over a zstd stream: decompresses only as far as the longest prefix asked for."""
+
+    def __init__(self, reader: zstandard.ZstdDecompressionReader) -> None:
+        self._reader = reader
+        self._buf = bytearray()
+
+    def __call__(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            more = self._reader.read(n - len(self._buf))
+            if not more:
+                break
+            self._buf += more
+        return bytes(self._buf[:n])
+

@@ -11,6 +11,8 @@ import ipaddress
 import json
 from typing import Any
 
+from snapship.formats.json_bounded import load_object
+
 API_VERSION = 1
 API_HEADER = "Snapship-API"
 API_ROOT = f"/v{API_VERSION}"
@@ -19,6 +21,10 @@ REPOS_SEGMENT = "repos"
 MAX_MISSING_KEYS = 1000
 MAX_LIST_LIMIT = 10000
 DEFAULT_MAX_OBJECT_SIZE = 256 << 20
+MAX_JSON_BODY = 16 << 20
+"""Any JSON body but a maintenance report: a list page of 10000 keys is about 1 MB."""
+MAX_REPORT_BODY = 256 << 20
+"""A maintenance report names every bad chunk it found, so it may be long."""
 JSON_TYPE = "application/json"
 OBJECT_TYPE = "application/octet-stream"
 
@@ -106,14 +112,8 @@ def _dump(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def _object(body: bytes, what: str) -> dict[str, Any]:
-    try:
-        obj = json.loads(body)
-    except (UnicodeDecodeError, ValueError):
-        raise WireError(f"{what} is not JSON") from None
-    if not isinstance(obj, dict):
-        raise WireError(f"{what} is not a JSON object")
-    return obj
+def _object(body: bytes, what: str, max_bytes: int = MAX_JSON_BODY) -> dict[str, Any]:
+    return load_object(body, what, max_bytes, error=WireError)
 
 
 def _load(body: bytes, fields: dict[str, type | tuple[type, ...]], what: str) -> dict[str, Any]:
@@ -235,4 +235,4 @@ def decode_options(body: bytes, allowed: dict[str, type | tuple[type, ...]], wha
 
 
 def decode_report(body: bytes, what: str) -> dict[str, Any]:
-    return _object(body, what)
+    return _object(body, what, MAX_REPORT_BODY)

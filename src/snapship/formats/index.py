@@ -11,10 +11,13 @@ import json
 import struct
 import sys
 from array import array
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from snapship.errors import FormatError
 from snapship.formats.constants import ID_LEN, MAX_MANIFEST_HEADER
+from snapship.formats.json_bounded import load_object
 
 _PREFIX = struct.Struct("<4sHHI")
 _COUNT = struct.Struct("<Q")
@@ -30,12 +33,29 @@ def encode(magic: bytes, version: int, header: dict[str, Any], ids: bytes,
                      _COUNT.pack(len(ids) // ID_LEN), ids, values.tobytes()))
 
 
-def decode(data: bytes, magic: bytes, version: int, kind: str, what: str
-           ) -> tuple[dict[str, Any], bytes, array[int]]:
-    """(header, ids, values); rejects another magic or version, a bad frame, trailing bytes."""
-    if len(data) < _PREFIX.size:
+@dataclass(frozen=True)
+class Head:
+    """What the start of an index object says: its header, and how many entries follow."""
+
+    header: dict[str, Any]
+    header_len: int
+    count: int
+
+    @property
+    def size(self) -> int:
+        """The whole plaintext's size this head implies."""
+        return _PREFIX.size + self.header_len + _COUNT.size + self.count * (ID_LEN + 4)
+
+
+def read_head(peek: Callable[[int], bytes], magic: bytes, version: int, kind: str, what: str
+              ) -> Head:
+    """Parse the prefix, header and count through `peek` (the first n bytes of the plaintext),
+    reading no further: so a compressed object's real size can be checked before it is
+    decompressed. Rejects another magic or version, an oversized or malformed header."""
+    prefix = peek(_PREFIX.size)
+    if len(prefix) < _PREFIX.size:
         raise FormatError(f"{what} is truncated")
-    got_magic, got_version, _, header_len = _PREFIX.unpack_from(data)
+    got_magic, got_version, _, header_len = _PREFIX.unpack(prefix)
     if got_magic != magic:
         raise FormatError(f"{what} is not a {kind} (magic {got_magic!r})")
     if got_version != version:
@@ -43,24 +63,27 @@ def decode(data: bytes, magic: bytes, version: int, kind: str, what: str
                           f"{version}")
     if header_len > MAX_MANIFEST_HEADER:
         raise FormatError(f"{what} has an oversized header ({header_len} bytes)")
-    pos = _PREFIX.size
-    try:
-        header = json.loads(data[pos : pos + header_len])
-        pos += header_len
-        (count,) = _COUNT.unpack_from(data, pos)
-    except (ValueError, struct.error, UnicodeDecodeError) as e:
-        raise FormatError(f"{what} is malformed: {e}") from None
-    if not isinstance(header, dict):
-        raise FormatError(f"{what} is malformed: its header is not an object")
-    pos += _COUNT.size
-    ids = data[pos : pos + count * ID_LEN]
-    pos += count * ID_LEN
-    extra = len(data) - pos - count * 4
+    end = _PREFIX.size + header_len
+    head = peek(end + _COUNT.size)
+    if len(head) < end + _COUNT.size:
+        raise FormatError(f"{what} is truncated")
+    header = load_object(head[_PREFIX.size : end], f"the header of {what}", MAX_MANIFEST_HEADER)
+    (count,) = _COUNT.unpack_from(head, end)
+    return Head(header, header_len, count)
+
+
+def decode(data: bytes, magic: bytes, version: int, kind: str, what: str
+           ) -> tuple[dict[str, Any], bytes, array[int]]:
+    """(header, ids, values); rejects another magic or version, a bad frame, trailing bytes."""
+    head = read_head(lambda n: data[:n], magic, version, kind, what)
+    extra = len(data) - head.size
     if extra:
         raise FormatError(f"{what} is truncated" if extra < 0 else
                           f"{what} has {extra} bytes beyond its chunk list")
+    pos = _PREFIX.size + head.header_len + _COUNT.size
+    ids = data[pos : pos + head.count * ID_LEN]
     values = array("I")
-    values.frombytes(data[pos:])
+    values.frombytes(data[pos + head.count * ID_LEN :])
     if sys.byteorder == "big":
         values.byteswap()
-    return header, ids, values
+    return head.header, ids, values

@@ -9,8 +9,10 @@ Every manifest lists every chunk, so any version restores without reading anothe
 
 from __future__ import annotations
 
+import math
 import re
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,7 +96,27 @@ class Manifest:
 
 def encode(m: Manifest) -> bytes:
     validate(m)
+    _check_stats(m.stats)
     return index.encode(MANIFEST_MAGIC, MANIFEST_VERSION, m.header(), m.ids, m.sizes)
+
+
+def plaintext_size(peek: Callable[[int], bytes], what: str) -> int:
+    """The exact size of a manifest's plaintext, from its start alone: 20 + header_len + 36 x
+    count, where count must be ceil(size / chunk_size) of its header. What the envelope
+    requires of a compressed manifest before decompressing it."""
+    head = index.read_head(peek, MANIFEST_MAGIC, MANIFEST_VERSION, "manifest", what)
+    try:
+        size = _typed(head.header, "size", int)
+        cs = _typed(head.header, "chunk_size", int)
+    except (ValueError, KeyError) as e:
+        raise FormatError(f"{what} is malformed: {e}") from None
+    if size < 0 or cs < MIN_CHUNK_SIZE or cs > MAX_CHUNK_SIZE or cs & (cs - 1):
+        raise FormatError(f"{what} is inconsistent: size {size}, chunk size {cs}")
+    n = chunk_count(size, cs)
+    if head.count != n:
+        raise FormatError(f"{what} is inconsistent: {head.count} chunks listed, {n} expected "
+                          f"for {size} bytes")
+    return head.size
 
 
 def decode(data: bytes, what: str) -> Manifest:
@@ -114,6 +136,7 @@ def decode(data: bytes, what: str) -> Manifest:
             labels=_typed(h, "labels", dict),
             stats=_typed(h, "stats", dict),
         )
+        _check_stats(m.stats)
     except (ValueError, KeyError, TypeError) as e:
         raise FormatError(f"{what} is malformed: {e}") from None
     try:
@@ -128,6 +151,29 @@ def _typed(h: dict[str, Any], key: str, typ: type) -> Any:
     if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
         raise ValueError(f"field {key!r} is not a {typ.__name__}")
     return value
+
+
+_COUNTS = ("bytes_read", "chunks_read", "chunks_zero_read", "chunks_known", "chunks_existing",
+           "chunks_new", "bytes_new", "bytes_new_stored", "workers")
+_TEXTS = ("mode", "change_source", "fallback")
+
+
+def _check_stats(stats: dict[str, Any]) -> None:
+    """The statistics snapship writes must have their types (others are kept as they are):
+    `show` and `versions` compute with them."""
+    for key in _COUNTS:
+        if key in stats:
+            v = stats[key]
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"stats field {key!r} is not a count")
+    if "duration" in stats:
+        v = stats["duration"]
+        if (not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v)
+                or v < 0):
+            raise ValueError("stats field 'duration' is not a number of seconds")
+    for key in _TEXTS:
+        if key in stats and not isinstance(stats[key], str):
+            raise ValueError(f"stats field {key!r} is not a string")
 
 
 def validate(m: Manifest) -> None:

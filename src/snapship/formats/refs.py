@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import struct
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from operator import itemgetter
 
 from snapship.errors import FormatError, UsageError
 from snapship.formats import index
-from snapship.formats.constants import ID_LEN, REFS_MAGIC, REFS_VERSION
+from snapship.formats.constants import ID_LEN, MAX_MANIFEST_HEADER, REFS_MAGIC, REFS_VERSION
 from snapship.formats.manifest import Manifest, check_name
 from snapship.types import ZERO_ID
 
@@ -64,6 +64,19 @@ def from_manifest(m: Manifest, writer: str) -> Refs:
 def encode(r: Refs) -> bytes:
     header = {"volume": r.volume, "version": r.version, "writer": r.writer}
     return index.encode(REFS_MAGIC, REFS_VERSION, header, r.ids, r.sizes)
+
+
+def plaintext_size(peek: Callable[[int], bytes], what: str) -> int:
+    """The exact size of a reference list's plaintext from its start: 20 + header_len + 36 x
+    count."""
+    return index.read_head(peek, REFS_MAGIC, REFS_VERSION, "reference list", what).size
+
+
+def max_plaintext(stored: int) -> int:
+    """The most a reference list stored in `stored` bytes can hold once decompressed. Its ids
+    are keyed hashes (random), which zstd cannot shrink: 36 bytes per id compress to at least
+    32 or so; twice the stored size, plus a full header, is more than any real list needs."""
+    return 2 * stored + MAX_MANIFEST_HEADER + 20
 
 
 def decode(data: bytes, what: str) -> Refs:

@@ -16,16 +16,16 @@ from snapship.formats import refs as refs_codec
 from snapship.formats.constants import (
     DAMAGED_PREFIX,
     KIND_REFS,
+    MAX_MARKER_JSON,
     PROTECTED_PREFIX,
     REFS_PREFIX,
     VERSION_PREFIX,
 )
+from snapship.formats.json_bounded import load_object
 from snapship.formats.manifest import check_name
 from snapship.formats.refs import Refs
 from snapship.storage.base import Storage
 from snapship.types import VersionRef
-
-_MAX_REFS = 1 << 34
 
 
 def _key(prefix: str, volume: str, version: str) -> str:
@@ -86,7 +86,10 @@ def load_refs(storage: Storage, volume: str, version: str) -> Refs:
     """The reference list; `ObjectNotFound` if there is none, `Corrupt` if it is damaged."""
     key = refs_key(volume, version)
     what = f"reference list of {volume}@{version}"
-    body = envelope.open_sealed(KIND_REFS, key.encode(), storage.get(key), None, _MAX_REFS, what)
+    blob = storage.get(key)
+    body = envelope.open_sealed(KIND_REFS, key.encode(), blob, None,
+                                refs_codec.max_plaintext(len(blob)), what,
+                                lambda peek: refs_codec.plaintext_size(peek, what))
     r = refs_codec.decode(body, what)
     if (r.volume, r.version) != (volume, version):
         raise FormatError(f"{what} names itself {r.volume}@{r.version}")
@@ -129,12 +132,14 @@ def damaged(storage: Storage) -> dict[tuple[str, str], DamageMark]:
     """Versions verify found damaged, with the chunk ids it named."""
     out = {}
     for vol, ver in _pairs(storage, DAMAGED_PREFIX, None):
+        key = _key(DAMAGED_PREFIX, vol, ver)
         try:
-            d = json.loads(storage.get(_key(DAMAGED_PREFIX, vol, ver)))
+            d = load_object(storage.get(key), key, MAX_MARKER_JSON)
             out[(vol, ver)] = DamageMark([str(c) for c in d["chunks"]], bool(d["deep"]))
         except ObjectNotFound:
             continue
-        except (ValueError, KeyError, TypeError):
+        except (FormatError, KeyError, TypeError):
+            # Unreadable: still damaged, by chunks unknown, and only a deep verify may clear it.
             out[(vol, ver)] = DamageMark([], True)
     return out
 

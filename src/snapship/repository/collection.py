@@ -13,6 +13,7 @@ from typing import Any
 
 from snapship.errors import FormatError, ObjectNotFound
 from snapship.formats.constants import COLLECTION_KEY, COLLECTION_VERSION
+from snapship.formats.json_bounded import load_object
 from snapship.storage.base import Storage
 
 CONDEMNING = "condemning"
@@ -34,7 +35,7 @@ def load(storage: Storage) -> Collection | None:
     except ObjectNotFound:
         return None
     try:
-        d: dict[str, Any] = json.loads(data)
+        d: dict[str, Any] = load_object(data, COLLECTION_KEY, 16 << 20)
         if d.get("v") != COLLECTION_VERSION:
             raise FormatError(f"{COLLECTION_KEY} has version {d.get('v')!r}; this snapship reads 1")
         c = Collection(str(d["id"]), str(d["started"]), str(d["phase"]),

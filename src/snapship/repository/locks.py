@@ -31,6 +31,7 @@ from typing import Any
 
 from snapship.errors import Busy, FormatError, ObjectNotFound, SnapshipError, UsageError
 from snapship.formats.constants import LOCK_PREFIX, LOCK_VERSION, LOCK_VERSIONS_READ
+from snapship.formats.json_bounded import load_object
 from snapship.storage.base import Storage
 
 WRITER = "writer"
@@ -200,16 +201,7 @@ def parse_lock_key(key: str) -> tuple[str, str] | None:
 
 
 def _load_object(data: bytes, what: str) -> dict[str, Any]:
-    if len(data) > MAX_LOCK_BYTES:
-        raise FormatError(f"{what} is malformed: {len(data)} bytes (a lock has at most "
-                          f"{MAX_LOCK_BYTES})")
-    try:
-        d = json.loads(data)
-    except (ValueError, RecursionError) as e:
-        raise FormatError(f"{what} is malformed: {type(e).__name__}") from None
-    if not isinstance(d, dict):
-        raise FormatError(f"{what} is malformed: not a JSON object")
-    return d
+    return load_object(data, what, MAX_LOCK_BYTES, 4)
 
 
 def _typed(d: dict[str, Any], name: str, kind: type) -> Any:

@@ -60,6 +60,8 @@ from snapship.types import VersionRef
 
 PassphraseSource = Callable[[], bytes]
 _MAX_MANIFEST = 1 << 34
+"""A sanity cap only (a volume of about 450 TiB at 1 MiB chunks): what bounds a manifest is
+the exact size its own header implies (`manifest.plaintext_size`)."""
 
 
 def now_iso() -> str:
@@ -335,7 +337,7 @@ class Repository:
             raise NotFound(f"volume {volume} has no version {version}") from None
         what = f"manifest of {volume}@{version}"
         body = envelope.open_sealed(KIND_MANIFEST, key.encode(), blob, self._aead, _MAX_MANIFEST,
-                                    what)
+                                    what, lambda peek: manifest_codec.plaintext_size(peek, what))
         m = manifest_codec.decode(body, what)
         if (m.volume, m.version) != (volume, version):
             raise Corrupt(f"{what} names itself {m.volume}@{m.version}")

@@ -26,7 +26,7 @@ from snapship.errors import (
     UsageError,
 )
 from snapship.formats import http_api as api
-from snapship.formats.constants import CHUNK_PREFIX, MAX_MANIFEST_HEADER
+from snapship.formats.constants import CHUNK_PREFIX
 from snapship.server.objects import (
     ExistsWithOtherContent,
     PutOutcome,
@@ -183,7 +183,7 @@ class App:
             p = self._check(who, r, r.key, client)
             data = read_body()
             try:
-                upload = check_upload(store, who, r.key, data, time.time(), MAX_MANIFEST_HEADER)
+                upload = check_upload(store, who, r.key, data, time.time())
             except Rejected as e:
                 if e.forbidden:
                     self._deny(who, r, r.key, client, e.message,

@@ -56,9 +56,6 @@ _VERSION_ID = re.compile(r"(\d{8}-\d{6})\.\d{3}-[0-9a-f]{4}")
 FUTURE_SLACK = dt.timedelta(days=1)
 """How far ahead of the server's clock a new version's id may be: more is not a clock that
 is merely off, and would sort after every honest version forever."""
-MAX_REFS_RATIO = 2
-"""A reference list's plaintext is ids and sizes, 36 bytes per id; ids are keyed hashes, so
-it barely compresses: more than this times its stored size (plus the header cap) is a bomb."""
 
 
 class Rejected(Exception):
@@ -145,13 +142,14 @@ def check_chunk(store: RepoStore, key: str, data: bytes) -> Upload:
     return Upload(data, fossil)
 
 
-def check_refs(store: RepoStore, key: str, data: bytes, max_header: int) -> Upload:
+def check_refs(store: RepoStore, key: str, data: bytes) -> Upload:
     volume, version = _volume_version(key, REFS_PREFIX)
     _version_id(version, dt.datetime.now(dt.UTC))
     what = "the reference list"
     try:
         body = envelope.open_sealed(KIND_REFS, key.encode(), data, None,
-                                    MAX_REFS_RATIO * len(data) + max_header, what)
+                                    refs_codec.max_plaintext(len(data)), what,
+                                    lambda peek: refs_codec.plaintext_size(peek, what))
         r = refs_codec.decode(body, what)
     except Corrupt as e:
         raise Rejected(str(e)) from None
@@ -206,8 +204,8 @@ def require_owner(store: RepoStore, who: Principal, key: str, verb: str) -> None
         raise Rejected(f"may not {verb} {key}: it is {held} lock", forbidden=True)
 
 
-def check_upload(store: RepoStore, who: Principal, key: str, data: bytes, now: float,
-                 max_header: int) -> Upload:
+def check_upload(store: RepoStore, who: Principal, key: str, data: bytes, now: float
+                 ) -> Upload:
     """The object to store for a PUT of `key` by `who`, or `Rejected`."""
     if locks.parse_lock_key(key) is not None:
         return check_lock(store, who, key, data, now)
@@ -216,7 +214,7 @@ def check_upload(store: RepoStore, who: Principal, key: str, data: bytes, now: f
     if key.startswith(CHUNK_PREFIX):
         return check_chunk(store, key, data)
     if key.startswith(REFS_PREFIX):
-        return check_refs(store, key, data, max_header)
+        return check_refs(store, key, data)
     if key.startswith(VERSION_PREFIX):
         return check_manifest(store, key, data)
     try:
