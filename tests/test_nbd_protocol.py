@@ -3,9 +3,11 @@ map behind overlays, and block status over a version with an overlay."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import struct
 from array import array
+from concurrent.futures import ThreadPoolExecutor
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -171,6 +173,69 @@ def test_request_checks() -> None:
     assert check(p.CMD_BLOCK_STATUS, 0, 0, ctx=True) == p.EINVAL
     assert check(p.CMD_FLUSH, 0, 0, tx=rw & ~p.TX_SEND_FLUSH) == p.EINVAL
     assert check(9, 0, 0) == p.EINVAL
+
+
+class _Chunks:
+    """Stands in for the chunk cache: every chunk's data at once."""
+
+    max_bytes = 1 << 30
+
+    def __init__(self, chunks: dict[bytes, bytes]) -> None:
+        self.chunks = chunks
+
+    def request(self, cid: bytes) -> None:
+        pass
+
+    def prefetch(self, cid: bytes) -> bool:
+        return False
+
+    async def get(self, cid: bytes) -> bytes:
+        return self.chunks[cid]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.data())
+def test_reads_are_pieces_of_at_least_one_byte_covering_the_request(data: st.DataObject) -> None:
+    chunk = 64
+    pattern = data.draw(st.text("01", min_size=1, max_size=6), "zero/data chunks")
+    size = len(pattern) * chunk - data.draw(st.integers(0, chunk - 1), "short last chunk")
+    image = VersionImage(_manifest(pattern, chunk, size))
+    model = bytearray(size)
+    chunks = {}
+    for i, z in enumerate(pattern):
+        cid = image.chunk_id(i)
+        if z == "1":
+            assert cid is not None
+            content = bytes([i + 1]) * min(chunk, size - i * chunk)
+            chunks[cid] = content
+            model[i * chunk : i * chunk + len(content)] = content
+    writable = data.draw(st.booleans(), "writable")
+    overlay = Overlay(size) if writable else None
+    try:
+        for start, n, state in data.draw(st.lists(st.tuples(
+                st.integers(0, size), st.integers(0, 100), st.sampled_from([WRITTEN, ZERO])),
+                max_size=4 if writable else 0), "overlay marks"):  # fmt: skip
+            assert overlay is not None
+            n = min(n, size - start)
+            fill = b"\xee" * n if state == WRITTEN else bytes(n)
+            overlay.pwrite(start, fill)
+            overlay.mark(start, start + n, state)
+            model[start : start + n] = fill
+        offset = data.draw(st.integers(0, size), "offset")
+        length = data.draw(st.integers(0, size - offset), "length")
+        with ThreadPoolExecutor(1) as io:
+            session = ExportSession(image, _Chunks(chunks), io, overlay)  # type: ignore[arg-type]
+            pieces = asyncio.run(session.read(offset, length))
+        pos = offset
+        for at, n, piece in pieces:
+            assert n > 0, pieces  # an empty piece would become an empty reply chunk
+            assert at == pos and (piece is None or len(piece) == n), pieces
+            assert (bytes(piece) if piece is not None else bytes(n)) == model[at : at + n]
+            pos += n
+        assert pos == offset + length
+    finally:
+        if overlay is not None:
+            overlay.close()
 
 
 @settings(max_examples=300, deadline=None)

@@ -100,6 +100,11 @@ class ExportSession:
     # -- reads ----------------------------------------------------------------------------
 
     async def read(self, offset: int, length: int) -> list[Piece]:
+        """The pieces of [offset, offset + length), in order, none of them empty (each becomes
+        a reply chunk, and the protocol wants every chunk to cover at least one byte); no
+        pieces for a length of 0."""
+        if length == 0:
+            return []
         end = offset + length
         segments: list[tuple[int, int, int | None]]
         if self.overlay is None:

@@ -350,7 +350,9 @@ def check_request(req: Request, size: int, tx_flags: int, has_contexts: bool) ->
 
     Checked in this order: unknown command, flags not valid for it, a command or flag the
     export did not advertise, a write to a read-only export, a length over the limit, a range
-    past the end of the export.
+    past the end of the export. A length of 0 is valid (the request does nothing), except for
+    BLOCK_STATUS: its reply must describe at least one byte, and with REQ_ONE no more than
+    the request's length.
     """
     c = req.command
     allowed = _ALLOWED_FLAGS.get(c)
