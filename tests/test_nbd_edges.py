@@ -10,8 +10,11 @@ including a hypothesis test over such requests. What the server answers is in do
 from __future__ import annotations
 
 import functools
+import hashlib
 import random
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import example, given, settings
@@ -28,6 +31,7 @@ from tests.nbdhelp import (
     make_test_repo,
     nbdsh,
     serve,
+    tool_stdout_sha,
 )
 
 MiB = 1 << 20
@@ -137,6 +141,51 @@ print(json.dumps(rows))
             # than the request: impossible at the end, so refused everywhere
             expected["block status"] = "EINVAL"
         assert row == expected
+
+
+def test_zero_length_writes_change_nothing_and_make_no_writer(tmp_path: Path) -> None:
+    """Zero-length WRITE, TRIM and WRITE_ZEROES at odd offsets and at the end succeed and change
+    nothing, so a connection that sent only those is no writer: it may go away without
+    NBD_CMD_DISC and the overlay another connection wrote is still committed."""
+    tr = make_test_repo(tmp_path, images()[:1])
+    base = tr.latest("disk")
+    with serve(tr.path, "--writable", "--commit", log_dir=tmp_path) as server:
+        rows = libnbd('''
+writer = connect(URI, True)
+idle = connect(URI, True)  # sends only zero-length requests, then leaves without DISC
+rows = []
+for off in OFFSETS:
+    row = {"offset": off}
+    row["write"] = outcome(lambda: idle.pwrite(b"", off))
+    row["trim"] = outcome(lambda: idle.trim(0, off))
+    row["zero"] = outcome(lambda: idle.zero(0, off))
+    row["zero no-hole fast"] = outcome(lambda: idle.zero(
+        0, off, nbd.CMD_FLAG_NO_HOLE | nbd.CMD_FLAG_FAST_ZERO))
+    row["read"] = outcome(lambda: idle.pread(0, off))
+    row["usable"] = usable(idle, EXPECTED)
+    rows.append(row)
+unchanged = hashlib.sha256(idle.pread(SIZE, 0)).hexdigest()
+writer.pwrite(b"\\x5a" * 4096, 8192)
+writer.shutdown()  # NBD_CMD_DISC
+print(json.dumps({"rows": rows, "unchanged": unchanged}))
+sys.stdout.flush()
+os._exit(0)  # `idle` goes without NBD_CMD_DISC
+''', URI=server.uri("disk"), OFFSETS=OFFSETS, EXPECTED=base.data[4000:4100], SIZE=SIZE)
+        assert isinstance(rows, dict)
+        for row in rows["rows"]:
+            assert row == {"offset": row["offset"], "write": "ok", "trim": "ok", "zero": "ok",
+                           "zero no-hole fast": "ok", "read": "ok", "usable": "ok"}
+        assert rows["unchanged"] == base.sha
+        deadline = time.monotonic() + 60
+        while "committed disk@" not in server.log():
+            assert "not committing" not in server.log(), server.log()
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.05)
+        expected = bytearray(base.data)
+        expected[8192 : 8192 + 4096] = b"\x5a" * 4096
+        assert tool_stdout_sha("nbdcopy", server.uri("disk"), "-")[0] == hashlib.sha256(
+            expected).hexdigest()
+    assert len(tr.open().list_versions("disk")) == 2
 
 
 # -- raw sockets -------------------------------------------------------------------------------

@@ -242,8 +242,13 @@ class ExportSession:
             raise RequestFailed(p.EPERM, "the export is read-only")
         return self.overlay
 
+    # A zero-length write, zeroing or trim changes nothing: it does not make the connection
+    # a writer (one that leaves without NBD_CMD_DISC would stop the overlay's commit).
+
     async def write(self, offset: int, data: bytes) -> None:
         overlay = self._writable()
+        if not data:
+            return
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self._io, overlay.pwrite, offset, data)
@@ -256,13 +261,17 @@ class ExportSession:
         self.wrote = True
 
     def write_zeroes(self, offset: int, length: int, no_hole: bool) -> None:
-        self._writable().mark(offset, offset + length, ZERO_ALLOCATED if no_hole else ZERO)
-        self.wrote = True
+        overlay = self._writable()
+        if length:
+            overlay.mark(offset, offset + length, ZERO_ALLOCATED if no_hole else ZERO)
+            self.wrote = True
 
     def trim(self, offset: int, length: int) -> None:
         # Trimmed ranges read as zeroes from then on: the served version's holes do the same.
-        self._writable().mark(offset, offset + length, ZERO)
-        self.wrote = True
+        overlay = self._writable()
+        if length:
+            overlay.mark(offset, offset + length, ZERO)
+            self.wrote = True
 
 
 def _merge_zeroes(pieces: list[Piece | None]) -> list[Piece]:
