@@ -1,10 +1,12 @@
 """Edge requests: lengths of zero (on and off chunk boundaries, at the last byte and at the very
-end of an export), and lengths beyond the advertised maximum of 32 MiB.
+end of an export) and lengths beyond the advertised maximum of 32 MiB.
 
 Checked with libnbd (nbdsh), which drops the connection on any malformed reply, and with raw
 sockets whose replies are read as strictly as the protocol document puts them (`checked_reply`),
 including a hypothesis test over such requests. What the server answers is in docs/nbd.md
-("Zero lengths"): zero-length requests succeed and do nothing, except block status (EINVAL).
+("Zero lengths and the maximum"): zero-length requests succeed and do nothing, except block
+status (EINVAL); CACHE beyond the maximum gets EINVAL; TRIM, WRITE_ZEROES and BLOCK_STATUS of
+any length within the export are honoured.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from tests.nbdhelp import (
     image_data,
     make_test_repo,
     nbdsh,
+    run_tool,
     serve,
     tool_stdout_sha,
 )
@@ -188,6 +191,76 @@ os._exit(0)  # `idle` goes without NBD_CMD_DISC
     assert len(tr.open().list_versions("disk")) == 2
 
 
+def test_cache_beyond_the_maximum_is_refused_with_libnbd(ro: Server, rw: Server) -> None:
+    rows = libnbd('''
+rows = []
+for uri in URIS:
+    for structured in (True, False):
+        h = connect(uri, structured)
+        assert h.get_block_size(nbd.SIZE_MAXIMUM) == MAX
+        rows.append([
+            outcome(lambda: h.cache(MAX + 1, 0)),
+            outcome(lambda: h.cache(MAX + 512, 4096)),
+            outcome(lambda: h.cache(LARGE, 0)),
+            usable(h, EXPECTED),
+            outcome(lambda: h.cache(MAX, 0)),
+            outcome(lambda: h.cache(MAX, LARGE - MAX)),
+            usable(h, EXPECTED),
+        ])
+        outcome(h.shutdown)
+print(json.dumps(rows))
+''', URIS=[ro.uri("large"), rw.uri("large")], MAX=MAX, LARGE=LARGE,
+         EXPECTED=image("large")[4000:4100])  # fmt: skip
+    assert rows == [["EINVAL", "EINVAL", "EINVAL", "ok", "ok", "ok", "ok"]] * 4
+
+
+def test_commands_without_a_payload_are_honoured_beyond_the_maximum(
+    rw: Server, tmp_path: Path
+) -> None:
+    """TRIM, WRITE_ZEROES (with and without FAST_ZERO) and BLOCK_STATUS longer than 32 MiB
+    succeed: the protocol lets clients send them, and nbdcopy does (it zeroes holes of up to
+    128 MiB in one request, whatever maximum the server advertised). This pins a decision: it
+    passed before the edge-request fixes too."""
+    base = image("large")
+    rows = libnbd('''
+h = connect(URI, True)
+extents = []
+rows = [
+    outcome(lambda: h.zero(LARGE - 8192, 4096)),
+    outcome(lambda: h.zero(MAX + 1, 4096, nbd.CMD_FLAG_FAST_ZERO)),
+    outcome(lambda: h.zero(MAX + 1, 8192, nbd.CMD_FLAG_NO_HOLE)),
+    outcome(lambda: h.trim(LARGE - 4096, 4096)),
+    outcome(lambda: h.block_status(LARGE, 0, lambda m, o, e, err: extents.extend(e) or 0)),
+    hashlib.sha256(h.pread(4096, 0) + h.pread(8192, LARGE - 8192)).hexdigest(),
+]
+h.shutdown()
+print(json.dumps([rows, extents]))
+''', URI=rw.uri("large"), MAX=MAX, LARGE=LARGE)
+    assert isinstance(rows, list)
+    outcomes, extents = rows
+    ends = base[:4096] + bytes(8192)
+    assert outcomes == ["ok"] * 5 + [hashlib.sha256(ends).hexdigest()]
+    assert sum(extents[0::2]) == LARGE and extents[-1] == p.STATE_HOLE | p.STATE_ZERO
+    # nbdcopy zeroes the source's hole of 38 MiB with requests beyond the maximum (libnbd
+    # 1.14's nbdcopy sent requests of up to 128 MiB to nbdkit advertising 32 MiB)
+    src = tmp_path / "src.img"
+    wanted = bytearray(LARGE)
+    wanted[:MiB] = b"\x11" * MiB
+    wanted[LARGE - MiB :] = b"\x22" * MiB
+    with open(src, "wb") as f:
+        f.write(wanted[:MiB])
+        f.seek(LARGE - MiB)
+        f.write(wanted[LARGE - MiB :])
+    keep = connect(rw, True, "large")  # the overlay outlives nbdcopy's connections
+    try:
+        run_tool("nbdcopy", src, rw.uri("large"))
+        assert tool_stdout_sha("nbdcopy", rw.uri("large"), "-")[0] == hashlib.sha256(
+            wanted).hexdigest()
+    finally:
+        keep.request(p.CMD_DISC)
+        keep.close()
+
+
 # -- raw sockets -------------------------------------------------------------------------------
 
 
@@ -241,6 +314,22 @@ def test_zero_length_requests_get_an_empty_reply(repo: NbdRepo, ro: Server, rw: 
             assert c.closed_by_server()
     ro.assert_alive()
     rw.assert_alive()
+
+
+def test_cache_beyond_the_maximum_is_refused(repo: NbdRepo, ro: Server, rw: Server) -> None:
+    data = repo.latest("large").data
+    for server in (ro, rw):
+        for structured in (True, False):
+            c = connect(server, structured, "large")
+            for cookie, (off, n, error) in enumerate([
+                (0, MAX + 1, p.EINVAL), (100, LARGE - 100, p.EINVAL),
+                (0, MAX, 0), (LARGE - MAX, MAX, 0), (LARGE - 1, 1, 0),
+            ], 1):  # fmt: skip
+                req = send(c, p.CMD_CACHE, off, n, cookie=cookie)
+                assert checked_reply(c, req, structured).error == error, req.describe()
+                assert_usable(c, structured, data)
+            c.request(p.CMD_DISC)
+            assert c.closed_by_server()
 
 
 EDGE_COMMANDS = [p.CMD_READ, p.CMD_WRITE, p.CMD_TRIM, p.CMD_CACHE, p.CMD_WRITE_ZEROES,

@@ -175,6 +175,39 @@ def test_request_checks() -> None:
     assert check(9, 0, 0) == p.EINVAL
 
 
+def test_zero_lengths_and_lengths_beyond_the_maximum() -> None:
+    size = 1 << 40
+    ro = p.TX_HAS_FLAGS | p.TX_READ_ONLY | p.TX_SEND_FLUSH | p.TX_SEND_FUA | p.TX_SEND_CACHE
+    rw = (p.TX_HAS_FLAGS | p.TX_SEND_FLUSH | p.TX_SEND_FUA | p.TX_SEND_TRIM | p.TX_SEND_CACHE
+          | p.TX_SEND_WRITE_ZEROES | p.TX_SEND_FAST_ZERO)
+
+    def check(cmd: int, off: int, n: int, flags: int = 0, tx: int = rw) -> int:
+        c = p.check_request(p.Request(flags, cmd, 1, off, n), size, tx, True)
+        return c.error if c else 0
+
+    for off in (0, 100, size - 1, size):  # zero lengths: valid, except block status
+        for cmd in (p.CMD_READ, p.CMD_WRITE, p.CMD_TRIM, p.CMD_CACHE, p.CMD_WRITE_ZEROES):
+            assert check(cmd, off, 0) == 0, (cmd, off)
+        assert check(p.CMD_BLOCK_STATUS, off, 0) == p.EINVAL
+        for cmd in (p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES):
+            assert check(cmd, off, 0, tx=ro) == p.EPERM
+        assert check(p.CMD_READ, off, 0, tx=ro) == check(p.CMD_CACHE, off, 0, tx=ro) == 0
+    assert check(p.CMD_READ, size + 1, 0) == p.EINVAL
+    assert check(p.CMD_WRITE_ZEROES, size + 1, 0) == p.ENOSPC
+    # beyond the advertised maximum: refused where the length is data to move ...
+    for n in (p.MAX_PAYLOAD + 1, 2**32 - 1):
+        for cmd in (p.CMD_READ, p.CMD_WRITE, p.CMD_CACHE):
+            assert check(cmd, 0, n) == p.EINVAL, (cmd, n)
+        assert check(p.CMD_CACHE, 0, n, tx=ro) == p.EINVAL
+        # ... honoured where it is a range to mark or describe
+        for cmd in (p.CMD_TRIM, p.CMD_WRITE_ZEROES, p.CMD_BLOCK_STATUS):
+            assert check(cmd, 0, n) == 0, (cmd, n)
+        assert check(p.CMD_WRITE_ZEROES, 0, n, p.CMD_FLAG_FAST_ZERO | p.CMD_FLAG_NO_HOLE) == 0
+        assert check(p.CMD_BLOCK_STATUS, 0, n, tx=ro) == 0
+    for cmd in (p.CMD_READ, p.CMD_WRITE, p.CMD_CACHE):
+        assert check(cmd, size - p.MAX_PAYLOAD, p.MAX_PAYLOAD) == 0
+
+
 class _Chunks:
     """Stands in for the chunk cache: every chunk's data at once."""
 
