@@ -14,11 +14,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-# The NBD tests talk to the real clients (libnbd-bin: nbdinfo, nbdcopy; qemu-utils: qemu-img,
-# qemu-io, qemu-nbd; nbd-client; nbdkit as a reference server). nbd-client's package only
-# registers its boot-time service (with an empty /etc/nbdtab); installing it starts nothing.
+# The NBD tests talk to the real clients (libnbd-bin: nbdinfo, nbdcopy; python3-libnbd: nbdsh;
+# qemu-utils: qemu-img, qemu-io, qemu-nbd; nbd-client; nbdkit as a reference server).
+# nbd-client's package only registers its boot-time service (with an empty /etc/nbdtab);
+# installing it starts nothing.
 DEMO_TOOLS := mkfs.ext4:e2fsprogs debugfs:e2fsprogs
-TEST_TOOLS := $(DEMO_TOOLS) nbdinfo:libnbd-bin nbdcopy:libnbd-bin \
+TEST_TOOLS := $(DEMO_TOOLS) nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdsh:python3-libnbd \
 	qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils nbdkit:nbdkit \
 	nbd-client:nbd-client
 

@@ -7,10 +7,12 @@ A plain module (like clihelp.py): the test_nbd_*.py files import what they need.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import struct
@@ -258,6 +260,29 @@ def nbdkit_file(path: Path, log_dir: Path) -> Iterator[str]:
         proc.wait(30)
 
 
+@functools.cache
+def _nbdsh_path() -> str:
+    """PATH for nbdsh, which runs `python3 -m nbd`: the first python3 on it must be one that
+    python3-libnbd installed the module for (Debian's /usr/bin/python3), not a venv's or
+    pyenv's."""
+    path = os.environ.get("PATH", "")
+    for python in (shutil.which("python3"), "/usr/bin/python3"):
+        if python and subprocess.run([python, "-c", "import nbd"], capture_output=True,
+                                     check=False).returncode == 0:  # fmt: skip
+            return f"{os.path.dirname(python)}:{path}"
+    raise AssertionError("no python3 can import libnbd's nbd module (python3-libnbd)")
+
+
+def nbdsh(script: str, timeout: float = TOOL_TIMEOUT) -> object:
+    """Run `nbdsh -c SCRIPT` (libnbd's Python shell; `nbd` is imported, the script makes its
+    own handles) and return the JSON value of the last line it prints."""
+    r = run_tool("nbdsh", "-c", script, timeout=timeout,
+                 env={**os.environ, "PATH": _nbdsh_path()})  # fmt: skip
+    lines = r.stdout.decode().splitlines()
+    assert lines, f"nbdsh printed nothing:\n{r.stderr.decode(errors='replace')}"
+    return json.loads(lines[-1])
+
+
 # -- a raw-socket client (for bad input only) ------------------------------------------------
 
 
@@ -356,3 +381,78 @@ def structured_error(chunks: list[tuple[int, int, bytes]]) -> int:
         if rtype & 0x8000:
             return int(struct.unpack(">I", payload[:4])[0])
     return 0
+
+
+@dataclass
+class Answer:
+    """A reply read by `checked_reply`: its error, and what a successful one carried."""
+
+    error: int
+    data: bytes = b""
+    """READ: the bytes read, holes filled in."""
+    extents: list[tuple[int, int]] = field(default_factory=list)
+    """BLOCK_STATUS: the (length, flags) descriptors."""
+
+
+def checked_reply(c: RawClient, req: p.Request, structured: bool) -> Answer:
+    """Read the reply to `req` and fail unless it is well formed, as strictly as the protocol
+    document puts it (and libnbd checks it): the request's cookie; every content chunk
+    covering at least one byte, inside the request, none overlapping; a successful read
+    covered whole; block status descriptors of non-zero length, exactly one with REQ_ONE and
+    then no longer than the request; a NONE chunk only as the final, empty one."""
+    if not structured:
+        error, cookie = c.simple_reply()
+        assert cookie == req.cookie, (cookie, req)
+        if req.command == p.CMD_READ and error == 0:
+            return Answer(0, c.recv(req.length))
+        return Answer(error)
+    cookie, chunks = c.structured_reply()
+    assert cookie == req.cookie, (cookie, req)
+    error = 0
+    buf = bytearray(req.length if req.command == p.CMD_READ else 0)
+    covered: list[tuple[int, int]] = []
+    statuses: list[list[tuple[int, int]]] = []
+    for i, (flags, rtype, pl) in enumerate(chunks):
+        assert flags & ~p.REPLY_FLAG_DONE == 0, flags
+        if rtype == p.REPLY_TYPE_NONE:
+            assert i == len(chunks) - 1 and pl == b"", chunks
+        elif rtype in (p.REPLY_TYPE_OFFSET_DATA, p.REPLY_TYPE_OFFSET_HOLE):
+            assert req.command == p.CMD_READ, (req, rtype)
+            if rtype == p.REPLY_TYPE_OFFSET_DATA:
+                assert len(pl) > 8, f"an OFFSET_DATA chunk of {len(pl) - 8} bytes"
+                (at,), n = struct.unpack(">Q", pl[:8]), len(pl) - 8
+                buf[at - req.offset : at - req.offset + n] = pl[8:]
+            else:
+                assert len(pl) == 12, pl
+                at, n = struct.unpack(">QI", pl)
+                assert n > 0, "an OFFSET_HOLE chunk of 0 bytes"
+            assert req.offset <= at and at + n <= req.end, (at, n, req)
+            assert all(at + n <= s or e <= at for s, e in covered), "content chunks overlap"
+            covered.append((at, at + n))
+        elif rtype == p.REPLY_TYPE_BLOCK_STATUS:
+            assert req.command == p.CMD_BLOCK_STATUS, (req, rtype)
+            assert len(pl) >= 12 and (len(pl) - 4) % 8 == 0, pl
+            descriptors = [struct.unpack(">II", pl[k : k + 8]) for k in range(4, len(pl), 8)]
+            assert all(n > 0 for n, _ in descriptors), descriptors
+            statuses.append([(int(n), int(f)) for n, f in descriptors])
+        elif rtype in (p.REPLY_TYPE_ERROR, p.REPLY_TYPE_ERROR_OFFSET):
+            assert len(pl) >= 6, pl
+            code, msg_len = struct.unpack(">IH", pl[:6])
+            tail = 8 if rtype == p.REPLY_TYPE_ERROR_OFFSET else 0  # the offset
+            assert code != 0 and len(pl) == 6 + msg_len + tail, pl
+            pl[6 : 6 + msg_len].decode()
+            error = error or int(code)
+        else:
+            raise AssertionError(f"unknown structured reply type {rtype}")
+    if error:
+        return Answer(error)
+    if req.command == p.CMD_READ:
+        assert sum(e - s for s, e in covered) == req.length, (covered, req)
+        return Answer(0, bytes(buf))
+    if req.command == p.CMD_BLOCK_STATUS:
+        assert len(statuses) == 1, chunks  # one context: base:allocation
+        if req.flags & p.CMD_FLAG_REQ_ONE:
+            assert len(statuses[0]) == 1 and statuses[0][0][0] <= req.length, statuses
+        return Answer(0, extents=statuses[0])
+    assert [rtype for _, rtype, _ in chunks] == [p.REPLY_TYPE_NONE], chunks
+    return Answer(0)

@@ -3,9 +3,11 @@ map behind overlays, and block status over a version with an overlay."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import struct
 from array import array
+from concurrent.futures import ThreadPoolExecutor
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -171,6 +173,102 @@ def test_request_checks() -> None:
     assert check(p.CMD_BLOCK_STATUS, 0, 0, ctx=True) == p.EINVAL
     assert check(p.CMD_FLUSH, 0, 0, tx=rw & ~p.TX_SEND_FLUSH) == p.EINVAL
     assert check(9, 0, 0) == p.EINVAL
+
+
+def test_zero_lengths_and_lengths_beyond_the_maximum() -> None:
+    size = 1 << 40
+    ro = p.TX_HAS_FLAGS | p.TX_READ_ONLY | p.TX_SEND_FLUSH | p.TX_SEND_FUA | p.TX_SEND_CACHE
+    rw = (p.TX_HAS_FLAGS | p.TX_SEND_FLUSH | p.TX_SEND_FUA | p.TX_SEND_TRIM | p.TX_SEND_CACHE
+          | p.TX_SEND_WRITE_ZEROES | p.TX_SEND_FAST_ZERO)
+
+    def check(cmd: int, off: int, n: int, flags: int = 0, tx: int = rw) -> int:
+        c = p.check_request(p.Request(flags, cmd, 1, off, n), size, tx, True)
+        return c.error if c else 0
+
+    for off in (0, 100, size - 1, size):  # zero lengths: valid, except block status
+        for cmd in (p.CMD_READ, p.CMD_WRITE, p.CMD_TRIM, p.CMD_CACHE, p.CMD_WRITE_ZEROES):
+            assert check(cmd, off, 0) == 0, (cmd, off)
+        assert check(p.CMD_BLOCK_STATUS, off, 0) == p.EINVAL
+        for cmd in (p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES):
+            assert check(cmd, off, 0, tx=ro) == p.EPERM
+        assert check(p.CMD_READ, off, 0, tx=ro) == check(p.CMD_CACHE, off, 0, tx=ro) == 0
+    assert check(p.CMD_READ, size + 1, 0) == p.EINVAL
+    assert check(p.CMD_WRITE_ZEROES, size + 1, 0) == p.ENOSPC
+    # beyond the advertised maximum: refused where the length is data to move ...
+    for n in (p.MAX_PAYLOAD + 1, 2**32 - 1):
+        for cmd in (p.CMD_READ, p.CMD_WRITE, p.CMD_CACHE):
+            assert check(cmd, 0, n) == p.EINVAL, (cmd, n)
+        assert check(p.CMD_CACHE, 0, n, tx=ro) == p.EINVAL
+        # ... honoured where it is a range to mark or describe
+        for cmd in (p.CMD_TRIM, p.CMD_WRITE_ZEROES, p.CMD_BLOCK_STATUS):
+            assert check(cmd, 0, n) == 0, (cmd, n)
+        assert check(p.CMD_WRITE_ZEROES, 0, n, p.CMD_FLAG_FAST_ZERO | p.CMD_FLAG_NO_HOLE) == 0
+        assert check(p.CMD_BLOCK_STATUS, 0, n, tx=ro) == 0
+    for cmd in (p.CMD_READ, p.CMD_WRITE, p.CMD_CACHE):
+        assert check(cmd, size - p.MAX_PAYLOAD, p.MAX_PAYLOAD) == 0
+
+
+class _Chunks:
+    """Stands in for the chunk cache: every chunk's data at once."""
+
+    max_bytes = 1 << 30
+
+    def __init__(self, chunks: dict[bytes, bytes]) -> None:
+        self.chunks = chunks
+
+    def request(self, cid: bytes) -> None:
+        pass
+
+    def prefetch(self, cid: bytes) -> bool:
+        return False
+
+    async def get(self, cid: bytes) -> bytes:
+        return self.chunks[cid]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.data())
+def test_reads_are_pieces_of_at_least_one_byte_covering_the_request(data: st.DataObject) -> None:
+    chunk = 64
+    pattern = data.draw(st.text("01", min_size=1, max_size=6), "zero/data chunks")
+    size = len(pattern) * chunk - data.draw(st.integers(0, chunk - 1), "short last chunk")
+    image = VersionImage(_manifest(pattern, chunk, size))
+    model = bytearray(size)
+    chunks = {}
+    for i, z in enumerate(pattern):
+        cid = image.chunk_id(i)
+        if z == "1":
+            assert cid is not None
+            content = bytes([i + 1]) * min(chunk, size - i * chunk)
+            chunks[cid] = content
+            model[i * chunk : i * chunk + len(content)] = content
+    writable = data.draw(st.booleans(), "writable")
+    overlay = Overlay(size) if writable else None
+    try:
+        for start, n, state in data.draw(st.lists(st.tuples(
+                st.integers(0, size), st.integers(0, 100), st.sampled_from([WRITTEN, ZERO])),
+                max_size=4 if writable else 0), "overlay marks"):  # fmt: skip
+            assert overlay is not None
+            n = min(n, size - start)
+            fill = b"\xee" * n if state == WRITTEN else bytes(n)
+            overlay.pwrite(start, fill)
+            overlay.mark(start, start + n, state)
+            model[start : start + n] = fill
+        offset = data.draw(st.integers(0, size), "offset")
+        length = data.draw(st.integers(0, size - offset), "length")
+        with ThreadPoolExecutor(1) as io:
+            session = ExportSession(image, _Chunks(chunks), io, overlay)  # type: ignore[arg-type]
+            pieces = asyncio.run(session.read(offset, length))
+        pos = offset
+        for at, n, piece in pieces:
+            assert n > 0, pieces  # an empty piece would become an empty reply chunk
+            assert at == pos and (piece is None or len(piece) == n), pieces
+            assert (bytes(piece) if piece is not None else bytes(n)) == model[at : at + n]
+            pos += n
+        assert pos == offset + length
+    finally:
+        if overlay is not None:
+            overlay.close()
 
 
 @settings(max_examples=300, deadline=None)

@@ -78,7 +78,7 @@ def answer(c: RawClient, structured: bool, cookie: int, length: int = 0,
                 (at,) = struct.unpack(">Q", pl[:8])
                 n = len(pl) - 8 if rtype == p.REPLY_TYPE_OFFSET_DATA else struct.unpack(
                     ">I", pl[8:12])[0]
-                assert offset <= at and at + n <= offset + length
+                assert n > 0 and offset <= at and at + n <= offset + length
                 if rtype == p.REPLY_TYPE_OFFSET_DATA:
                     buf[at - offset : at - offset + n] = pl[8:]
                 covered += n

@@ -100,6 +100,11 @@ class ExportSession:
     # -- reads ----------------------------------------------------------------------------
 
     async def read(self, offset: int, length: int) -> list[Piece]:
+        """The pieces of [offset, offset + length), in order, none of them empty (each becomes
+        a reply chunk, and the protocol wants every chunk to cover at least one byte); no
+        pieces for a length of 0."""
+        if length == 0:
+            return []
         end = offset + length
         segments: list[tuple[int, int, int | None]]
         if self.overlay is None:
@@ -237,8 +242,13 @@ class ExportSession:
             raise RequestFailed(p.EPERM, "the export is read-only")
         return self.overlay
 
+    # A zero-length write, zeroing or trim changes nothing: it does not make the connection
+    # a writer (one that leaves without NBD_CMD_DISC would stop the overlay's commit).
+
     async def write(self, offset: int, data: bytes) -> None:
         overlay = self._writable()
+        if not data:
+            return
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self._io, overlay.pwrite, offset, data)
@@ -251,13 +261,17 @@ class ExportSession:
         self.wrote = True
 
     def write_zeroes(self, offset: int, length: int, no_hole: bool) -> None:
-        self._writable().mark(offset, offset + length, ZERO_ALLOCATED if no_hole else ZERO)
-        self.wrote = True
+        overlay = self._writable()
+        if length:
+            overlay.mark(offset, offset + length, ZERO_ALLOCATED if no_hole else ZERO)
+            self.wrote = True
 
     def trim(self, offset: int, length: int) -> None:
         # Trimmed ranges read as zeroes from then on: the served version's holes do the same.
-        self._writable().mark(offset, offset + length, ZERO)
-        self.wrote = True
+        overlay = self._writable()
+        if length:
+            overlay.mark(offset, offset + length, ZERO)
+            self.wrote = True
 
 
 def _merge_zeroes(pieces: list[Piece | None]) -> list[Piece]:

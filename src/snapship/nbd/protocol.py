@@ -117,7 +117,9 @@ ESHUTDOWN = 108
 MAX_STRING = 4096
 """Longest export name, query or message the protocol allows."""
 MAX_PAYLOAD = 32 << 20
-"""Largest READ or WRITE this server accepts (the protocol's portable limit) and advertises."""
+"""The maximum this server advertises (the protocol's portable limit) and enforces for the
+commands that move data: READ, WRITE and CACHE (which fetches its range like a READ).
+TRIM, WRITE_ZEROES and BLOCK_STATUS carry no payload and may be longer (docs/nbd.md)."""
 MIN_BLOCK = 1
 PREFERRED_BLOCK = 4096
 MAX_OPTION_DATA = 64 << 10
@@ -329,6 +331,8 @@ _ALLOWED_FLAGS = {
     CMD_BLOCK_STATUS: CMD_FLAG_REQ_ONE,
 }
 _WRITES = (CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES)
+_LIMITED = (CMD_READ, CMD_WRITE, CMD_CACHE)
+"""Commands whose length is data to move, held to MAX_PAYLOAD."""
 _TX_FOR_COMMAND = {
     CMD_FLUSH: TX_SEND_FLUSH,
     CMD_TRIM: TX_SEND_TRIM,
@@ -350,7 +354,9 @@ def check_request(req: Request, size: int, tx_flags: int, has_contexts: bool) ->
 
     Checked in this order: unknown command, flags not valid for it, a command or flag the
     export did not advertise, a write to a read-only export, a length over the limit, a range
-    past the end of the export.
+    past the end of the export. A length of 0 is valid (the request does nothing), except for
+    BLOCK_STATUS: its reply must describe at least one byte, and with REQ_ONE no more than
+    the request's length.
     """
     c = req.command
     allowed = _ALLOWED_FLAGS.get(c)
@@ -373,7 +379,7 @@ def check_request(req: Request, size: int, tx_flags: int, has_contexts: bool) ->
             return Check(EINVAL, "block status without a negotiated metadata context")
         if req.length == 0:
             return Check(EINVAL, "block status of length 0")
-    if c in (CMD_READ, CMD_WRITE) and req.length > MAX_PAYLOAD:
+    if c in _LIMITED and req.length > MAX_PAYLOAD:
         return Check(EINVAL, f"length {req.length} exceeds the maximum of {MAX_PAYLOAD}")
     if c in (CMD_READ, CMD_WRITE, CMD_TRIM, CMD_CACHE, CMD_WRITE_ZEROES, CMD_BLOCK_STATUS) and (
         req.end > size
