@@ -54,6 +54,19 @@ def run_cli(
     )
 
 
+_LAUNCHER = """
+import os, sys
+report = int(sys.argv[1])
+pid = os.fork()
+if pid == 0:
+    os.close(report)
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+os.write(report, str(usage.ru_maxrss).encode())
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_cli_peak_rss(
     *args: str | os.PathLike[str],
     passphrase: str | None = PASSPHRASE,
@@ -61,30 +74,26 @@ def run_cli_peak_rss(
 ) -> tuple[Result, int]:
     """`run_cli`, plus the command's own peak resident memory in bytes.
 
-    `os.wait4` reports the rusage of exactly that child (not of every child this test process
-    ever had, as RUSAGE_CHILDREN would); ru_maxrss is in KiB on Linux. Output goes to files,
-    so a chatty command cannot block on a full pipe while we wait.
-    """
-    import tempfile
-
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([*CLI, *map(str, args)], env=cli_env(passphrase),
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=err, text=True)
-        deadline = time.monotonic() + timeout
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                proc.kill()
-                os.wait4(proc.pid, 0)
-                raise subprocess.TimeoutExpired(proc.args, timeout)
-            time.sleep(0.02)
-        proc.returncode = os.waitstatus_to_exitcode(status)  # Popen must not wait again
-        out.seek(0)
-        err.seek(0)
-        result = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
-    return result, usage.ru_maxrss * 1024
+    The kernel's peak (ru_maxrss) survives fork and exec: a child of this test process would
+    report at least this process's own size. So a small launcher forks the command and reports
+    the rusage of exactly that grandchild (os.wait4; ru_maxrss is in KiB on Linux)."""
+    read_end, write_end = os.pipe()
+    try:
+        r = subprocess.run([sys.executable, "-c", _LAUNCHER, str(write_end), *CLI,
+                            *map(str, args)],
+                           env=cli_env(passphrase), stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, timeout=timeout, check=False,
+                           pass_fds=(write_end,))
+        os.close(write_end)
+        write_end = -1
+        with os.fdopen(read_end, "rb") as f:
+            read_end = -1
+            peak_kib = int(f.read() or b"0")
+    finally:
+        for fd in (read_end, write_end):
+            if fd >= 0:
+                os.close(fd)
+    return r, peak_kib * 1024
 
 
 def start_cli(
