@@ -13,6 +13,7 @@ from snapship.changes.lvm import Lvm
 from snapship.changes.range_file import parse_ranges
 from snapship.cli.context import open_repository
 from snapship.cli.output import TerminalProgress, human_bytes, print_json
+from snapship.cli.signals import terminate_raises
 from snapship.devices import Source
 from snapship.engine.backup import BackupPlan, run_backup
 from snapship.engine.restore import run_restore
@@ -126,7 +127,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     repo = open_repository(args)
     volume, version = repo.resolve(parse_ref(args.version_ref))
     m = repo.load_manifest(volume, version)
-    stats = run_restore(repo, m, args.target, progress=TerminalProgress(f"restore {volume}"))
+    with terminate_raises():  # a stopped restore removes its temporary file
+        stats = run_restore(repo, m, args.target, progress=TerminalProgress(f"restore {volume}"))
     if args.json:
         print_json(
             {
@@ -171,5 +173,6 @@ def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentPars
     p = sub.add_parser("restore", parents=[common], help="restore a version to a file or device")
     p.add_argument("version_ref", metavar="VOLUME[@VERSION]",
                    help="version id, unique prefix, or 'latest' (the default)")
-    p.add_argument("target", help="file (created or overwritten, sparse) or block device")
+    p.add_argument("target", help="file (written sparse beside it, then renamed over it) or "
+                   "block device (refused while mounted or in use)")
     p.set_defaults(func=cmd_restore)
