@@ -58,17 +58,21 @@ def small_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str
 
 # -- block devices ---------------------------------------------------------------------------
 
-loop_reason = can_use_loop_devices()
-for tool in ("mkfs.ext4", "e2fsck", "mount", "umount"):
-    if loop_reason is None and shutil.which(tool, path=os.environ["PATH"] + ":/usr/sbin:/sbin") is None:
-        loop_reason = f"{tool} is not installed"
-needs_loop = pytest.mark.skipif(loop_reason is not None, reason=loop_reason or "")
+def _which(tool: str) -> str | None:
+    return shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
 
 
 def _sbin(tool: str) -> str:
-    found = shutil.which(tool, path=os.environ["PATH"] + ":/usr/sbin:/sbin")
+    found = _which(tool)
     assert found is not None
     return found
+
+
+loop_reason = can_use_loop_devices()
+for tool in ("mkfs.ext4", "e2fsck", "mount", "umount"):
+    if loop_reason is None and _which(tool) is None:
+        loop_reason = f"{tool} is not installed"
+needs_loop = pytest.mark.skipif(loop_reason is not None, reason=loop_reason or "")
 
 
 @contextlib.contextmanager
@@ -239,7 +243,7 @@ def test_interrupted_restore_leaves_an_existing_file_and_no_temporary(
             proc.communicate()
     result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     assert proc.returncode == 128 + signum, describe(result)
-    assert err.strip() == f"snapship: {'terminated' if signum == signal.SIGTERM else 'interrupted'}", \
-        describe(result)
+    said = "terminated" if signum == signal.SIGTERM else "interrupted"
+    assert err.strip() == f"snapship: {said}", describe(result)
     assert target.read_bytes() == original
     assert sorted(p.name for p in work.iterdir()) == ["big.img"], "a temporary file is left"
