@@ -12,7 +12,7 @@ from typing import Any
 from snapship.changes.lvm import Lvm
 from snapship.changes.range_file import parse_ranges
 from snapship.cli.context import open_repository
-from snapship.cli.output import TerminalProgress, human_bytes, print_json
+from snapship.cli.output import TerminalProgress, human_bytes, print_json, warn
 from snapship.cli.signals import terminate_raises
 from snapship.devices import Source
 from snapship.engine.backup import BackupPlan, run_backup
@@ -49,10 +49,6 @@ def parse_ref(text: str) -> VersionRef:
     volume, _, version = text.partition("@")
     check_name("volume", volume)
     return VersionRef(volume, version or None)
-
-
-def warn(message: str) -> None:
-    print(f"snapship: warning: {message}", file=sys.stderr)
 
 
 def parse_lvm_source(source: str) -> tuple[str, str]:
