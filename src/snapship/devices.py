@@ -252,16 +252,14 @@ def _device_user(rdev: int) -> str:
     number = f"{os.major(rdev)}:{os.minor(rdev)}"
     sysdir = f"/sys/dev/block/{number}"
     numbers = {number}
-    holders: list[str] = []
-    with contextlib.suppress(OSError):
-        holders += os.listdir(os.path.join(sysdir, "holders"))
-        for entry in os.listdir(sysdir):  # partitions are subdirectories with a "partition"
-            part = os.path.join(sysdir, entry)
-            if os.path.exists(os.path.join(part, "partition")):
-                with open(os.path.join(part, "dev"), encoding="ascii") as f:
-                    numbers.add(f.read().strip())
-                with contextlib.suppress(OSError):
-                    holders += os.listdir(os.path.join(part, "holders"))
+    holders = _listdir(os.path.join(sysdir, "holders"))
+    for entry in _listdir(sysdir):  # partitions are subdirectories with a "partition" file
+        part = os.path.join(sysdir, entry)
+        if os.path.exists(os.path.join(part, "partition")):
+            with contextlib.suppress(OSError), open(os.path.join(part, "dev"),
+                                                    encoding="ascii") as f:
+                numbers.add(f.read().strip())
+            holders += _listdir(os.path.join(part, "holders"))
     mounts: list[str] = []
     with contextlib.suppress(OSError), open("/proc/self/mountinfo", encoding="utf-8",
                                             errors="replace") as f:
@@ -274,6 +272,13 @@ def _device_user(rdev: int) -> str:
     if holders:
         return f"is in use by {', '.join(sorted(set(holders)))} (device-mapper, md or bcache)"
     return "is in use (mounted, swap, or held open exclusively by another program)"
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
 
 
 def _unescape_mount(field: str) -> str:
