@@ -126,9 +126,11 @@ class Target:
         final = os.path.realpath(path)
         directory, name = os.path.split(final)
         temp = os.path.join(directory, _temp_name(name))
+        _unfinished.add(temp)  # before it exists: see remove_unfinished
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as e:
+            _unfinished.discard(temp)  # not ours (EEXIST) or never made
             raise TargetError(f"cannot create target {path}: {e.strerror or e}") from None
         target = cls(path, fd, False, final, temp, st)
         try:
@@ -183,6 +185,7 @@ class Target:
             raise TargetError(f"cannot put target {self.path} in place: {e.strerror or e}"
                               ) from None
         self._done = True
+        _unfinished.discard(self._temp)
         try:
             _fsync_directory(os.path.dirname(self._final))
         except OSError as e:
@@ -198,6 +201,7 @@ class Target:
         if self._temp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(self._temp)
+            _unfinished.discard(self._temp)
 
     def _close(self) -> None:
         if self._open:
@@ -210,6 +214,20 @@ class Target:
 
     def __exit__(self, *exc: object) -> None:
         self.abort()
+
+
+_unfinished: set[str] = set()
+"""The temporary files of this process's file restores that are neither committed nor aborted."""
+
+
+def remove_unfinished() -> None:
+    """Remove the temporary file of every file target of this process that was neither
+    committed nor aborted. An exception from a signal (KeyboardInterrupt, the CLI's
+    Terminated) can strike between any two steps, also between creating a target and entering
+    the `with` that would abort it: a command that restores calls this once it has stopped."""
+    while _unfinished:
+        with contextlib.suppress(OSError):
+            os.unlink(_unfinished.pop())
 
 
 def _temp_name(name: str) -> str:

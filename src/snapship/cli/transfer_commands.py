@@ -14,7 +14,7 @@ from snapship.changes.range_file import parse_ranges
 from snapship.cli.context import open_repository
 from snapship.cli.output import TerminalProgress, human_bytes, print_json, warn
 from snapship.cli.signals import terminate_raises
-from snapship.devices import Source
+from snapship.devices import Source, remove_unfinished
 from snapship.engine.backup import BackupPlan, run_backup
 from snapship.engine.restore import run_restore
 from snapship.engine.snapshot_backup import SnapshotOptions, run_snapshot_backup
@@ -124,7 +124,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
     volume, version = repo.resolve(parse_ref(args.version_ref))
     m = repo.load_manifest(volume, version)
     with terminate_raises():  # a stopped restore removes its temporary file
-        stats = run_restore(repo, m, args.target, progress=TerminalProgress(f"restore {volume}"))
+        try:
+            stats = run_restore(repo, m, args.target,
+                                progress=TerminalProgress(f"restore {volume}"))
+        finally:
+            remove_unfinished()  # also one an exception struck before it could abort
     if args.json:
         print_json(
             {
