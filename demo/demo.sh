@@ -6,6 +6,8 @@ set -euo pipefail
 WORK="${DEMO_WORK:-demo-work}"
 export SNAPSHIP_PASSPHRASE="${SNAPSHIP_PASSPHRASE:-demo passphrase}"
 export SNAPSHIP_REPO="$WORK/repo"
+# The demo's repository is thrown away with $WORK: so is the client's record of it.
+export SNAPSHIP_STATE_DIR="${SNAPSHIP_STATE_DIR:-$WORK/state}"
 rm -rf "$WORK"
 mkdir -p "$WORK/tree"
 

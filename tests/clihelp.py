@@ -6,6 +6,7 @@ test_concurrency.py import what they need from here.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import json
@@ -14,12 +15,17 @@ import random
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from snapship.repository.repo import Repository
 
 PASSPHRASE = "correct horse battery staple"
+STATE_ENV = "SNAPSHIP_STATE_DIR"
 CHUNK = 64 * 1024
 CLI = [sys.executable, "-m", "snapship.cli.main"]
 CLI_TIMEOUT = 120.0
@@ -28,11 +34,34 @@ Result = subprocess.CompletedProcess[str]
 Args = list[str | Path]
 
 
-def cli_env(passphrase: str | None = PASSPHRASE) -> dict[str, str]:
-    """The environment of a CLI call: ours minus any SNAPSHIP_* setting, plus the passphrase."""
+_state_dir: Path | None = None
+
+
+def use_state_dir(path: Path) -> None:
+    """Make `path` this test session's SNAPSHIP_STATE_DIR (conftest does, at the start)."""
+    global _state_dir
+    _state_dir = path
+    os.environ[STATE_ENV] = str(path)  # for in-process code, and subprocesses that inherit
+
+
+def state_dir() -> Path:
+    """Where this test session's CLI calls keep their known-repositories file: a temporary
+    directory for the session, never the real home (see use_state_dir)."""
+    if _state_dir is None:  # outside pytest: a directory of our own
+        path = Path(tempfile.mkdtemp(prefix="snapship-test-state-"))
+        atexit.register(shutil.rmtree, path, True)
+        use_state_dir(path)
+    assert _state_dir is not None
+    return _state_dir
+
+
+def cli_env(passphrase: str | None = PASSPHRASE, state: Path | None = None) -> dict[str, str]:
+    """The environment of a CLI call: ours minus any SNAPSHIP_* setting, plus the passphrase
+    and the session's state directory (or `state`)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SNAPSHIP_")}
     if passphrase is not None:
         env["SNAPSHIP_PASSPHRASE"] = passphrase
+    env[STATE_ENV] = str(state or state_dir())
     return env
 
 
@@ -41,11 +70,12 @@ def run_cli(
     passphrase: str | None = PASSPHRASE,
     timeout: float = CLI_TIMEOUT,
     prefix: Sequence[str] = (),
+    state: Path | None = None,
 ) -> Result:
     """Run `snapship ARGS...` to completion; stdin is /dev/null so it never prompts."""
     return subprocess.run(
         [*prefix, *CLI, *map(str, args)],
-        env=cli_env(passphrase),
+        env=cli_env(passphrase, state),
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -97,12 +127,13 @@ def run_cli_peak_rss(
 
 
 def start_cli(
-    *args: str | os.PathLike[str], passphrase: str | None = PASSPHRASE
+    *args: str | os.PathLike[str], passphrase: str | None = PASSPHRASE,
+    state: Path | None = None,
 ) -> subprocess.Popen[str]:
     """Start `snapship ARGS...` without waiting; the caller must wait() or kill() it."""
     return subprocess.Popen(
         [*CLI, *map(str, args)],
-        env=cli_env(passphrase),
+        env=cli_env(passphrase, state),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -148,24 +179,39 @@ def init_repo(repo: Path, encryption: str = "aes-256-gcm", chunk_size: str = "64
 
 
 def init_repo_fast_kdf(
-    repo: Path, encryption: str = "aes-256-gcm", chunk_size: int = CHUNK
+    repo: Path, encryption: str = "aes-256-gcm", chunk_size: int = CHUNK, *,
+    remember: bool = True,
 ) -> None:
     """Create a repository as `init` does, but with a cheap scrypt cost in its key file.
 
     Every later CLI command unlocks it in milliseconds instead of 0.3 s; nothing else differs
-    (the cost parameters are stored in the key file, the CLI reads them from there).
+    (the cost parameters are stored in the key file, the CLI reads them from there). Like
+    `init`, it records the repository in the session's known-repositories file, so CLI calls
+    with the test passphrase accept it, unencrypted too (`remember=False`: a repository this
+    machine has never met).
     """
     from snapship.crypto import ScryptParams
     from snapship.repository.repo import Repository
     from snapship.storage.local import LocalStorage
 
-    Repository.create(
+    r = Repository.create(
         LocalStorage(str(repo)),
         encryption=encryption,
         chunk_size=chunk_size,
         passphrase=lambda: PASSPHRASE.encode(),
         kdf=ScryptParams(n=1 << 10),
     )
+    if remember:
+        remember_repository(r)
+
+
+def remember_repository(repo: Repository, state: Path | None = None) -> None:
+    """Record a repository made through the Python API as `snapship init` records the ones it
+    makes, in the session's state directory (or `state`)."""
+    from snapship.cli import known_repos
+
+    known_repos.remember(repo.config, repo.storage.describe(),
+                         known_repos.state_file(state or state_dir()))
 
 
 def backup(repo: Path, source: Path, volume: str, *labels: str) -> str:

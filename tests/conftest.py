@@ -15,11 +15,19 @@ from snapship.formats.constants import ENCRYPTION_AES_GCM, ENCRYPTION_NONE
 from snapship.repository.repo import Repository
 from snapship.storage.local import LocalStorage
 from snapship.storage.memory import MemoryStorage
+from tests.clihelp import use_state_dir
 
 # Hypothesis' per-example deadline measures the machine's load, not the code: a shared 2-core
 # box running qemu beside the suite made examples slow enough to fail. Examples still count.
 settings.register_profile("snapship", deadline=None)
 settings.load_profile("snapship")
+
+@pytest.fixture(scope="session", autouse=True)
+def _hermetic_state_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Every CLI call of the session, and the test helpers, keep the known-repositories file
+    in a temporary directory of the session, never in the real home."""
+    use_state_dir(tmp_path_factory.mktemp("snapship-state"))
+
 
 FAST_KDF = ScryptParams(n=1 << 10, r=8, p=1)
 CHUNK = 64 * 1024

@@ -24,7 +24,7 @@ from snapship.server.policy import Role
 from snapship.server.tokens import HEADER, hash_token, new_token, token_line
 from snapship.storage.http import HttpStorage
 from snapship.storage.retry import RetryPolicy
-from tests.clihelp import CLI, CLI_TIMEOUT, PASSPHRASE, Result, cli_env
+from tests.clihelp import CLI, CLI_TIMEOUT, PASSPHRASE, Result, cli_env, remember_repository
 
 START_TIMEOUT = 30.0
 _SERVING = re.compile(r"serving .* on (https?://\S+)")
@@ -168,9 +168,12 @@ def http_storage(server: ServerProc, repo: str, token: str | None, *,
 
 def create_repo_fast_kdf(storage: HttpStorage, encryption: str = "aes-256-gcm",
                          chunk_size: int = 64 * 1024) -> Repository:
-    """As `snapship init`, with a cheap scrypt cost (later CLI calls unlock it quickly)."""
-    return Repository.create(storage, encryption=encryption, chunk_size=chunk_size,
+    """As `snapship init`, with a cheap scrypt cost (later CLI calls unlock it quickly); it
+    is recorded in the session's known-repositories file, as `init` records what it makes."""
+    repo = Repository.create(storage, encryption=encryption, chunk_size=chunk_size,
                              passphrase=lambda: PASSPHRASE.encode(), kdf=ScryptParams(n=1 << 10))
+    remember_repository(repo)
+    return repo
 
 
 def run_cli_env(*args: str | os.PathLike[str], env: dict[str, str] | None = None,

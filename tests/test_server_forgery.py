@@ -28,6 +28,7 @@ from tests.clihelp import (
     CHUNK,
     CLI,
     Result,
+    cli_env,
     describe,
     image_bytes,
     new_chunks,
@@ -69,9 +70,7 @@ def ok(r: Result) -> Result:
 
 def start_backup(server: ServerProc, files: dict[str, Path], repo: str, img: Path
                  ) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SNAPSHIP_")}
-    env.update({"SNAPSHIP_PASSPHRASE": "correct horse battery staple",
-                "SNAPSHIP_TEST_STALE_AFTER": str(STALE)})
+    env = {**cli_env(), "SNAPSHIP_TEST_STALE_AFTER": str(STALE)}
     return subprocess.Popen([*CLI, "backup", "--repo", server.url(repo), str(img), "--volume",
                              "disk", "--json", "--token-file", str(files["db1-backup"])],
                             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

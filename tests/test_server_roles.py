@@ -146,7 +146,8 @@ def test_backup_token_owns_its_locks(srv: tuple[ServerProc, dict[str, str]]) -> 
         s.delete("locks/prune-20261126T093000-0123456789ab")
     for junk in (b'{"heartbeat": 1}', b"[" * 100_000, b"not json",
                  lock_object("20261201T000000-00000000000b", heartbeat=1e18)[1]):
-        with pytest.raises(StorageError, match=r"lock .* (malformed|version|JSON|nested|too large)"):
+        with pytest.raises(StorageError,
+                           match=r"lock .* (malformed|version|JSON|nested|too large)"):
             s.put(key.replace("00a", "00b"), junk)
 
 

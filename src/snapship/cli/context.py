@@ -10,6 +10,7 @@ import getpass
 import os
 import sys
 
+from snapship.cli import known_repos
 from snapship.engine.pipeline import default_workers
 from snapship.errors import AuthFailed, UsageError
 from snapship.repository.repo import PassphraseSource, Repository
@@ -88,6 +89,11 @@ def s3_list_lag() -> float:
     return _seconds_from_env("SNAPSHIP_S3_LIST_LAG", 0.0, 3600)
 
 
+def passphrase_configured(args: argparse.Namespace) -> bool:
+    """A passphrase given without a prompt: --passphrase-file or SNAPSHIP_PASSPHRASE."""
+    return bool(getattr(args, "passphrase_file", None) or os.environ.get("SNAPSHIP_PASSPHRASE"))
+
+
 def passphrase_source(args: argparse.Namespace, confirm: bool = False) -> PassphraseSource:
     """Where the passphrase comes from: --passphrase-file, SNAPSHIP_PASSPHRASE, or a prompt.
 
@@ -123,4 +129,14 @@ def passphrase_source(args: argparse.Namespace, confirm: bool = False) -> Passph
 
 
 def open_repository(args: argparse.Namespace) -> Repository:
-    return Repository.open(open_storage(args.repo, args), passphrase_source(args))
+    return vouch_for(Repository.open(open_storage(args.repo, args), passphrase_source(args)),
+                     args)
+
+
+def vouch_for(repo: Repository, args: argparse.Namespace) -> Repository:
+    """The edge's own check of a repository just opened, against what this machine knows of
+    it (`known_repos`): refuses a config switched to no encryption or to another chunk size,
+    and an unencrypted repository never met before while a passphrase is configured."""
+    known_repos.vouch(repo.config, repo.storage.describe(),
+                      passphrase_configured=passphrase_configured(args))
+    return repo

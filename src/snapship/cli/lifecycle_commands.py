@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 from typing import Any
 
-from snapship.cli import server_commands
-from snapship.cli.context import open_storage, passphrase_source
-from snapship.cli.output import human_bytes, print_json
-from snapship.cli.transfer_commands import parse_ref, warn
+from snapship.cli import known_repos, server_commands
+from snapship.cli.context import open_storage, passphrase_configured, passphrase_source, vouch_for
+from snapship.cli.output import human_bytes, print_json, warn
+from snapship.cli.transfer_commands import parse_ref
 from snapship.engine.gc import run_gc
 from snapship.engine.prune import Policy, forget_versions, parse_duration, run_prune
 from snapship.errors import AuthFailed, NotFound, ObjectNotFound, UsageError
@@ -29,9 +28,10 @@ def open_keyless(args: argparse.Namespace) -> Storage:
     """The repository's storage, after checking it holds a repository this snapship reads."""
     storage = open_storage(args.repo, args)
     try:
-        decode_config(storage.get(CONFIG_KEY))
+        cfg, _mac = decode_config(storage.get(CONFIG_KEY))
     except ObjectNotFound:
         raise NotFound(f"no snapship repository at {storage.describe()}") from None
+    known_repos.check(cfg, storage.describe())
     return storage
 
 
@@ -109,10 +109,10 @@ def cmd_protect(args: argparse.Namespace) -> int:
 def _key_if_at_hand(args: argparse.Namespace, storage: Storage) -> Repository | None:
     """The repository with its key, if that needs no prompt: gc can then rebuild a missing
     reference list instead of stopping."""
-    if args.passphrase_file or os.environ.get("SNAPSHIP_PASSPHRASE"):
-        return Repository.open(storage, passphrase_source(args))
+    if passphrase_configured(args):
+        return vouch_for(Repository.open(storage, passphrase_source(args)), args)
     try:  # the storage already open, not a second backend (and connection pool) of its own
-        return Repository.open(storage, None)
+        return vouch_for(Repository.open(storage, None), args)
     except AuthFailed:  # encrypted, and no passphrase without a prompt
         return None
 

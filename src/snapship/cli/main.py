@@ -17,6 +17,7 @@ from snapship.cli import (
     server_commands,
     transfer_commands,
 )
+from snapship.cli.signals import Terminated
 from snapship.errors import SnapshipError
 
 
@@ -68,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("snapship: interrupted", file=sys.stderr)
         return 130
+    except Terminated as e:
+        print("snapship: terminated", file=sys.stderr)
+        return 128 + e.signum
     except BrokenPipeError:
         return 141
     except Exception as e:  # a bug: say so in one line, trace only on request

@@ -28,6 +28,10 @@ def parse_size(text: str) -> int:
     return int(digits) * mult
 
 
+def warn(message: str) -> None:
+    print(f"snapship: warning: {message}", file=sys.stderr)
+
+
 def print_json(obj: Any) -> None:
     json.dump(obj, sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")

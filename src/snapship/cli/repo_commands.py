@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from snapship.cli import server_commands
+from snapship.cli import known_repos, server_commands
 from snapship.cli.context import open_repository, open_storage, passphrase_source
-from snapship.cli.output import TerminalProgress, human_bytes, parse_size, print_json
-from snapship.cli.transfer_commands import parse_ref, warn
+from snapship.cli.output import TerminalProgress, human_bytes, parse_size, print_json, warn
+from snapship.cli.transfer_commands import parse_ref
 from snapship.engine.verify import run_verify
 from snapship.errors import SnapshipError, UsageError
 from snapship.formats.constants import (
@@ -35,6 +35,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         compression_level=args.compression_level,
         passphrase=passphrase_source(args, confirm=True),
     )
+    # This machine knows it from now on: a config edited later to say otherwise is refused.
+    known_repos.remember(repo.config, repo.storage.describe())
     info = {
         "repository": repo.storage.describe(),
         "id": repo.config.repo_id,

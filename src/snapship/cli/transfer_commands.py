@@ -12,8 +12,9 @@ from typing import Any
 from snapship.changes.lvm import Lvm
 from snapship.changes.range_file import MAX_FILE_SIZE, parse_ranges
 from snapship.cli.context import open_repository
-from snapship.cli.output import TerminalProgress, human_bytes, print_json
-from snapship.devices import Source
+from snapship.cli.output import TerminalProgress, human_bytes, print_json, warn
+from snapship.cli.signals import terminate_raises
+from snapship.devices import Source, remove_unfinished
 from snapship.engine.backup import BackupPlan, run_backup
 from snapship.engine.restore import run_restore
 from snapship.engine.snapshot_backup import SnapshotOptions, run_snapshot_backup
@@ -76,10 +77,6 @@ def parse_ref(text: str) -> VersionRef:
     volume, _, version = text.partition("@")
     check_name("volume", volume)
     return VersionRef(volume, version or None)
-
-
-def warn(message: str) -> None:
-    print(f"snapship: warning: {message}", file=sys.stderr)
 
 
 def parse_lvm_source(source: str) -> tuple[str, str]:
@@ -155,7 +152,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
     repo = open_repository(args)
     volume, version = repo.resolve(parse_ref(args.version_ref))
     m = repo.load_manifest(volume, version)
-    stats = run_restore(repo, m, args.target, progress=TerminalProgress(f"restore {volume}"))
+    with terminate_raises():  # a stopped restore removes its temporary file
+        try:
+            stats = run_restore(repo, m, args.target,
+                                progress=TerminalProgress(f"restore {volume}"))
+        finally:
+            remove_unfinished()  # also one an exception struck before it could abort
     if args.json:
         print_json(
             {
@@ -200,5 +202,6 @@ def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentPars
     p = sub.add_parser("restore", parents=[common], help="restore a version to a file or device")
     p.add_argument("version_ref", metavar="VOLUME[@VERSION]",
                    help="version id, unique prefix, or 'latest' (the default)")
-    p.add_argument("target", help="file (created or overwritten, sparse) or block device")
+    p.add_argument("target", help="file (written sparse beside it, then renamed over it) or "
+                   "block device (refused while mounted or in use)")
     p.set_defaults(func=cmd_restore)

@@ -1,9 +1,11 @@
 """The restore engine: one manifest -> a complete image on a file or block device.
 
-Chunks are fetched, decrypted and checked on the worker pool and written in place with pwrite
-by the calling thread;
-zero chunks become holes in a file and real zeroes on a device. Any chunk that is missing or
-fails its check stops the restore with the chunk id, version and offset named.
+Chunks are fetched, decrypted and checked on the worker pool and written with pwrite by the
+calling thread; zero chunks become holes in a file and real zeroes on a device. Any chunk that
+is missing or fails its check stops the restore with the chunk id, version and offset named.
+A file is only put in place of the target once the restore is complete and synced (a failure,
+or an exception such as KeyboardInterrupt, leaves an existing file as it was); a device in use
+is refused before anything is written (`devices.Target`).
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ def run_restore(
 ) -> RestoreStats:
     started = time.monotonic()
     progress = progress or NoProgress()
-    target = Target.open(target_path, m.size)
     where = f"{m.volume}@{m.version}"
     zero_chunks = 0
 
@@ -72,15 +73,17 @@ def run_restore(
         return off, data
 
     nworkers = workers or default_workers(repo.storage)
-    progress.start(m.size)
-    try:
-        # One writer: concurrent pwrites to one file contend for its inode lock and spin.
-        for off, data in bounded_map(fetch, chunks(), nworkers, window_for(nworkers, m.chunk_size)):
-            target.write(off, data)
-            progress.advance(len(data))
-    finally:
-        progress.finish()
-        target.close()
+    with Target.open(target_path, m.size) as target:  # leaving it uncommitted aborts
+        progress.start(m.size)
+        try:
+            # One writer: concurrent pwrites to one file contend for its inode lock and spin.
+            for off, data in bounded_map(fetch, chunks(), nworkers,
+                                         window_for(nworkers, m.chunk_size)):
+                target.write(off, data)
+                progress.advance(len(data))
+        finally:
+            progress.finish()
+        target.commit()
     return RestoreStats(
         size=m.size,
         chunks_written=m.count - zero_chunks,

@@ -208,6 +208,7 @@ class Repository:
         except ObjectNotFound:
             raise NotFound(f"no snapship repository at {storage.describe()}") from None
         if not cfg.encrypted:
+            _check_no_key_file(storage)
             return cls(storage, cfg, None)
         if passphrase is None:
             raise AuthFailed("this repository is encrypted: a passphrase is needed")
@@ -368,6 +369,16 @@ class Repository:
     def resolve(self, ref: VersionRef) -> tuple[str, str]:
         """Turn `volume@version` into an existing version; accepts a unique id prefix."""
         return catalog.resolve(self.storage, ref)
+
+
+def _check_no_key_file(storage: Storage) -> None:
+    """An unencrypted repository never has a key file (`create` writes none): one beside a
+    config that says "none" means the config was altered to switch encryption off."""
+    if storage.stat(KEY_KEY) is not None:
+        raise Corrupt(f"repository config was altered: it says the repository is not encrypted, "
+                      f"but its key file {KEY_KEY} exists; refusing to read or write it as "
+                      "unencrypted")
+
 
 def _key_aad(repo_id: str) -> bytes:
     return b"snapship key v1 " + repo_id.encode()
