@@ -42,6 +42,7 @@ from tests.clihelp import (
     ok,
     run_cli,
     run_cli_peak_rss,
+    sha256_file,
     write_image,
 )
 
@@ -205,16 +206,26 @@ def test_manifest_bomb_verify_reports_it_and_checks_the_rest(base: Repo, tmp_pat
 
 
 @pytest.mark.parametrize("kind", MANIFEST_BOMBS)
-def test_manifest_bomb_backup_fails_in_one_line_and_adds_nothing(base: Repo, tmp_path: Path,
-                                                                kind: str) -> None:
+def test_manifest_bomb_backup_skips_it_as_its_base(base: Repo, tmp_path: Path,
+                                                   kind: str) -> None:
+    """A bombed newest version must not stop every later backup of the volume (issue 10,
+    item 6): the backup says so in one warning and builds on the newest readable version."""
     repo, ver = bombed_manifest(base, tmp_path, kind)
     before = sorted(p.name for p in (repo / "versions" / "disk").iterdir())
     image = tmp_path / "disk.img"
-    write_image(image, image_bytes(6 * CHUNK, seed=3))
-    r = run_small("backup", "--repo", repo, image, "--volume", "disk")
-    assert_one_line_error(r, f"manifest of disk@{ver}", code=1)
-    assert sorted(p.name for p in (repo / "versions" / "disk").iterdir()) == before
-    assert not list(repo.glob("locks/*")), "the writer lock was left behind"
+    sha = write_image(image, image_bytes(6 * CHUNK, seed=3))
+    r = run_small("backup", "--repo", repo, image, "--volume", "disk", "--json")
+    assert r.returncode == 0, describe(r)
+    warning, = r.stderr.strip().splitlines()
+    assert warning.startswith("snapship: warning: ") and f"manifest of disk@{ver}" in warning
+    new = json.loads(r.stdout)["version"]
+    assert new > ver
+    assert sorted(p.name for p in (repo / "versions" / "disk").iterdir()) == sorted(
+        [*before, new])
+    assert not list(repo.glob("locks/writer-*")), "the writer lock was left behind"
+    restored = tmp_path / "restored.img"
+    assert run_small("restore", "--repo", repo, f"disk@{new}", restored).returncode == 0
+    assert sha256_file(restored) == sha
 
 
 @pytest.mark.parametrize("kind", MANIFEST_BOMBS)

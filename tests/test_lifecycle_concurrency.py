@@ -6,7 +6,9 @@ surviving version can be restored and checked against what it was made from.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 import signal
 import subprocess
@@ -16,10 +18,13 @@ from pathlib import Path
 
 from tests.clihelp import (
     CHUNK,
+    CLI,
     assert_restores,
     assert_verify_ok,
     backup,
+    child_pid,
     chunk_files,
+    cli_env,
     describe,
     init_repo_fast_kdf,
     ok,
@@ -162,3 +167,117 @@ def test_gc_killed_at_random_moments_loses_nothing(tmp_path: Path) -> None:
     assert_space_came_back(repo)
     assert assert_every_version_restores(repo, tmp_path) == 1
     assert_verify_ok(repo, deep=True)
+
+
+# -- writers whose lock gc could take for abandoned (issue 10 items 1 and 2) ------------------
+
+PAUSE_STALE = 3.0
+"""SNAPSHIP_TEST_STALE_AFTER for the paused round: every process shares it (docs/gc.md)."""
+
+
+def paused_writers_round(tmp_path: Path, wrap: list[str], stale: float | None, pause: float,
+                         seed: int) -> tuple[int, int]:
+    """Backups of two volumes started through `wrap` (a namespace), SIGSTOPped for `pause`
+    seconds at random moments, beside prune and gc loops; returns (backups, pauses). Every
+    version must restore to the image it was made from."""
+    rng = random.Random(seed)
+    repo = tmp_path / "repo"
+    init_repo_fast_kdf(repo)
+    env = cli_env()
+    if stale is not None:
+        env["SNAPSHIP_TEST_STALE_AFTER"] = str(stale)
+    nchunks = 256
+    data = {v: bytearray(rng.randbytes(nchunks * CHUNK)) for v in ("a", "b")}
+    deadline = time.monotonic() + 40
+    failures: list[str] = []
+    running: dict[str, int] = {}  # volume -> pid of the backup process to pause
+    counts = {"backup": 0, "pause": 0}
+    lock = threading.Lock()
+
+    def backups(volume: str, seed: int) -> None:
+        r = random.Random(seed)
+        img = tmp_path / f"{volume}.img"
+        while time.monotonic() < deadline and not failures:
+            d = data[volume]
+            for i in r.sample(range(nchunks), r.randint(1, 64)):
+                d[i * CHUNK : (i + 1) * CHUNK] = r.randbytes(CHUNK)
+            sha = write_image(img, d)
+            proc = subprocess.Popen(
+                [*wrap, *CLI, "backup", "--repo", str(repo), str(img), "--volume", volume,
+                 "--label", f"sha={sha}"], env=env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            target = child_pid(proc.pid) if "--fork" in wrap else proc.pid
+            with lock:
+                running[volume] = target
+            _out, err = proc.communicate(timeout=300)
+            with lock:
+                running.pop(volume, None)
+            if proc.returncode != 0:
+                failures.append(f"backup {volume}: exit {proc.returncode}: {err}")
+            counts["backup"] += 1
+
+    def pauser(seed: int) -> None:
+        r = random.Random(seed)
+        while time.monotonic() < deadline and not failures:
+            time.sleep(r.random() * 2)
+            with lock:
+                targets = list(running.values())
+            if not targets:
+                continue
+            pid = r.choice(targets)
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                continue
+            counts["pause"] += 1
+            time.sleep(pause)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+    def maintenance(cmd: list[str], seed: int) -> None:
+        r = random.Random(seed)
+        while time.monotonic() < deadline and not failures:
+            time.sleep(r.random())
+            res = subprocess.run([*CLI, *cmd, "--repo", str(repo)], env=env,
+                                 stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                 timeout=300, check=False)
+            if res.returncode not in (0, 75):
+                failures.append(f"{cmd[0]}: {describe(res)}")
+
+    threads = [
+        threading.Thread(target=backups, args=("a", rng.random())),
+        threading.Thread(target=backups, args=("b", rng.random())),
+        threading.Thread(target=pauser, args=(rng.random(),)),
+        threading.Thread(target=maintenance, args=(["prune", "--keep-last", "2"], rng.random())),
+        threading.Thread(target=maintenance, args=(["gc"], rng.random())),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures[0]
+    restored = assert_every_version_restores(repo, tmp_path)
+    assert restored >= 2
+    for _ in range(2):
+        ok(run_cli("gc", "--repo", repo))
+    assert_verify_ok(repo, deep=True)
+    assert assert_every_version_restores(repo, tmp_path) == restored
+    return counts["backup"], counts["pause"]
+
+
+def test_writers_paused_past_their_lease_beside_gc(tmp_path: Path) -> None:
+    """Writers that look like another machine's (own UTS namespace) are stopped for longer
+    than the stale limit while gc runs: gc takes their locks, and every one of them must
+    notice and re-check before its version counts. 0 versions lost."""
+    wrap = ["unshare", "-u", "sh", "-c", 'hostname elsewhere && exec "$@"', "sh"]
+    backups, pauses = paused_writers_round(tmp_path, wrap, PAUSE_STALE, PAUSE_STALE + 1.0,
+                                           SEED + 2)
+    assert backups >= 6 and pauses >= 3, (backups, pauses)
+
+
+def test_writers_in_their_own_pid_namespace_beside_gc(tmp_path: Path) -> None:
+    """Writers in their own PID namespace (pid 1 there, as in a container), paused briefly
+    while gc runs on the host: gc must judge them by their heartbeat. 0 versions lost."""
+    wrap = ["unshare", "-p", "--fork", "--mount-proc"]
+    backups, pauses = paused_writers_round(tmp_path, wrap, None, 1.5, SEED + 3)
+    assert backups >= 6 and pauses >= 3, (backups, pauses)
