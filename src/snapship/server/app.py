@@ -3,7 +3,9 @@
 For each request, in this order: who is asking (the token; 401 before anything else is looked
 at), what is asked (`routes.route`), whether the token's scope and role allow it
 (`policy.permission`, 403 and a log line if not), then the operation on the repository's
-`RepoStore`. The HTTP layer gives the method, target, headers and a way to read the body, and
+`RepoStore`. The HTTP layer asks `authenticate` as soon as a request's head is in (before it
+reads any of the body, and before the connection may take one of the slots kept for token
+holders), then gives `handle` the answer, the method, target and a way to read the body, and
 gets back a `Response`; it never decides anything itself.
 """
 
@@ -90,15 +92,15 @@ class App:
         self,
         method: str,
         target: str,
-        authorization: str | None,
+        who: Principal | None,
         body_length: int | None,
         read_body: Callable[[], bytes],
         client: str,
     ) -> Response:
-        """Answer one request. `read_body()` returns the whole body (`body_length` bytes);
-        the HTTP layer discards whatever is not read."""
+        """Answer one request from `who` (`authenticate`'s answer; None gets the 401).
+        `read_body()` returns the whole body (`body_length` bytes); what is not read is the
+        HTTP layer's to skip, or to end the connection over."""
         try:
-            who = self._authenticate(authorization, client)
             if who is None:
                 return error_response(
                     api.UNAUTHORIZED,
@@ -126,7 +128,9 @@ class App:
             log.error("%s %s failed: %s", method, target, e)
             return error_response(api.INTERNAL, str(e))
 
-    def _authenticate(self, authorization: str | None, client: str) -> Principal | None:
+    def authenticate(self, authorization: str | None, client: str) -> Principal | None:
+        """Who the `Authorization` header says is asking; None (and a log line) for no token
+        or an unknown one. Cheap: the HTTP layer asks before it reads any body."""
         scheme, _, token = (authorization or "").partition(" ")
         token = token.strip()
         if not hmac.compare_digest(scheme.lower(), "bearer") or not token:
