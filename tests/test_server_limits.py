@@ -20,7 +20,9 @@ from pathlib import Path
 import pytest
 
 from snapship.formats import http_api as api
-from tests.serverproc import ServerProc, running_server
+from tests.clihelp import assert_one_line_error
+from tests.serverproc import ServerProc, http_storage, run_cli_env, running_server
+from tests.test_server_tls import make_ca_and_server_cert
 
 MAX_SERVER_MEMORY = 300 << 20
 HEADER_TIMEOUT = 4.0
@@ -377,3 +379,37 @@ def test_graceful_stop_finishes_a_running_upload_and_closes_idle_connections(
         assert server.proc.wait(timeout=10) == 0
         assert (server.root / "db1/chunks/aa/aaaa").read_bytes() == body
         idle.close()
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("--max-connections", "0"), ("--max-connections", "-3"), ("--max-unauthenticated", "0"),
+    ("--header-timeout", "0"), ("--header-timeout", "-1"), ("--header-timeout", "soon"),
+    ("--idle-timeout", "0"), ("--idle-timeout", "nan")])
+def test_limits_must_be_above_zero(option: str, value: str) -> None:
+    r = run_cli_env("server", "--root", "/", "--tokens", "/dev/null", option, value)
+    assert_one_line_error(r, option, code=2)
+
+
+def test_stalled_tls_handshakes_are_cut_off_while_https_clients_are_served(
+        tmp_path: Path) -> None:
+    """On the TLS port: connections that send nothing, or half a ClientHello, cost no slot
+    and are closed at --header-timeout; an https client is served meanwhile."""
+    ca, cert, key = make_ca_and_server_cert(tmp_path / "pki")
+    with running_server(tmp_path / "srv", tls=(cert, key), extra=[
+            "--max-connections", "2", "--header-timeout", "2"]) as (server, tokens):
+        stalled = [connect(server) for _ in range(6)]
+        opened = time.monotonic()
+        for s in stalled[3:]:
+            s.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+        try:
+            started = time.monotonic()
+            client = http_storage(server, "db1", tokens["restorer"], ca=ca)
+            assert client.whoami() == ("restorer", "read")
+            assert time.monotonic() - started < 2.0
+            for s in stalled:
+                assert closed_by_server(s, 6.0)
+            assert time.monotonic() - opened < 2 + 3
+        finally:
+            for s in stalled:
+                s.close()
+        assert_memory_bounded(server)
