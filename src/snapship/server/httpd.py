@@ -1,6 +1,7 @@
 """The HTTP edge of `snapship server`: sockets, TLS, HTTP/1.1 framing, deadlines and limits.
 
-One asyncio event loop owns every socket; h11 (sans-I/O) parses requests and frames replies;
+One asyncio event loop owns every socket; h11 (sans-I/O) parses request heads and frames
+replies (a body, always framed by its Content-Length, is read by count, past h11's buffer);
 `App` (disk I/O, and maintenance that may run for hours) runs in a pool of worker threads,
 at most one per authenticated connection. The edge decides nothing about requests (that is
 `App`'s); it moves bytes and bounds what a connection may cost:
@@ -32,6 +33,7 @@ running requests finish within a grace time).
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import email.utils
@@ -70,8 +72,11 @@ LINGER_LIMIT = 64 * 1024
 LINGER_TIME = 2.0
 """Seconds that lingering read may take."""
 STOP_GRACE = 30.0
-_READ = 64 * 1024
+_HELD = 1 << 20
+"""Received bytes a connection may have waiting before the server stops reading from it."""
 _PIECE = 1 << 20
+_SMALL = 256 * 1024
+"""Objects up to this size are read into memory for their reply (no sendfile set-up)."""
 _TLS_HANDSHAKE = b"\x16"
 _METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "POST"})
 _SERVER = f"snapship/{__version__}"
@@ -157,7 +162,7 @@ class _Conn:
 
     client: str
     sock: socket.socket
-    writer: asyncio.StreamWriter | None = None
+    stream: _Stream | None = None
     """The stream over `sock`, once made (it then owns the socket)."""
     task: asyncio.Task[None] | None = None
     slot: bool = False
@@ -165,6 +170,128 @@ class _Conn:
     busy: bool = False
     """A request is being answered (a graceful stop lets it finish)."""
     who: Principal | None = None
+
+
+class _Stream(asyncio.Protocol):
+    """A connection's bytes both ways. Received data is handed on as it came (no copying
+    into a stream buffer), and reading from the socket pauses while more than `_HELD` bytes
+    wait; writes wait (`drain`) while the transport's buffer is full."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.transport: asyncio.Transport | None = None
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._held = 0
+        self._eof = False
+        self._lost: BaseException | None = None
+        self._paused = False
+        self._reader: asyncio.Future[None] | None = None
+        self._writable: asyncio.Future[None] | None = None
+
+    # -- asyncio's side
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._held += len(data)
+        if self._held > _HELD and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        return True  # keep the write side open: the reply may still go out
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self._lost = exc or ConnectionResetError("connection lost")
+        self._wake()
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+
+    def pause_writing(self) -> None:
+        if self._writable is None or self._writable.done():
+            self._writable = self._loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+
+    def _wake(self) -> None:
+        if self._reader is not None and not self._reader.done():
+            self._reader.set_result(None)
+
+    # -- ours
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not read yet."""
+        return self._held
+
+    def unread(self, data: bytes) -> None:
+        """Put `data` back in front of what is to be read."""
+        if data:
+            self._chunks.appendleft(data)
+            self._held += len(data)
+
+    async def read(self, limit: int) -> bytes:
+        """What has come, at most `limit` bytes of it; b"" at the end."""
+        while not self._chunks:
+            if self._eof:
+                return b""
+            self._reader = self._loop.create_future()
+            try:
+                await self._reader
+            finally:
+                self._reader = None
+        data = self._chunks.popleft()
+        if len(data) > limit:
+            self._chunks.appendleft(data[limit:])
+            data = data[:limit]
+        self._held -= len(data)
+        if self._paused and self._held <= _HELD and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        return data
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self._lost is not None:
+            raise ConnectionResetError("connection lost")
+        if self._writable is not None:
+            await self._writable
+            if self._lost is not None:
+                raise ConnectionResetError("connection lost")
+
+    def can_write_eof(self) -> bool:
+        return self.transport is not None and self.transport.can_write_eof()
+
+    def write_eof(self) -> None:
+        assert self.transport is not None
+        self.transport.write_eof()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+@dataclass(eq=False)
+class _Body:
+    """A request's body as the edge tracks it."""
+
+    length: int
+    data: bytes | None = None
+    held: int = 0
+    """Bytes of the budget taken for it."""
+
+    @property
+    def read(self) -> bool:
+        return self.held > 0
 
 
 class _FileBody:
@@ -347,8 +474,8 @@ class ApiServer:
         if conn.slot:
             conn.slot = False
             self._slots_used -= 1
-        if conn.writer is not None:
-            conn.writer.close()
+        if conn.stream is not None:
+            conn.stream.close()
         else:
             conn.sock.close()
 
@@ -368,18 +495,17 @@ class ApiServer:
                 if first != _TLS_HANDSHAKE:
                     await self._refuse_plain_http(sock, deadline)
                     return
-            reader = asyncio.StreamReader(limit=_READ)
-            protocol = asyncio.StreamReaderProtocol(reader)
+            stream = _Stream(loop)
             async with asyncio.timeout_at(deadline):
-                transport, _ = await loop.connect_accepted_socket(
-                    lambda: protocol, sock, ssl=self.tls,
+                await loop.connect_accepted_socket(
+                    lambda: stream, sock, ssl=self.tls,
                     ssl_handshake_timeout=max(0.1, deadline - loop.time())
                     if self.tls else None)
-            conn.writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-            await self._exchange(conn, reader, conn.writer, deadline)
+            conn.stream = stream
+            await self._exchange(conn, stream, deadline)
         except (_ClientGone, _HeadTimeout, h11.RemoteProtocolError, OSError, ssl.SSLError,
                 EOFError) as e:
-            what = "TLS handshake" if conn.writer is None and self.tls else "connection"
+            what = "TLS handshake" if conn.stream is None and self.tls else "connection"
             log.debug("%s with %s ended: %s", what, conn.client, type(e).__name__)
         except asyncio.CancelledError:
             log.debug("connection with %s closed (stopping, or dropped for newer ones)",
@@ -413,62 +539,63 @@ class ApiServer:
                         break
                     read += len(data)
 
-    async def _next(self, h: h11.Connection, reader: asyncio.StreamReader,
+    async def _next(self, h: h11.Connection, stream: _Stream,
                     deadline: float | None) -> Any:
         """The next h11 event of a request head. `deadline`: when the head must be complete;
         None for a later request on the connection, which must start within `idle_timeout`
         and then be complete within `header_timeout`."""
         loop = asyncio.get_running_loop()
+        if deadline is None and stream.buffered:
+            deadline = loop.time() + self.header_timeout
         while True:
             event = h.next_event()
             if event is not h11.NEED_DATA:
                 return event
             buffered = len(h.trailing_data[0])
-            if deadline is None and buffered:
-                deadline = loop.time() + self.header_timeout
             wait = self.idle_timeout if deadline is None else deadline - loop.time()
             try:
                 async with asyncio.timeout(max(wait, 0)):
                     # Never more than MAX_HEAD in h11's buffer: a longer head is a 431.
-                    data = await reader.read(max(1, MAX_HEAD + 1 - buffered))
+                    data = await stream.read(max(1, MAX_HEAD + 1 - buffered))
             except TimeoutError:
                 raise _HeadTimeout from None
             if deadline is None:
                 deadline = loop.time() + self.header_timeout
             h.receive_data(data)
 
-    async def _exchange(self, conn: _Conn, reader: asyncio.StreamReader,
-                        writer: asyncio.StreamWriter, first_deadline: float) -> None:
-        """Requests and replies until one side closes."""
-        h = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+    async def _exchange(self, conn: _Conn, stream: _Stream, first_deadline: float) -> None:
+        """Requests and replies until one side closes. h11 parses each request head and
+        frames each reply, a new h11 connection per request; a body (always framed by its
+        Content-Length: chunked ones are refused) is read by count from the stream, which
+        saves copying it through h11's buffer. What h11 read past the head goes back into
+        the stream."""
         deadline: float | None = first_deadline
         while True:
+            h = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
             try:
-                event = await self._next(h, reader, deadline)
+                event = await self._next(h, stream, deadline)
             except h11.RemoteProtocolError as e:
                 buffered, closed = h.trailing_data
                 if not closed and h.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                     resp = _protocol_error(e, buffered)
-                    await self._reply(conn, h, writer, reader, "-", "-", resp, close=True)
+                    await self._reply(conn, h, stream, "-", "-", resp, close=True)
                 return
             deadline = None
             if isinstance(event, h11.ConnectionClosed):
                 return
             if not isinstance(event, h11.Request):
                 raise _ClientGone(f"unexpected {type(event).__name__}")
+            stream.unread(h.trailing_data[0])
             conn.busy = True
             try:
-                keep = await self._request(conn, h, reader, writer, event)
+                keep = await self._request(conn, h, stream, event)
             finally:
                 conn.busy = False
-            if not keep or self.stopping:
+            if not keep or self.stopping or h.our_state is h11.MUST_CLOSE:
                 return
-            if h.our_state is h11.MUST_CLOSE or h.their_state is h11.MUST_CLOSE:
-                return
-            h.start_next_cycle()
 
-    async def _request(self, conn: _Conn, h: h11.Connection, reader: asyncio.StreamReader,
-                       writer: asyncio.StreamWriter, req: h11.Request) -> bool:
+    async def _request(self, conn: _Conn, h: h11.Connection, stream: _Stream,
+                       req: h11.Request) -> bool:
         """Answer one request; whether the connection may carry another."""
         loop = asyncio.get_running_loop()
         method = req.method.decode("ascii", "replace")
@@ -478,58 +605,75 @@ class ApiServer:
             headers.setdefault(name, value)
         raw_length = headers.get(b"content-length")
         length = int(raw_length) if raw_length is not None else None
-        close = False
+        body = _Body(length or 0)
+
+        async def reply(resp: Response, close: bool = True) -> bool:
+            return await self._reply(conn, h, stream, method, target, resp, close=close)
+
         if method not in _METHODS:
             resp = error_response(api.METHOD_NOT_ALLOWED, f"method {method} is not supported")
             resp.status = 501
-            return await self._reply(conn, h, writer, reader, method, target, resp, close=True)
+            return await reply(resp)
         if b"transfer-encoding" in headers:
-            resp = error_response(api.LENGTH_REQUIRED, "chunked request bodies are not "
-                                  "accepted; send a Content-Length")
-            return await self._reply(conn, h, writer, reader, method, target, resp, close=True)
+            return await reply(error_response(api.LENGTH_REQUIRED, "chunked request bodies "
+                                              "are not accepted; send a Content-Length"))
         authorization = headers.get(b"authorization")
         who = self.app.authenticate(
             authorization.decode("latin-1") if authorization is not None else None,
             conn.client)
         conn.who = who
         if who is None:
-            resp = self.app.handle(method, target, None, length, _no_body, conn.client)
-            return await self._reply(conn, h, writer, reader, method, target, resp, close=True)
+            return await reply(self.app.handle(method, target, None, length, _no_body,
+                                               conn.client))
         if not conn.slot:
             if self._slots_used >= self.max_connections:
-                resp = error_response(api.BUSY, "the server is serving too many connections; "
-                                      "try again")
-                return await self._reply(conn, h, writer, reader, method, target, resp,
-                                         close=True)
+                return await reply(error_response(
+                    api.BUSY, "the server is serving too many connections; try again"))
             self._slots_used += 1
             conn.slot = True
             self._pending.pop(conn, None)
         if self.stopping:
-            resp = error_response(api.BUSY, "the server is shutting down; try again")
-            return await self._reply(conn, h, writer, reader, method, target, resp, close=True)
-
-        held = 0
-        read = False
+            return await reply(error_response(api.BUSY, "the server is shutting down; try "
+                                              "again"))
         waiting_100 = h.they_are_waiting_for_100_continue
+        if 0 < body.length <= DRAIN_LIMIT and not waiting_100 and self.budget.acquire(
+                body.length, 0):
+            # A small body comes now, on the loop: it would be read (to be skipped) even if
+            # App did not want it, and this spares a round trip between the threads.
+            body.held = body.length
+            body.data = await self._body(h, stream, body.length)
 
         def read_body() -> bytes:
-            nonlocal held, read
-            n = length or 0
-            if not self.budget.acquire(n, BUDGET_WAIT):
+            if body.data is not None:
+                return body.data
+            if not body.length and not waiting_100:
+                return b""
+            if not self.budget.acquire(body.length, BUDGET_WAIT):
                 raise ApiError(api.BUSY, "the server is short of memory for request bodies; "
                                "try again")
-            held = n
-            read = True
-            future = asyncio.run_coroutine_threadsafe(self._body(h, reader, writer, n), loop)
+            body.held = body.length
+            future = asyncio.run_coroutine_threadsafe(self._body(h, stream, body.length),
+                                                      loop)
             try:
-                return future.result()
+                body.data = future.result()
             except BaseException as e:
                 raise _ClientGone(str(e)) from None
+            return body.data
 
+        def call() -> Response:
+            resp = self.app.handle(method, target, who, length, read_body, conn.client)
+            if resp.file is not None and resp.length is not None and resp.length <= _SMALL:
+                with resp.file:  # a small object goes out as bytes: no sendfile set-up
+                    resp.body = resp.file.read(resp.length)
+                resp.file = None
+                if len(resp.body) != resp.length:
+                    raise _ClientGone("object shorter than its size")
+            return resp
+
+        close = False
         try:
             try:
-                resp = await loop.run_in_executor(self._workers, self.app.handle, method,
-                                                  target, who, length, read_body, conn.client)
+                resp = await loop.run_in_executor(self._workers, call)
             except _ClientGone:
                 raise
             except Exception:
@@ -537,23 +681,22 @@ class ApiServer:
                 resp = error_response(api.INTERNAL, "internal server error")
                 close = True
         finally:
-            if held:
-                self.budget.release(held)
-        if h.their_state is h11.SEND_BODY and not read:
-            left = length or 0
-            if close or waiting_100 or left > DRAIN_LIMIT:
+            body.data = None
+            if body.held:
+                self.budget.release(body.held)
+        if not body.read and body.length:
+            if close or waiting_100 or body.length > DRAIN_LIMIT:
                 close = True
             else:
-                await self._skip(h, reader, left)
-        return await self._reply(conn, h, writer, reader, method, target, resp, close=close)
+                await self._skip(stream, body.length)
+        return await reply(resp, close)
 
-    async def _body(self, h: h11.Connection, reader: asyncio.StreamReader,
-                    writer: asyncio.StreamWriter, n: int) -> bytes:
+    async def _body(self, h: h11.Connection, stream: _Stream, n: int) -> bytes:
         """The whole request body (`n` bytes, as its Content-Length said), each read within
-        `idle_timeout`. Held once in memory: the BytesIO is sized first and its value taken
-        without a copy."""
+        `idle_timeout`. Held once in memory: the BytesIO is sized once, up front (growing
+        it would copy), and its value taken without a copy."""
         if h.they_are_waiting_for_100_continue:
-            writer.write(h.send(h11.InformationalResponse(
+            stream.write(h.send(h11.InformationalResponse(
                 status_code=100, headers=[(api.API_HEADER, str(api.API_VERSION))],
                 reason=b"Continue")))
         buf = io.BytesIO()
@@ -561,58 +704,45 @@ class ApiServer:
             buf.seek(n - 1)
             buf.write(b"\0")
             buf.seek(0)
-        while True:
-            event = h.next_event()
-            if event is h11.NEED_DATA:
-                async with asyncio.timeout(self.idle_timeout):
-                    data = await reader.read(_READ)
-                if not data:
-                    raise _ClientGone("closed in the middle of a request body")
-                h.receive_data(data)
-            elif isinstance(event, h11.Data):
-                buf.write(event.data)
-            elif isinstance(event, h11.EndOfMessage):
-                return buf.getvalue()
-            else:
-                raise _ClientGone(f"unexpected {type(event).__name__} in a body")
+        left = n
+        while left:
+            async with asyncio.timeout(self.idle_timeout):
+                data = await stream.read(left)
+            if not data:
+                raise _ClientGone("closed in the middle of a request body")
+            buf.write(data)
+            left -= len(data)
+        return buf.getvalue()
 
-    async def _skip(self, h: h11.Connection, reader: asyncio.StreamReader, n: int) -> None:
+    async def _skip(self, stream: _Stream, n: int) -> None:
         """Read and drop the rest of a small unread body."""
-        while True:
-            event = h.next_event()
-            if event is h11.NEED_DATA:
-                async with asyncio.timeout(self.idle_timeout):
-                    data = await reader.read(min(_READ, n + 1))
-                if not data:
-                    raise _ClientGone("closed in the middle of a request body")
-                h.receive_data(data)
-            elif isinstance(event, h11.EndOfMessage):
-                return
-            elif not isinstance(event, h11.Data):
-                raise _ClientGone(f"unexpected {type(event).__name__} in a body")
+        while n:
+            async with asyncio.timeout(self.idle_timeout):
+                data = await stream.read(n)
+            if not data:
+                raise _ClientGone("closed in the middle of a request body")
+            n -= len(data)
 
     # -- the reply --------------------------------------------------------------------------
 
-    async def _reply(self, conn: _Conn, h: h11.Connection, writer: asyncio.StreamWriter,
-                     reader: asyncio.StreamReader, method: str, target: str, resp: Response,
-                     *, close: bool) -> bool:
+    async def _reply(self, conn: _Conn, h: h11.Connection, stream: _Stream, method: str,
+                     target: str, resp: Response, *, close: bool) -> bool:
         """Send `resp`; with `close`, end the connection after it. Whether the connection
         may carry another request."""
         close = close or self.stopping
         try:
-            await self._send(h, writer, method, resp, close)
+            await self._send(h, stream, method, resp, close)
         finally:
             if resp.file is not None:
                 resp.file.close()
             if self.access_log:
                 log.info("%s %s %s %s", conn.client, method, _short(target), resp.status)
         if close or h.our_state is h11.MUST_CLOSE:
-            await self._linger(writer, reader,
-                               DRAIN_LIMIT if conn.slot and conn.who else LINGER_LIMIT)
+            await self._linger(stream, DRAIN_LIMIT if conn.slot and conn.who else LINGER_LIMIT)
             return False
         return True
 
-    async def _send(self, h: h11.Connection, writer: asyncio.StreamWriter, method: str,
+    async def _send(self, h: h11.Connection, stream: _Stream, method: str,
                     resp: Response, close: bool) -> None:
         length = resp.length if resp.length is not None else len(resp.body)
         headers = [(api.API_HEADER, str(api.API_VERSION)), ("Server", _SERVER),
@@ -625,48 +755,50 @@ class ApiServer:
         if close:
             headers.append(("Connection", "close"))
         reason = resp.reason or _phrase(resp.status)
-        writer.write(h.send(h11.Response(status_code=resp.status, headers=headers,
-                                         reason=reason.encode("ascii", "replace"))))
+        out = [h.send(h11.Response(status_code=resp.status, headers=headers,
+                                   reason=reason.encode("ascii", "replace")))]
         if method != "HEAD" and resp.status != 204:
             if resp.file is not None:
+                stream.write(out.pop())
                 h.send_with_data_passthrough(h11.Data(data=cast(bytes, _FileBody(length))))
-                sent = await self._stream(writer, resp.file, length)
+                sent = await self._stream(stream, resp.file, length)
                 if sent < length:  # the file shrank under us: only a close can tell
                     h.send_failed()
                     raise _ClientGone("object shorter than its size")
             elif resp.body:
-                writer.write(h.send(h11.Data(data=resp.body)))
-        writer.write(h.send(h11.EndOfMessage()))
+                out.append(h.send(h11.Data(data=resp.body)))
+        out.append(h.send(h11.EndOfMessage()))
+        stream.write(b"".join(out))  # one write (one send) for a reply held in memory
         async with asyncio.timeout(self.idle_timeout):
-            await writer.drain()
+            await stream.drain()
 
-    async def _stream(self, writer: asyncio.StreamWriter, f: BinaryIO, length: int) -> int:
+    async def _stream(self, stream: _Stream, f: BinaryIO, length: int) -> int:
         """Send `length` bytes of `f` (sendfile on plain sockets, reads on TLS), a piece at a
         time, each within `idle_timeout`; the number sent."""
         loop = asyncio.get_running_loop()
         sent = 0
         while sent < length:
             async with asyncio.timeout(self.idle_timeout):
-                await writer.drain()
-                n = await loop.sendfile(writer.transport, f, sent, min(_PIECE, length - sent))
+                await stream.drain()
+                assert stream.transport is not None
+                n = await loop.sendfile(stream.transport, f, sent, min(_PIECE, length - sent))
             if not n:
                 break
             sent += n
         return sent
 
-    async def _linger(self, writer: asyncio.StreamWriter, reader: asyncio.StreamReader,
-                      limit: int) -> None:
+    async def _linger(self, stream: _Stream, limit: int) -> None:
         """After a closing reply: let it reach the client, then read (and drop) what the
         client is still sending, a little and briefly, before the close. (A close with
         unread data sends a TCP reset, which may destroy the reply before it is read.)"""
         with contextlib.suppress(OSError, TimeoutError, ssl.SSLError):
             async with asyncio.timeout(LINGER_TIME):
-                await writer.drain()
-                if writer.can_write_eof():
-                    writer.write_eof()
+                await stream.drain()
+                if stream.can_write_eof():
+                    stream.write_eof()
                 read = 0
                 while read < limit:
-                    data = await reader.read(min(_READ, limit - read))
+                    data = await stream.read(limit - read)
                     if not data:
                         break
                     read += len(data)
