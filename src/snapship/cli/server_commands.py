@@ -58,6 +58,23 @@ def _size(text: str, option: str) -> int:
         raise UsageError(f"{option} {text!r} is not a size (e.g. 256M)") from None
 
 
+def _positive_int(value: int, option: str) -> int:
+    if value <= 0:
+        raise UsageError(f"{option} must be at least 1 (not {value})")
+    return value
+
+
+def _seconds(text: str, option: str) -> float:
+    """A number of seconds, more than zero (e.g. 20 or 2.5)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise UsageError(f"{option} {text!r} is not a number of seconds above zero")
+    return value
+
+
 def cmd_server(args: argparse.Namespace) -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s snapship server: %(message)s")
@@ -75,6 +92,10 @@ def cmd_server(args: argparse.Namespace) -> int:
     memory = _size(args.body_memory, "--body-memory")
     if memory < max_object:
         raise UsageError("--body-memory must be at least --max-object-size")
+    max_connections = _positive_int(args.max_connections, "--max-connections")
+    max_unauthenticated = _positive_int(args.max_unauthenticated, "--max-unauthenticated")
+    header_timeout = _seconds(args.header_timeout, "--header-timeout")
+    idle_timeout = _seconds(args.idle_timeout, "--idle-timeout")
     schedule = {task: parse_period(period, f"--{task}-every")
                 for task, period in (("gc", args.gc_every), ("verify", args.verify_every))
                 if period}
@@ -87,17 +108,20 @@ def cmd_server(args: argparse.Namespace) -> int:
     maintenance = ServerMaintenance()
     app = App(repos, tokens.table, max_object_size=max_object, maintenance=maintenance)
     try:
-        server = ApiServer((host, port), app, tls=tls, max_connections=args.max_connections,
-                           body_memory=memory, access_log=args.access_log)
+        server = ApiServer((host, port), app, tls=tls, max_connections=max_connections,
+                           max_unauthenticated=max_unauthenticated, body_memory=memory,
+                           idle_timeout=idle_timeout, header_timeout=header_timeout,
+                           access_log=args.access_log)
     except OSError as e:
         raise UsageError(f"cannot listen on {args.listen}: {e.strerror or e}") from None
-    stopper = threading.Thread(target=server.stop, name="stop")
+    stopping = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
-        if not stopper.is_alive() and not server.stopping:
+        if not stopping.is_set():
+            stopping.set()
             logging.getLogger("snapship.server").info(
                 "%s: finishing running requests", signal.Signals(signum).name)
-            stopper.start()
+            server.stop_soon()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -105,10 +129,8 @@ def cmd_server(args: argparse.Namespace) -> int:
                                               len(tokens.table()))
     scheduler = Scheduler(repos, maintenance, schedule)
     scheduler.start()
-    server.serve_forever(poll_interval=0.5)
+    server.serve_forever()
     scheduler.stop()
-    if stopper.is_alive():
-        stopper.join()
     logging.getLogger("snapship.server").info("stopped")
     return 0
 
@@ -226,7 +248,17 @@ def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentPars
     p.add_argument("--body-memory", default="1G", metavar="SIZE",
                    help="request bodies held in memory at once (default: %(default)s)")
     p.add_argument("--max-connections", type=int, default=64, metavar="N",
-                   help="connections served at once; more get 503 (default: %(default)s)")
+                   help="connections of token holders served at once; more get 503 "
+                   "(default: %(default)s)")
+    p.add_argument("--max-unauthenticated", type=int, default=256, metavar="N",
+                   help="connections that have not yet shown a valid token; when full, the "
+                   "oldest is dropped (default: %(default)s)")
+    p.add_argument("--header-timeout", default="20", metavar="SECONDS",
+                   help="a request's line and headers (and the TLS handshake, on a new "
+                   "connection) must arrive within this time (default: %(default)s)")
+    p.add_argument("--idle-timeout", default="120", metavar="SECONDS",
+                   help="close a connection idle this long between requests, or stalled "
+                   "this long in a body (default: %(default)s)")
     p.add_argument("--gc-every", metavar="PERIOD",
                    help="run gc on every repository this often (e.g. 24h; s, h or d)")
     p.add_argument("--verify-every", metavar="PERIOD",

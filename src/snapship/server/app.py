@@ -3,12 +3,16 @@
 For each request, in this order: who is asking (the token; 401 before anything else is looked
 at), what is asked (`routes.route`), whether the token's scope and role allow it
 (`policy.permission`, 403 and a log line if not), then the operation on the repository's
-`RepoStore`. The HTTP layer gives the method, target, headers and a way to read the body, and
-gets back a `Response`; it never decides anything itself.
+`RepoStore`. The HTTP layer asks `authenticate` as soon as a request's head is in (before it
+reads any of the body, and before the connection may take one of the slots kept for token
+holders), then gives `handle` the answer, the method, target and a way to read the body, and
+gets back a `Response`; it never decides anything itself. Error messages for clients never
+name the server's directories (`_public`); the log gets them whole.
 """
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 import re
@@ -93,15 +97,16 @@ class App:
         self,
         method: str,
         target: str,
-        authorization: str | None,
+        who: Principal | None,
         body_length: int | None,
         read_body: Callable[[], bytes],
         client: str,
     ) -> Response:
-        """Answer one request. `read_body()` returns the whole body (`body_length` bytes);
-        the HTTP layer discards whatever is not read."""
+        """Answer one request from `who` (`authenticate`'s answer; None gets the 401).
+        `read_body()` returns the whole body (`body_length` bytes); what is not read is the
+        HTTP layer's to skip, or to end the connection over."""
+        repo: str | None = None
         try:
-            who = self._authenticate(authorization, client)
             if who is None:
                 return error_response(
                     api.UNAUTHORIZED,
@@ -109,6 +114,7 @@ class App:
                     [("WWW-Authenticate", 'Bearer realm="snapship"')],
                 )
             r = route(method, target)
+            repo = r.repo
             if not who.may_use(r.repo):
                 self._deny(who, r, r.key, client, f"may not use repository {r.repo}")
             if r.op in _BODY_OPS:
@@ -119,17 +125,34 @@ class App:
                                    f"server takes at most {self.max_object_size}")
             return self._dispatch(who, r, read_body, client)
         except ApiError as e:
-            return error_response(e.code, e.message)
+            return error_response(e.code, self._public(e.message, repo))
         except ObjectNotFound as e:
             return error_response(api.NOT_FOUND, f"object {e.key} not found")
         except StorageError as e:
             log.error("storage failed: %s %s: %s", method, target, e)
-            return error_response(api.STORAGE_FAILED, str(e))
+            return error_response(api.STORAGE_FAILED, self._public(str(e), repo))
         except SnapshipError as e:
             log.error("%s %s failed: %s", method, target, e)
-            return error_response(api.INTERNAL, str(e))
+            return error_response(api.INTERNAL, self._public(str(e), repo))
 
-    def _authenticate(self, authorization: str | None, client: str) -> Principal | None:
+    def _public(self, message: str, repo: str | None) -> str:
+        """`message` without the server's directories, for a client: a path in repository
+        `repo` becomes its key, the repository's own directory the repository's name. (The
+        log keeps the message as it was.)"""
+
+        def local(m: re.Match[str]) -> str:
+            name, key = m.group(1), m.group(2)
+            if name is None:
+                return "the server's root"
+            if key:
+                return key if name == repo else f"{key} in repository {name}"
+            return f"repository {name}"
+
+        return _root_path(self.repos.root).sub(local, message)
+
+    def authenticate(self, authorization: str | None, client: str) -> Principal | None:
+        """Who the `Authorization` header says is asking; None (and a log line) for no token
+        or an unknown one. Cheap: the HTTP layer asks before it reads any body."""
         scheme, _, token = (authorization or "").partition(" ")
         token = token.strip()
         if not hmac.compare_digest(scheme.lower(), "bearer") or not token:
@@ -247,6 +270,13 @@ class App:
             raise ApiError(api.BAD_REQUEST, f"limit must be 1 to {api.MAX_LIST_LIMIT}")
         items, nxt = store.list_page(prefix, after, int(raw_limit))
         return _json(api.encode_list_page(items, nxt))
+
+
+@functools.cache
+def _root_path(root: str) -> re.Pattern[str]:
+    """A path under `root`: the repository's name and the key below it, if any."""
+    return re.compile(re.escape(root) + r"(?:/([A-Za-z0-9._+-]+)(?:/([A-Za-z0-9._+/-]*))?)?"
+                      r"(?![A-Za-z0-9._+-])")
 
 
 def _wire(decode: Callable[[bytes], Any], body: bytes) -> Any:
