@@ -252,6 +252,20 @@ def test_a_huge_claimed_body_is_refused_at_once_and_not_read(
     assert_memory_bounded(server)
 
 
+def test_a_token_holder_refused_mid_upload_sees_the_refusal(tmp_path: Path) -> None:
+    """A token whose role may not put gets its 403, not a dropped connection to retry, even
+    for a body as large as the server takes (the server reads it through and drops it)."""
+    from snapship.errors import PermissionDenied
+
+    with running_server(tmp_path / "srv", extra=["--max-object-size", "17M"]) as (server,
+                                                                               tokens):
+        s = http_storage(server, "db1", tokens["restorer"], retry_time=20)
+        started = time.monotonic()
+        with pytest.raises(PermissionDenied, match="role read"):
+            s.put("chunks/ab/" + "ab" * 32, b"x" * (16 << 20))  # a 16 MiB repository's chunk
+        assert time.monotonic() - started < 5
+
+
 @pytest.mark.parametrize("value", [b"\xb2", b"\xc2\xb2", b"12abc", b"-5", b"1, 2"])
 def test_a_malformed_content_length_is_a_400(
         limited: tuple[ServerProc, dict[str, str]], value: bytes) -> None:

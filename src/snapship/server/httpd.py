@@ -18,8 +18,9 @@ at most one per authenticated connection. The edge decides nothing about request
 - **Bodies** are read only for an authenticated request that `App` reads the body of,
   bounded by the byte budget shared by every connection (`body_memory`), each read within
   `idle_timeout`. A body left unread (an error answered from the head, such as `401`, `403`
-  or `413`) is never read through: up to `DRAIN_LIMIT` bytes of an authenticated request are
-  skipped to keep the connection; otherwise the reply says `Connection: close` and the
+  or `413`) is never read through without a token: an authenticated request's body (within
+  the object size limit) is skipped to keep the connection and let its sender see the
+  refusal rather than a dropped connection; otherwise the reply says `Connection: close` and the
   connection ends after a short lingering read (`LINGER_LIMIT` bytes, `LINGER_TIME`
   seconds), so that the reply is not lost to a TCP reset.
 
@@ -66,7 +67,7 @@ BUDGET_WAIT = 60.0
 MAX_HEAD = 64 * 1024
 """Bytes of a request line and headers, together."""
 DRAIN_LIMIT = 1 << 20
-"""Bytes of an unread body skipped to keep an authenticated connection (more: it is closed)."""
+"""Bodies up to this size are read on the loop before App is asked (no thread round trip)."""
 LINGER_LIMIT = 64 * 1024
 """Bytes read (and dropped) after a closing reply before the connection is closed."""
 LINGER_TIME = 2.0
@@ -685,7 +686,10 @@ class ApiServer:
             if body.held:
                 self.budget.release(body.held)
         if not body.read and body.length:
-            if close or waiting_100 or body.length > DRAIN_LIMIT:
+            # A token holder's refused body is read through (within the object size limit):
+            # closing under a client still sending would show it a dropped connection, which
+            # it retries, instead of the refusal.
+            if close or waiting_100 or body.length > self.app.max_object_size:
                 close = True
             else:
                 await self._skip(stream, body.length)
