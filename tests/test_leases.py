@@ -216,3 +216,47 @@ def test_gc_paused_past_its_lease_stops_before_deleting_more(tmp_path: Path) -> 
     assert report["finished"], report
     assert_restores(repo, f"disk@{version}", tmp_path / "restored.img", keep_sha)
     assert_verify_ok(repo, deep=True)
+
+
+def test_a_lease_lost_while_the_version_is_written_is_made_whole(tmp_path: Path) -> None:
+    """The window after the last check: the lock is taken (and a chunk deleted, and the
+    reference list dropped, as a gc that took the writer for gone would) while the manifest
+    is being stored. The check after the manifest notices, and the backup puts back what is
+    missing under a new registration. A storage wrapper injects that moment, which a real
+    process cannot hit on demand."""
+    from snapship.devices import Source
+    from snapship.engine.backup import run_backup
+    from snapship.engine.restore import run_restore
+    from snapship.repository import catalog, locks
+    from snapship.repository.repo import Repository
+    from snapship.storage.local import LocalStorage
+    from tests.clihelp import PASSPHRASE, sha256_file
+
+    class GcStrikes(LocalStorage):
+        session: object = None
+
+        def put(self, key: str, data: bytes | bytearray) -> None:
+            super().put(key, data)
+            if key.startswith("versions/") and self.session is not None:
+                lock = self.session.lock  # type: ignore[attr-defined]
+                locks.remove_lock(self, locks.decode_lock(lock.key, self.get(lock.key)), "test")
+                victim = next(k for k, _ in self.list("chunks/"))
+                self.delete(victim)
+                self.delete(catalog.refs_key(*key.split("/")[1:]))
+                self.session = None
+
+    repo_dir = tmp_path / "repo"
+    init_repo_fast_kdf(repo_dir)
+    storage = GcStrikes(str(repo_dir))
+    repo = Repository.open(storage, lambda: PASSPHRASE.encode())
+    img = tmp_path / "disk.img"
+    sha = write_image(img, random.Random(104).randbytes(64 * CHUNK))
+    warnings: list[str] = []
+    with repo.writer("backup disk") as session, Source(str(img)) as source:
+        storage.session = session
+        m = run_backup(repo, source, "disk", session=session, workers=2, warn=warnings.append)
+    assert len(warnings) == 1 and "which was written meanwhile" in warnings[0], warnings
+    assert storage.stat(catalog.refs_key("disk", m.version)) is not None
+    out = tmp_path / "restored.img"
+    run_restore(repo, repo.load_manifest("disk", m.version), str(out))
+    assert sha256_file(out) == sha

@@ -237,18 +237,20 @@ def run_backup(
         used = [i for i in range(count) if sizes[i]]
         counts[NEW] += _restore_missing(repo, source, used, ids, sizes, nworkers)
 
-    for _attempt in range(MAX_RENEWALS + 1):
+    for attempt in range(MAX_RENEWALS + 1):
         if session.confirm():
             break
+        if attempt == MAX_RENEWALS:
+            raise LeaseLost(f"{session.command}: lost its lock {attempt + 1} times in a row "
+                            f"({session.lapse()}); no version was written")
         recheck("before writing the version")
-    else:
-        raise LeaseLost(f"{session.command}: lost its lock {MAX_RENEWALS + 1} times in a row "
-                        f"({session.lapse()}); no version was written")
     m = manifest()
     repo.save_manifest(m, session)
-    for _attempt in range(MAX_RENEWALS + 1):
+    for attempt in range(MAX_RENEWALS + 1):
         if session.confirm():
             return m
+        if attempt == MAX_RENEWALS:
+            break
         # The lease lapsed while the version was being written: it is visible, and gc may
         # have removed what it relies on meanwhile. Make it whole under a new registration.
         written = bytes(ids)

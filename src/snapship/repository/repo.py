@@ -96,7 +96,11 @@ class WriterSession:
         """Id of the collection that had set chunks aside when this session began: reused
         chunks must then be re-checked before the manifest is written."""
         self.renewals = 0
-        self._load_collection()
+        try:
+            self._load_collection()
+        except BaseException as e:
+            self.lock.release_after(e)
+            raise
 
     def _load_collection(self) -> None:
         pending = collection.load(self._storage)
