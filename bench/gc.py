@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from snapship.formats.refs import Refs  # noqa: E402
-from snapship.repository import catalog  # noqa: E402
+from snapship.repository.catalog import Catalog  # noqa: E402
 from snapship.repository.repo import Repository  # noqa: E402
 from snapship.storage.local import LocalStorage  # noqa: E402
 
@@ -69,8 +69,8 @@ def build(root: Path, n: int) -> list[bytes]:
         mine = sorted(live[lo : lo + width])
         version = f"20260101-00{v:02d}00.000-0000"
         refs = Refs("vol", version, "bench", b"".join(mine), array("I", [len(BODY)] * len(mine)))
-        storage.put(catalog.refs_key("vol", version), catalog.seal_refs(refs))
-        storage.put(catalog.manifest_key("vol", version), b"not read by gc")
+        Catalog(storage).put_refs(refs)
+        Catalog(storage).put_manifest_blob("vol", version, b"not read by gc")
     ids_file.write_bytes(b"".join(ids))
     return ids
 

@@ -241,7 +241,7 @@ def verify(repo: Path, deep: bool = True) -> tuple[int, dict[str, Any]]:
 def assert_verify_ok(repo: Path, deep: bool = True) -> dict[str, Any]:
     code, report = verify(repo, deep)
     assert code == 0 and report["ok"] is True, report
-    assert not report["bad_chunks"] and not report["bad_manifests"], report
+    assert not report["bad_chunks"] and not report["bad_versions"], report
     return report
 
 

@@ -7,15 +7,18 @@ manifests that decode, locks that parse. `Forge` makes them with a repository's 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 from array import array
+from collections.abc import Callable, Iterator
 
+from snapship.engine.backup import BackupSource, Prepare, Prepared
 from snapship.formats.manifest import Manifest
-from snapship.repository import catalog, locks
+from snapship.repository import catalog, layout, locks
 from snapship.repository.repo import Repository, new_version_id, now_iso
-from snapship.types import ZERO_ID
+from snapship.types import ZERO_ID, ByteRange
 
 
 class Forge:
@@ -25,7 +28,7 @@ class Forge:
     def chunk(self, data: bytes) -> tuple[str, bytes, bytes]:
         """(key, sealed object, id) of a chunk holding `data`."""
         cid = self.repo.chunk_id(data)
-        return self.repo.chunk_key(cid), bytes(self.repo.seal_chunk(cid, data)), cid
+        return layout.chunk_key(cid), bytes(self.repo.seal_chunk(cid, data)), cid
 
     def version(self, volume: str, chunks: list[bytes]) -> Manifest:
         """A manifest of `chunks` (each a chunk's data, full size but the last)."""
@@ -40,7 +43,7 @@ class Forge:
     def refs(self, m: Manifest, writer: str = "forge") -> tuple[str, bytes]:
         from snapship.formats import refs as refs_codec
 
-        return (catalog.refs_key(m.volume, m.version),
+        return (layout.refs_key(m.volume, m.version),
                 bytes(catalog.seal_refs(refs_codec.from_manifest(m, writer))))
 
     def manifest(self, m: Manifest) -> tuple[str, bytes]:
@@ -48,7 +51,7 @@ class Forge:
         from snapship.formats import manifest as manifest_codec
         from snapship.formats.constants import KIND_MANIFEST
 
-        key = self.repo.manifest_key(m.volume, m.version)
+        key = layout.manifest_key(m.volume, m.version)
         return key, bytes(envelope.seal(KIND_MANIFEST, key.encode(), manifest_codec.encode(m),
                                         self.repo._aead))
 
@@ -57,7 +60,7 @@ def lock_object(session: str, *, kind: str = locks.WRITER, heartbeat: float | No
                 machine: str = "elsewhere/boot", pid: int = 4242, command: str = "backup x"
                 ) -> tuple[str, bytes]:
     """(key, bytes) of a version-2 lock as another machine's process would store it."""
-    key = locks.lock_key(kind, session)
+    key = layout.lock_key(kind, session)
     return key, json.dumps({
         "v": 2, "kind": kind, "session": session, "machine": machine, "pid": pid,
         "pids": {"4026531836": pid}, "pid_start": "12345", "started": "2026-12-01T00:00:00+00:00",
@@ -67,3 +70,27 @@ def lock_object(session: str, *, kind: str = locks.WRITER, heartbeat: float | No
 
 def random_chunk(size: int) -> bytes:
     return os.urandom(size)
+
+
+def staged(source: BackupSource, *, before: Callable[[], None] | None = None,
+           after: Callable[[], None] | None = None,
+           changed: list[ByteRange] | None = None) -> Prepare:
+    """A `Prepare` for tests that let another process act at the moments a race would:
+    `before()` once the backup is registered and its base loaded, `after()` once its version
+    is written but before its registration ends. It reads `source` (only `changed`, if given,
+    on top of the base)."""
+    from snapship.engine.backup import BackupPlan
+
+    @contextlib.contextmanager
+    def prepare(base: Manifest | None) -> Iterator[Prepared]:
+        if before is not None:
+            before()
+        yield source, BackupPlan(changed, "test" if changed is not None else "full read")
+        if after is not None:
+            after()
+
+    return prepare
+
+
+def prepare_then(source: BackupSource, before: Callable[[], None]) -> Prepare:
+    return staged(source, before=before)

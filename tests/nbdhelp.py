@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from snapship.devices import Source
-from snapship.engine.backup import BackupPlan, run_backup
+from snapship.engine.backup import run_backup
 from snapship.nbd import protocol as p
 from snapship.repository.repo import Repository
 from snapship.storage.local import LocalStorage
@@ -99,10 +99,8 @@ def add_versions(tr: NbdRepo, images: Sequence[tuple[str, bytes]], scratch: Path
     for volume, data in images:
         img = scratch / f"{volume}.src.img"
         img.write_bytes(data)
-        with Source(str(img)) as src, repo.writer(f"test backup {volume}") as session:
-            base = repo.latest_manifest(volume)
-            m = run_backup(repo, src, volume, plan=BackupPlan(base=base), workers=2,
-                           session=session)
+        with Source(str(img)) as src:
+            m = run_backup(repo, src, volume, workers=2)
         img.unlink()
         tr.versions.append(Version(volume, m.version, bytes(data)))
 

@@ -201,7 +201,7 @@ def test_manifest_bomb_verify_reports_it_and_checks_the_rest(base: Repo, tmp_pat
     r = run_small("verify", "--repo", repo, "--json", "--deep")
     assert r.returncode == 1 and r.stderr == "", describe(r)
     report = json.loads(r.stdout)
-    assert list(report["bad_manifests"]) == [f"disk@{ver}"]
+    assert list(report["bad_versions"]) == [f"disk@{ver}"]
     assert report["versions"] == 2 and not report["bad_chunks"], report
 
 

@@ -401,7 +401,7 @@ def test_flipped_byte_in_chunk(
         f"disk@{base.v1}": [hexid],
         f"disk@{base.v2}": [hexid],
     }, report
-    assert report["bad_manifests"] == {}
+    assert report["bad_versions"] == {}
     # The damage is confined: a version without that chunk still restores.
     assert_restores(
         repo, f"other@{base.other}", tmp_path / "other.img", base.sha[f"other@{base.other}"]
@@ -425,7 +425,7 @@ def test_flipped_byte_in_manifest(
     assert_one_line_error(r, "manifest", name, code=1)
     code, report = verify(repo, deep=True)
     assert code == 1 and report["ok"] is False
-    assert set(report["bad_manifests"]) == {name}, report
+    assert set(report["bad_versions"]) == {name}, report
     assert report["versions"] == 2  # the two intact ones were still checked
     assert report["bad_chunks"] == {}
     assert_restores(repo, f"disk@{base.v1}", tmp_path / "v1.img", base.sha[f"disk@{base.v1}"])

@@ -17,18 +17,22 @@ from pathlib import Path
 import pytest
 
 from snapship.devices import Source
-from snapship.engine.backup import BackupPlan, run_backup
+from snapship.engine.backup import run_backup
 from snapship.engine.gc import run_gc
 from snapship.engine.prune import forget_versions
 from snapship.engine.restore import run_restore
 from snapship.engine.verify import run_verify
 from snapship.errors import Busy, Corrupt
-from snapship.formats.constants import COLLECTION_KEY, ENCRYPTION_AES_GCM
-from snapship.repository import catalog, collection, locks
-from snapship.repository.repo import Repository, chunk_key
+from snapship.formats.constants import ENCRYPTION_AES_GCM
+from snapship.formats.manifest import Manifest
+from snapship.repository import collection, layout, locks
+from snapship.repository.catalog import Catalog
+from snapship.repository.layout import COLLECTION_KEY, chunk_key
+from snapship.repository.repo import Repository
 from snapship.storage.local import LocalStorage
 from snapship.types import ByteRange
 from tests.conftest import CHUNK, make_repo
+from tests.forge import staged
 
 NCHUNKS = 32
 
@@ -53,6 +57,12 @@ def restores_to(repo: Repository, volume: str, version: str, expected: bytes, tm
     return out.read_bytes() == expected
 
 
+def writer(repo: Repository) -> str:
+    """The session of the one backup registered now."""
+    (lock,) = repo.catalog.list_locks("writer")
+    return lock.session
+
+
 def objects(repo: Repository, prefix: str) -> set[str]:
     return {k for k, _ in repo.storage.list(prefix)}
 
@@ -71,15 +81,15 @@ def test_gc_frees_exactly_what_no_version_uses(repo: Repository, tmp_path: Path)
     only_v1 = {chunk_key(repo.chunk_id(first[i * CHUNK : (i + 1) * CHUNK])) for i in range(8)}
     freed_bytes = sum(repo.storage.stat(k) or 0 for k in only_v1)
 
-    assert run_gc(repo.storage).chunks_freed == 0  # nothing to free yet
+    assert run_gc(repo.catalog).chunks_freed == 0  # nothing to free yet
     assert objects(repo, "chunks/") == before
-    forget_versions(repo.storage, [("disk", v1)])
-    r = run_gc(repo.storage)
+    forget_versions(repo.catalog, [("disk", v1)])
+    r = run_gc(repo.catalog)
     assert (r.chunks_freed, r.bytes_freed, r.finished) == (8, freed_bytes, True)
     assert objects(repo, "chunks/") == before - only_v1
     assert objects(repo, "fossils/") == set() and repo.storage.stat(COLLECTION_KEY) is None
     assert restores_to(repo, "disk", v2, bytes(second), tmp_path)
-    assert run_verify(repo, deep=True).ok
+    assert run_verify(repo.catalog, repo, deep=True).ok
 
 
 def test_gc_waits_for_a_backup_that_relies_on_condemned_chunks(
@@ -92,25 +102,29 @@ def test_gc_waits_for_a_backup_that_relies_on_condemned_chunks(
     data = bytearray(rng.randbytes(NCHUNKS * CHUNK))
     write(img, bytes(data))
     v1 = backup(repo, img)
-    with repo.writer("backup disk") as session:
-        base = repo.latest_manifest("disk")
-        forget_versions(repo.storage, [("disk", v1)], allow_newest=True)
-        r = run_gc(repo.storage)
-        assert r.waiting_for == [session.id] and not r.finished
+    data[:10] = b"x" * 10
+    write(img, bytes(data))
+
+    def before() -> None:
+        forget_versions(repo.catalog, [("disk", v1)], allow_newest=True)
+        r = run_gc(repo.catalog)
+        assert r.waiting_for == [writer(repo)] and not r.finished
         assert r.fossils_made == NCHUNKS and objects(repo, "chunks/") == set()
-        data[:10] = b"x" * 10
-        write(img, bytes(data))
-        with Source(str(img)) as src:
-            v2 = run_backup(repo, src, "disk", plan=BackupPlan(base, [ByteRange(0, 10)]),
-                            session=session, workers=2).version
+
+    def after() -> None:
         # Written while the collection waits: it reads its chunks from the fossils.
-        assert restores_to(repo, "disk", v2, bytes(data), tmp_path)
-        assert run_gc(repo.storage).waiting_for == [session.id]  # still alive
-    r = run_gc(repo.storage)
+        (vol, v2), = repo.list_versions("disk")
+        assert restores_to(repo, vol, v2, bytes(data), tmp_path)
+        assert run_gc(repo.catalog).waiting_for == [writer(repo)]  # still alive
+
+    with Source(str(img)) as src:
+        v2 = run_backup(repo, staged(src, before=before, after=after,
+                                     changed=[ByteRange(0, 10)]), "disk", workers=2).version
+    r = run_gc(repo.catalog)
     assert r.finished and r.restored == NCHUNKS - 1 and r.chunks_freed == 1
     assert objects(repo, "fossils/") == set()
     assert restores_to(repo, "disk", v2, bytes(data), tmp_path)
-    assert run_verify(repo, deep=True).ok
+    assert run_verify(repo.catalog, repo, deep=True).ok
 
 
 def test_backup_starting_while_a_collection_waits_stores_fossils_again(
@@ -123,28 +137,33 @@ def test_backup_starting_while_a_collection_waits_stores_fossils_again(
     data = bytearray(rng.randbytes(NCHUNKS * CHUNK))
     write(img, bytes(data))
     v1 = backup(repo, img)
-    with repo.writer("backup disk") as a:  # A keeps the collection waiting
-        base = repo.latest_manifest("disk")
-        forget_versions(repo.storage, [("disk", v1)], allow_newest=True)
-        assert not run_gc(repo.storage).finished
-        with Source(str(img)) as src:
-            v2 = run_backup(repo, src, "disk", plan=BackupPlan(base, []), session=a).version
-        with repo.writer("backup disk") as b:
-            assert b.collection_at_start is not None
-            base2 = repo.load_manifest("disk", v2)
-            data[5 * CHUNK : 5 * CHUNK + 3] = b"abc"
-            write(img, bytes(data))
-            with Source(str(img)) as src:
-                m3 = run_backup(repo, src, "disk", session=b, workers=2,
-                                plan=BackupPlan(base2, [ByteRange(5 * CHUNK, 5 * CHUNK + 3)]))
+    img3 = tmp_path / "disk3.img"
+    data[5 * CHUNK : 5 * CHUNK + 3] = b"abc"
+    write(img3, bytes(data))
+    done: list[Manifest] = []
+
+    def before() -> None:  # the first backup, A, keeps the collection waiting
+        forget_versions(repo.catalog, [("disk", v1)], allow_newest=True)
+        assert not run_gc(repo.catalog).finished
+
+    def after() -> None:  # A wrote v2 over fossils; B starts on top of it, A still running
+        assert repo.catalog.collection() is not None
+        with Source(str(img3)) as src3:
+            m3 = run_backup(repo, src3, "disk", workers=2,
+                            changed=[ByteRange(5 * CHUNK, 5 * CHUNK + 3)])
         # Every chunk v3 uses is under chunks/ again, whatever gc does with the fossils.
         assert m3.stats["chunks_new"] == NCHUNKS
         for cid in m3.unique_chunks():
             assert repo.storage.stat(chunk_key(cid)) is not None
-    r = run_gc(repo.storage)
+        done.append(m3)
+
+    with Source(str(img)) as src:
+        run_backup(repo, staged(src, before=before, after=after, changed=[]), "disk")
+    (m3,) = done
+    r = run_gc(repo.catalog)
     assert r.finished and objects(repo, "fossils/") == set()
     assert restores_to(repo, "disk", m3.version, bytes(data), tmp_path)
-    assert run_verify(repo, deep=True).ok
+    assert run_verify(repo.catalog, repo, deep=True).ok
 
 
 def test_chunk_found_by_stat_while_condemning_is_put_back(
@@ -156,15 +175,16 @@ def test_chunk_found_by_stat_while_condemning_is_put_back(
     img = tmp_path / "a.img"
     write(img, shared)
     va = backup(repo, img, "a")
-    forget_versions(repo.storage, [("a", va)], allow_newest=True)
-    with repo.writer("backup b") as session:
-        imgb = tmp_path / "b.img"
-        write(imgb, shared)
-        with Source(str(imgb)) as src:  # finds every chunk existing, stores nothing
-            mb = run_backup(repo, src, "b", session=session, workers=2)
-        assert mb.stats["chunks_existing"] == 4
-        # gc ran between b's stat and b's manifest: here it sees b's refs, keeps all.
-        assert run_gc(repo.storage).chunks_freed == 0
+    forget_versions(repo.catalog, [("a", va)], allow_newest=True)
+    imgb = tmp_path / "b.img"
+    write(imgb, shared)
+
+    def after() -> None:  # gc while b is still registered: it sees b's refs, keeps all
+        assert run_gc(repo.catalog).chunks_freed == 0
+
+    with Source(str(imgb)) as src:  # finds every chunk existing, stores nothing
+        mb = run_backup(repo, staged(src, after=after), "b", workers=2)
+    assert mb.stats["chunks_existing"] == 4
     assert restores_to(repo, "b", mb.version, shared, tmp_path)
 
 
@@ -173,10 +193,10 @@ def test_reference_list_of_a_dead_writer_is_dropped(repo: Repository, tmp_path: 
     data = random.Random(5).randbytes(4 * CHUNK)
     write(img, data)
     v1 = backup(repo, img)
-    refs = catalog.load_refs(repo.storage, "disk", v1)
+    refs = repo.catalog.load_refs("disk", v1)
     # As left by a backup killed between its reference list and its manifest:
-    repo.storage.delete(catalog.manifest_key("disk", v1))
-    r = run_gc(repo.storage)
+    repo.storage.delete(layout.manifest_key("disk", v1))
+    r = run_gc(repo.catalog)
     assert r.refs_dropped == 1 and r.chunks_freed == refs.count
     assert objects(repo, "refs/") == set() and objects(repo, "chunks/") == set()
 
@@ -188,15 +208,15 @@ def test_missing_reference_list_stops_keyless_gc_and_is_rebuilt_with_the_key(
     data = random.Random(6).randbytes(4 * CHUNK)
     write(img, data)
     v1 = backup(repo, img)
-    repo.storage.delete(catalog.refs_key("disk", v1))  # as in a repository of snapship 0.1
+    repo.storage.delete(layout.refs_key("disk", v1))  # as in a repository of snapship 0.1
     repo.storage.put("chunks/00/" + "00" * 32, b"garbage")
     before = objects(repo, "chunks/")
     with pytest.raises(Corrupt, match=r"no reference list.*passphrase"):
-        run_gc(repo.storage)
+        run_gc(repo.catalog)
     assert objects(repo, "chunks/") == before and objects(repo, "fossils/") == set()
-    r = run_gc(repo.storage, repo=repo)
+    r = run_gc(repo.catalog, repo=repo)
     assert r.refs_rebuilt == 1 and r.chunks_freed == 1
-    assert catalog.load_refs(repo.storage, "disk", v1).count == 4
+    assert repo.catalog.load_refs("disk", v1).count == 4
     assert restores_to(repo, "disk", v1, data, tmp_path)
 
 
@@ -204,19 +224,19 @@ def test_damaged_reference_list_stops_gc(repo: Repository, tmp_path: Path) -> No
     img = tmp_path / "disk.img"
     write(img, random.Random(7).randbytes(4 * CHUNK))
     v1 = backup(repo, img)
-    key = catalog.refs_key("disk", v1)
+    key = layout.refs_key("disk", v1)
     blob = bytearray(repo.storage.get(key))
     blob[40] ^= 1
     repo.storage.put(key, bytes(blob))
     with pytest.raises(Corrupt, match="gc stopped before deleting anything"):
-        run_gc(repo.storage)
+        run_gc(repo.catalog)
     assert len(objects(repo, "chunks/")) == 4
 
 
 def _fake_lock(repo: Repository, kind: str, pid: int, machine: str | None = None,
                heartbeat: float | None = None) -> str:
     session = f"20260101T000000-{pid:012x}"
-    key = locks.lock_key(kind, session)
+    key = layout.lock_key(kind, session)
     repo.storage.put(key, json.dumps({
         "v": 1, "kind": kind, "session": session, "machine": machine or locks.MACHINE,
         "pid": pid, "pid_start": "1", "started": "2026-01-01T00:00:00+00:00",
@@ -229,7 +249,7 @@ def test_stale_locks_are_cleared_with_a_message(repo: Repository) -> None:
     dead = _fake_lock(repo, locks.GC, 4_000_000)  # no such pid on this machine
     remote = _fake_lock(repo, locks.WRITER, 7, machine="elsewhere/boot", heartbeat=0.0)
     messages: list[str] = []
-    run_gc(repo.storage, warn=messages.append)
+    run_gc(repo.catalog, warn=messages.append)
     assert repo.storage.stat(dead) is None and repo.storage.stat(remote) is None
     assert any("stale gc lock of gc test (pid 4000000" in m and "gone" in m for m in messages)
     assert any("stale writer lock" in m for m in messages)
@@ -238,18 +258,18 @@ def test_stale_locks_are_cleared_with_a_message(repo: Repository) -> None:
 def test_a_live_gc_makes_a_second_one_busy(repo: Repository) -> None:
     with (locks.Lock(repo.storage, locks.GC, "gc elsewhere").acquire(),
           pytest.raises(Busy, match="gc is already running: gc elsewhere")):
-        run_gc(repo.storage)
-    assert run_gc(repo.storage).finished
+        run_gc(repo.catalog)
+    assert run_gc(repo.catalog).finished
 
 
 def test_a_remote_writer_with_a_fresh_heartbeat_is_waited_for(repo: Repository) -> None:
     key = _fake_lock(repo, locks.WRITER, 7, machine="elsewhere/boot", heartbeat=time.time())
     repo.storage.put("chunks/00/" + "00" * 32, b"garbage")
-    r = run_gc(repo.storage)
+    r = run_gc(repo.catalog)
     assert not r.finished and r.waiting_for == [key.split("writer-", 1)[1]]
     assert objects(repo, "fossils/") == {"fossils/00/" + "00" * 32}
     repo.storage.delete(key)
-    assert run_gc(repo.storage).chunks_freed == 1
+    assert run_gc(repo.catalog).chunks_freed == 1
 
 
 def test_an_interrupted_condemn_step_is_finished_by_the_next_run(
@@ -268,7 +288,7 @@ def test_an_interrupted_condemn_step_is_finished_by_the_next_run(
     repo.storage.rename(live, live.replace("chunks/", "fossils/", 1))
     repo.storage.rename(garbage[0], garbage[0].replace("chunks/", "fossils/", 1))
     assert restores_to(repo, "disk", v1, data, tmp_path)  # readers fall back to the fossil
-    r = run_gc(repo.storage)
+    r = run_gc(repo.catalog)
     assert r.finished and r.chunks_freed == 2 and r.restored == 1
     assert objects(repo, "fossils/") == set() and live in objects(repo, "chunks/")
     assert restores_to(repo, "disk", v1, data, tmp_path)
@@ -282,7 +302,7 @@ def test_partial_files_older_than_a_day_are_removed(repo: Repository) -> None:
     old.write_bytes(b"x")
     new.write_bytes(b"x")
     os.utime(old, (0, 0))
-    assert run_gc(repo.storage).temporaries_removed == 1
+    assert run_gc(repo.catalog).temporaries_removed == 1
     assert not old.exists() and new.exists()
 
 
@@ -292,11 +312,11 @@ class _PruneBetweenListings(LocalStorage):
 
     victim: tuple[str, str] | None = None
 
-    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+    def list(self, prefix: str, after: str | None = None) -> Iterator[tuple[str, int]]:
         if prefix == "refs/" and self.victim is not None:
-            catalog.delete_version(self, *self.victim)
+            Catalog(self).delete_version(*self.victim)
             self.victim = None
-        return super().list(prefix)
+        return super().list(prefix, after)
 
 
 def test_a_prune_between_gcs_listings_is_not_mistaken_for_damage(
@@ -310,9 +330,9 @@ def test_a_prune_between_gcs_listings_is_not_mistaken_for_damage(
     v2 = backup(repo, img)
     racing = _PruneBetweenListings(repo.storage.root)  # type: ignore[attr-defined]
     racing.victim = ("disk", v1)
-    r = run_gc(racing)  # keyless: a missing list would stop it
+    r = run_gc(Catalog(racing))  # keyless: a missing list would stop it
     assert r.finished and r.chunks_freed == 4
-    assert catalog.list_versions(repo.storage) == [("disk", v2)]
+    assert repo.list_versions() == [("disk", v2)]
 
 
 def _condemned_version(repo: Repository, tmp_path: Path) -> tuple[str, bytes, bytes]:
@@ -321,15 +341,17 @@ def _condemned_version(repo: Repository, tmp_path: Path) -> tuple[str, bytes, by
     img = tmp_path / "disk.img"
     data = random.Random(21).randbytes(4 * CHUNK)
     write(img, data)
-    with repo.writer("backup disk") as session, Source(str(img)) as src:
+    def before() -> None:
         with Source(str(img)) as first:  # its chunks stored, nothing referencing them yet
             for i in range(4):
                 piece = first.read(i * CHUNK, CHUNK)
                 cid = repo.chunk_id(piece)
                 repo.put_chunk(cid, repo.seal_chunk(cid, piece))
-        assert not run_gc(repo.storage).finished  # sets them aside, waits for the writer
+        assert not run_gc(repo.catalog).finished  # sets them aside, waits for the writer
         assert len(objects(repo, "fossils/")) == 4
-        version = run_backup(repo, src, "disk", session=session, workers=2).version
+
+    with Source(str(img)) as src:
+        version = run_backup(repo, staged(src, before=before), "disk", workers=2).version
     return version, data, repo.chunk_id(data[:CHUNK])
 
 
@@ -344,11 +366,11 @@ def test_a_forged_copy_beside_a_fossil_never_costs_the_original(repo: Repository
     assert repo.storage.get(key) == original  # stored again by the backup: the same bytes
     forged = original[:8] + os.urandom(len(original) - 8)
     repo.storage.put(key, forged)
-    r = run_gc(repo.storage)
+    r = run_gc(repo.catalog)
     assert r.finished and r.restored >= 1, r
     assert repo.storage.get(key) == original
     assert restores_to(repo, "disk", version, data, tmp_path)
-    assert run_verify(repo, deep=True).ok
+    assert run_verify(repo.catalog, repo, deep=True).ok
 
 
 def test_the_same_bytes_beside_a_fossil_let_gc_drop_the_fossil(repo: Repository,
@@ -356,7 +378,7 @@ def test_the_same_bytes_beside_a_fossil_let_gc_drop_the_fossil(repo: Repository,
     version, data, cid = _condemned_version(repo, tmp_path)
     fossil = "fossils/" + chunk_key(cid)[len("chunks/") :]
     assert repo.storage.get(chunk_key(cid)) == repo.storage.get(fossil)  # sealed alike
-    assert run_gc(repo.storage).finished
+    assert run_gc(repo.catalog).finished
     assert objects(repo, "fossils/") == set()
     assert restores_to(repo, "disk", version, data, tmp_path)
 
@@ -387,7 +409,7 @@ def test_unreadable_locks_are_ignored_and_cleared(repo: Repository, tmp_path: Pa
     write(img, data)
     v1 = backup(repo, img)
     messages: list[str] = []
-    assert run_gc(repo.storage, warn=messages.append).finished
+    assert run_gc(repo.catalog, warn=messages.append).finished
     assert all(repo.storage.stat(k) is None for k in junk)
     assert sum("not a lock this snapship can trust" in m for m in messages) == 3, messages
     assert {k for k, _ in repo.storage.list("locks/stale/")} == {
@@ -404,7 +426,7 @@ def test_a_damaged_newest_version_does_not_stop_later_backups(repo: Repository,
     data[:10] = b"x" * 10
     write(img, bytes(data))
     v2 = backup(repo, img)
-    key = repo.manifest_key("disk", v2)
+    key = layout.manifest_key("disk", v2)
     blob = bytearray(repo.storage.get(key))
     blob[-1] ^= 1
     repo.storage.put(key, bytes(blob))
@@ -415,6 +437,6 @@ def test_a_damaged_newest_version_does_not_stop_later_backups(repo: Repository,
     with pytest.raises(Corrupt):
         repo.latest_manifest("disk")
     with Source(str(img)) as src:
-        m = run_backup(repo, src, "disk", plan=BackupPlan(base=base), workers=2)
-    assert m.version > v2
+        m = run_backup(repo, src, "disk", workers=2, warn=messages.append)
+    assert m.version > v2 and m.parent == v1 and len(messages) == 2
     assert restores_to(repo, "disk", m.version, bytes(data), tmp_path)

@@ -133,7 +133,8 @@ def test_deep_error_body_is_not_an_error_body() -> None:
 def test_a_deep_damage_marker_still_marks_the_version_damaged() -> None:
     storage = MemoryStorage()
     storage.put("damaged/disk/v1", nested(DEEP).encode())
-    catalog.mark_damaged(storage, "disk", "v2", ["ab"], deep=False)
-    marks = catalog.damaged(storage)
+    cat = catalog.Catalog(storage)
+    cat.mark_damaged("disk", "v2", ["ab"], deep=False)
+    marks = cat.damaged()
     assert marks[("disk", "v1")] == catalog.DamageMark([], True)
     assert marks[("disk", "v2")] == catalog.DamageMark(["ab"], False)

@@ -227,23 +227,23 @@ def test_a_lease_lost_while_the_version_is_written_is_made_whole(tmp_path: Path)
     from snapship.devices import Source
     from snapship.engine.backup import run_backup
     from snapship.engine.restore import run_restore
-    from snapship.repository import catalog, locks
+    from snapship.repository import layout, locks
     from snapship.repository.repo import Repository
     from snapship.storage.local import LocalStorage
     from tests.clihelp import PASSPHRASE, sha256_file
 
     class GcStrikes(LocalStorage):
-        session: object = None
+        struck = False
 
         def put(self, key: str, data: bytes | bytearray) -> None:
             super().put(key, data)
-            if key.startswith("versions/") and self.session is not None:
-                lock = self.session.lock  # type: ignore[attr-defined]
-                locks.remove_lock(self, locks.decode_lock(lock.key, self.get(lock.key)), "test")
+            if key.startswith("versions/") and not self.struck:
+                self.struck = True
+                (writer,) = locks.list_locks(self, "writer")
+                locks.remove_lock(self, writer, "test")
                 victim = next(k for k, _ in self.list("chunks/"))
                 self.delete(victim)
-                self.delete(catalog.refs_key(*key.split("/")[1:]))
-                self.session = None
+                self.delete(layout.refs_key(*key.split("/")[1:]))
 
     repo_dir = tmp_path / "repo"
     init_repo_fast_kdf(repo_dir)
@@ -252,11 +252,10 @@ def test_a_lease_lost_while_the_version_is_written_is_made_whole(tmp_path: Path)
     img = tmp_path / "disk.img"
     sha = write_image(img, random.Random(104).randbytes(64 * CHUNK))
     warnings: list[str] = []
-    with repo.writer("backup disk") as session, Source(str(img)) as source:
-        storage.session = session
-        m = run_backup(repo, source, "disk", session=session, workers=2, warn=warnings.append)
+    with Source(str(img)) as source:
+        m = run_backup(repo, source, "disk", workers=2, warn=warnings.append)
     assert len(warnings) == 1 and "which was written meanwhile" in warnings[0], warnings
-    assert storage.stat(catalog.refs_key("disk", m.version)) is not None
+    assert storage.struck and storage.stat(layout.refs_key("disk", m.version)) is not None
     out = tmp_path / "restored.img"
     run_restore(repo, repo.load_manifest("disk", m.version), str(out))
     assert sha256_file(out) == sha

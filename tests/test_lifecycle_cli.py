@@ -104,7 +104,7 @@ def test_verify_marks_damage_backup_heals_it_and_verify_clears_the_mark(
     from snapship.storage.local import LocalStorage
 
     # A chunk the image still has, so that the next backup meets it.
-    newest = catalog.load_refs(LocalStorage(str(repo)), "disk", hist[-1][0])
+    newest = catalog.Catalog(LocalStorage(str(repo))).load_refs("disk", hist[-1][0])
     victim = repo / "chunks" / newest.ids[:1].hex() / newest.ids[:32].hex()
     blob = bytearray(victim.read_bytes())
     blob[-1] ^= 0x40  # same size: only a deep verify sees it

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from snapship.changes.ranges import coalesce, touched_chunks
 from snapship.devices import Source
-from snapship.engine.backup import BackupPlan, run_backup
+from snapship.engine.backup import run_backup
 from snapship.engine.restore import run_restore
 from snapship.engine.verify import run_verify
 from snapship.errors import UsageError
@@ -25,9 +25,10 @@ ODD_SIZES = [0, 1, 4095, CHUNK - 1, CHUNK, CHUNK + 1, 5 * CHUNK + 12345, 17 * CH
 
 
 def backup_file(repo: Repository, path: Path, volume: str = "disk",
-                plan: BackupPlan | None = None) -> str:
+                changed: list[ByteRange] | None = None) -> str:
+    """A backup on top of the newest version: of everything, or of `changed` only."""
     with Source(str(path)) as src:
-        return run_backup(repo, src, volume, plan=plan or BackupPlan(), workers=2).version
+        return run_backup(repo, src, volume, changed=changed, workers=2).version
 
 
 def restored(repo: Repository, volume: str, version: str, target: Path) -> bytes:
@@ -48,7 +49,7 @@ def test_every_version_restores_byte_identical(local_repo: Repository, tmp_path:
     reopened = Repository.open(local_repo.storage, lambda: b"test passphrase")
     for day, version in enumerate(versions):
         assert restored(reopened, "disk", version, tmp_path / f"out{day}") == images[day]
-    assert run_verify(reopened, deep=True).ok
+    assert run_verify(reopened.catalog, reopened, deep=True).ok
 
 
 def test_restore_makes_holes_and_overwrites_existing_file(local_repo: Repository,
@@ -73,7 +74,7 @@ def test_dedup_stores_identical_chunks_once_across_volumes(local_repo: Repositor
     img.write_bytes(block * 10 + bytes(CHUNK) * 5 + block)
     backup_file(local_repo, img, "a")
     backup_file(local_repo, img, "b")
-    assert len(local_repo.list_chunks()) == 1
+    assert len(local_repo.catalog.stored_chunks()) == 1
     m = local_repo.load_manifest(*local_repo.list_versions("b")[0])
     assert m.stats["chunks_new"] == 0 and m.stats["chunks_existing"] == 1
 
@@ -100,11 +101,11 @@ def test_incremental_from_changed_ranges_equals_full_backup(
     repo = make_repo(MemoryStorage(), "aes-256-gcm")
     img = tmp_path / "inc.img"
     data = bytearray(write_sparse_image(img, size, rng))
-    base = repo.load_manifest("disk", backup_file(repo, img))
+    repo.load_manifest("disk", backup_file(repo, img))
     ranges = [ByteRange(s, min(size, s + n)) for f, n in spans for s in [int(f * (size - 1))]]
     apply_changes(data, ranges, rng)
     img.write_bytes(data)
-    inc = repo.load_manifest("disk", backup_file(repo, img, plan=BackupPlan(base, ranges)))
+    inc = repo.load_manifest("disk", backup_file(repo, img, changed=ranges))
     touched = touched_chunks(ranges, CHUNK, size)
     assert inc.stats["mode"] == "incremental"
     assert inc.stats["chunks_read"] == len(touched)
@@ -119,7 +120,7 @@ def test_incremental_with_no_changes_reads_nothing(tmp_path: Path) -> None:
     img = tmp_path / "img"
     write_sparse_image(img, 9 * CHUNK + 5, random.Random(3))
     base = repo.load_manifest("disk", backup_file(repo, img))
-    inc = repo.load_manifest("disk", backup_file(repo, img, plan=BackupPlan(base, [])))
+    inc = repo.load_manifest("disk", backup_file(repo, img, changed=[]))
     assert inc.stats["chunks_read"] == 0 and inc.stats["bytes_read"] == 0
     assert inc.ids == base.ids and inc.parent == base.version
 
@@ -129,10 +130,10 @@ def test_incremental_after_resize_rereads_the_tail(tmp_path: Path, new_size: int
     repo = make_repo(MemoryStorage(), "none")
     img = tmp_path / "img"
     write_sparse_image(img, 7 * CHUNK + 100, random.Random(4))
-    base = repo.load_manifest("disk", backup_file(repo, img))
+    repo.load_manifest("disk", backup_file(repo, img))
     data = bytearray(img.read_bytes()[:new_size].ljust(new_size, b"\x07"))
     img.write_bytes(data)
-    inc = backup_file(repo, img, plan=BackupPlan(base, []))
+    inc = backup_file(repo, img, changed=[])
     assert restored(repo, "disk", inc, tmp_path / "out") == bytes(data)
 
 
@@ -140,11 +141,11 @@ def test_change_set_beyond_the_volume_is_refused(tmp_path: Path) -> None:
     repo = make_repo(MemoryStorage(), "none")
     img = tmp_path / "img"
     img.write_bytes(b"x" * CHUNK)
-    base = repo.load_manifest("disk", backup_file(repo, img))
+    with pytest.raises(UsageError, match="needs an earlier version"):
+        backup_file(repo, img, changed=[])
+    backup_file(repo, img)
     with pytest.raises(UsageError, match="beyond the volume"):
-        backup_file(repo, img, plan=BackupPlan(base, [ByteRange(0, CHUNK + 1)]))
-    with pytest.raises(UsageError, match="needs a base"):
-        backup_file(repo, img, plan=BackupPlan(None, []))
+        backup_file(repo, img, changed=[ByteRange(0, CHUNK + 1)])
 
 
 @given(st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 10**5))))

@@ -16,14 +16,13 @@ from typing import Any
 import pytest
 
 from snapship.cli.context import open_storage
-from snapship.engine.gc import list_lag
 from snapship.errors import (
     ObjectNotFound,
     StorageError,
     TransientStorageError,
     UsageError,
 )
-from snapship.storage.retry import Retry, RetryPolicy
+from snapship.storage.retry import Retry, RetryingStorage, RetryPolicy
 from snapship.storage.s3 import S3Storage
 from snapship.storage.s3_client import ClientOptions, make_client, parse_s3_url
 from tests.s3faultproxy import FaultProxy, Rule, puts_under
@@ -35,12 +34,12 @@ FAST = RetryPolicy(budget=30.0, first_delay=0.05, max_delay=0.2, attempts=6)
 
 
 def through(proxy: FaultProxy, bucket: Bucket, mp: pytest.MonkeyPatch, *,
-            policy: RetryPolicy = FAST, read_timeout: float = 10.0) -> S3Storage:
-    """An S3Storage whose requests all pass the proxy."""
+            policy: RetryPolicy = FAST, read_timeout: float = 10.0) -> RetryingStorage:
+    """An S3Storage whose requests all pass the proxy, retried as the CLI retries them."""
     use_endpoint(mp, proxy.endpoint)
     client, _ = make_client(ClientOptions(max_connections=16, connect_timeout=2,
                                           read_timeout=read_timeout))
-    return S3Storage(client, parse_s3_url(bucket.url("r")), policy)
+    return RetryingStorage(S3Storage(client, parse_s3_url(bucket.url("r"))), policy)
 
 
 # -- locations and client set-up ------------------------------------------------------------
@@ -65,10 +64,10 @@ def test_client_follows_the_aws_variables(s3_bucket: Bucket, monkeypatch: pytest
     config: Any = client.meta.config  # the stubs do not know these attributes
     assert config.s3["addressing_style"] == "path"  # a custom endpoint
     assert config.retries["total_max_attempts"] == 1  # retrying is ours alone
-    assert attempts is None and S3Storage.open(s3_bucket.url()).retry == RetryPolicy()
+    assert attempts is None and S3Storage.open(s3_bucket.url()).policy == RetryPolicy()
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
     assert make_client()[1] == 3
-    assert S3Storage.open(s3_bucket.url(), retry=RetryPolicy(budget=7)).retry == RetryPolicy(
+    assert S3Storage.open(s3_bucket.url(), retry=RetryPolicy(budget=7)).policy == RetryPolicy(
         budget=7, attempts=3)
     s = S3Storage.open(s3_bucket.url("x"))
     s.put("config", b"1")
@@ -76,9 +75,9 @@ def test_client_follows_the_aws_variables(s3_bucket: Bucket, monkeypatch: pytest
 
 
 def test_a_listing_lag_reaches_gc(s3_bucket: Bucket, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert list_lag(open_storage(s3_bucket.url())) == 0.0  # AWS, SeaweedFS, MinIO...
+    assert open_storage(s3_bucket.url()).capabilities.list_lag == 0.0  # AWS, SeaweedFS, MinIO...
     monkeypatch.setenv("SNAPSHIP_S3_LIST_LAG", "2.5")
-    assert list_lag(open_storage(s3_bucket.url())) == 2.5
+    assert open_storage(s3_bucket.url()).capabilities.list_lag == 2.5
     for bad in ("soon", "-1", "1e9"):
         monkeypatch.setenv("SNAPSHIP_S3_LIST_LAG", bad)
         with pytest.raises(UsageError, match="SNAPSHIP_S3_LIST_LAG"):

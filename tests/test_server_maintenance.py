@@ -139,10 +139,11 @@ def test_the_server_runs_gc_and_verify_on_its_schedule(tmp_path: Path) -> None:
         versions, _sha = backups(server, files, "sched", tmp_path, 2)
         ok(cli("forget", "--repo", server.url("sched"), f"disk@{versions[0]}",
                token=files["ops"]))
-        line = server.wait_for_log("scheduled gc of sched: 1 versions, freed 24 chunks",
-                                   timeout=30)
+        line = server.wait_for_log("sched: scheduled gc: 1 versions reference 24 chunks; freed "
+                                   "24 chunks", timeout=30)
         assert "waiting" not in line
-        server.wait_for_log("scheduled verify of sched: 1 versions, 24 chunks: ok", timeout=30)
+        server.wait_for_log("sched: scheduled verify (fast): 1 versions, 24 chunks: ok",
+                            timeout=30)
         assert len(chunk_files(server.root / "sched")) == 24
 
 

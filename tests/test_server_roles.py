@@ -18,16 +18,18 @@ import pytest
 from snapship.errors import AuthFailed, ObjectNotFound, PermissionDenied, StorageError
 from snapship.formats import http_api as api
 from snapship.formats.config import RepoConfig
+from snapship.repository.catalog import Catalog
 from snapship.repository.repo import Repository
 from snapship.storage.memory import MemoryStorage
 from tests.forge import Forge, lock_object
 from tests.serverproc import ServerProc, create_repo_fast_kdf, http_storage, running_server
 
 # Unencrypted, so the objects are the same in every repository of this chunk size.
-FORGE = Forge(Repository(MemoryStorage(), RepoConfig("0" * 32, 64 * 1024, "none", ""), None))
+FORGE = Forge(Repository(Catalog(MemoryStorage()), RepoConfig("0" * 32, 64 * 1024, "none", ""),
+                         None))
 # The same chunk sealed without compression: valid, and other bytes under the same name.
-PLAIN = Forge(Repository(MemoryStorage(), RepoConfig("0" * 32, 64 * 1024, "none", "",
-                                                     compression_level=0), None))
+PLAIN = Forge(Repository(Catalog(MemoryStorage()), RepoConfig("0" * 32, 64 * 1024, "none", "",
+                                                              compression_level=0), None))
 CHUNK_KEY, CHUNK_BLOB, _ = FORGE.chunk(b"chunk bytes" * 100)
 OTHER_KEY, OTHER_BLOB, _ = FORGE.chunk(b"other bytes" * 100)
 VERSION = FORGE.version("disk", [b"chunk bytes" * 100])

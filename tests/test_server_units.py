@@ -19,7 +19,7 @@ from snapship.storage.http import parse_repo_url
 from snapship.storage.retry import Retry, RetryPolicy
 
 A, D, C = Permission.ALLOW, Permission.DENY, Permission.CREATE_ONLY
-CHUNK = "chunks/ab/abcd"
+CHUNK = "chunks/ab/" + "ab" * 32
 LOCK = "locks/writer-1"
 GC_LOCK = "locks/gc-1"
 
@@ -31,6 +31,8 @@ GC_LOCK = "locks/gc-1"
         (Op.LIST, None, None, A, A, A),
         (Op.MISSING, None, None, A, A, A),
         (Op.PUT, CHUNK, None, D, C, A),
+        (Op.PUT, "chunks/ab/abcd", None, D, D, A),  # no chunk's key
+        (Op.PUT, "chunks/cd/" + "ab" * 32, None, D, D, A),  # in the wrong directory
         (Op.PUT, "versions/v/1", None, D, C, A),
         (Op.PUT, "config", None, D, C, A),
         (Op.PUT, "keys/repokey", None, D, C, A),

@@ -1,19 +1,23 @@
-"""The storage contract (storage/base.py), run against every backend."""
+"""The storage contract (storage/base.py), run against every backend: memory, a local
+directory, a snapship server, S3 (SeaweedFS), and a flaky backend behind the retrying wrapper
+(storage/retry.py), which must keep the contract for what it wraps."""
 
 from __future__ import annotations
 
 import os
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from snapship.errors import ObjectNotFound, StorageError, UsageError
-from snapship.storage.base import Storage
+from snapship.errors import ObjectNotFound, StorageError, TransientStorageError, UsageError
+from snapship.storage.base import Capabilities, Storage
 from snapship.storage.local import LocalStorage
 from snapship.storage.memory import MemoryStorage
+from snapship.storage.retry import RetryingStorage, RetryPolicy
 from snapship.storage.s3 import S3Storage
 from tests.seaweed import Bucket
 from tests.serverproc import ServerProc, http_storage, running_server
@@ -28,10 +32,62 @@ def http_server(tmp_path_factory: pytest.TempPathFactory
         yield running
 
 
-@pytest.fixture(params=["memory", "local", "http", "s3"])
+class Flaky(MemoryStorage):
+    """Fails every other request transiently (before or after doing it): what a network does,
+    on demand. The contract holds only through `RetryingStorage`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.capabilities = Capabilities(ordered_listing=True)
+
+    def _maybe_fail(self, after: bool) -> None:
+        self.calls += 1
+        if self.calls % 2 == int(after):
+            raise TransientStorageError(f"flaky: request {self.calls} lost")
+
+    def put(self, key: str, data: bytes | bytearray) -> None:
+        self._maybe_fail(False)
+        super().put(key, data)
+        self._maybe_fail(True)
+
+    def get(self, key: str) -> bytes:
+        self._maybe_fail(False)
+        return super().get(key)
+
+    def stat(self, key: str) -> int | None:
+        self._maybe_fail(False)
+        return super().stat(key)
+
+    def stat_many(self, keys: Iterable[str]) -> dict[str, int | None]:
+        self._maybe_fail(False)  # one request for all, as a server's batch is
+        return {k: MemoryStorage.stat(self, k) for k in keys}
+
+    def delete(self, key: str) -> None:
+        super().delete(key)
+        self._maybe_fail(True)
+
+    def rename(self, src: str, dst: str) -> None:
+        super().rename(src, dst)
+        self._maybe_fail(True)  # done, but the answer is lost: the retry finds src gone
+
+    def list(self, prefix: str, after: str | None = None) -> Iterator[tuple[str, int]]:
+        for n, item in enumerate(super().list(prefix, after)):
+            if n == 2:
+                self._maybe_fail(False)
+            yield item
+
+
+BACKENDS = ["memory", "local", "http", "s3", "retrying-flaky"]
+
+
+@pytest.fixture(params=BACKENDS)
 def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]:
     if request.param == "memory":
         yield MemoryStorage()
+    elif request.param == "retrying-flaky":
+        yield RetryingStorage(Flaky(), RetryPolicy(budget=10, first_delay=0.001,
+                                                   max_delay=0.001))
     elif request.param == "local":
         yield LocalStorage(str(tmp_path / "store"))
     elif request.param == "http":
@@ -102,6 +158,170 @@ def test_concurrent_puts_of_the_same_key(storage: Storage) -> None:
         t.join()
     assert storage.get("chunks/aa/same") == data
     assert dict(storage.list("chunks/")) == {"chunks/aa/same": len(data)}
+
+
+def test_an_empty_object_is_an_object(storage: Storage) -> None:
+    storage.put("refs/v/empty", b"")
+    assert storage.get("refs/v/empty") == b""
+    assert storage.stat("refs/v/empty") == 0
+    assert dict(storage.list("refs/")) == {"refs/v/empty": 0}
+
+
+def test_missing_objects(storage: Storage) -> None:
+    with pytest.raises(ObjectNotFound) as exc:
+        storage.get("versions/v/none")
+    assert exc.value.key == "versions/v/none"
+    assert storage.stat("versions/v/none") is None
+    storage.delete("versions/v/none")
+    assert storage.stat_many(["versions/v/none"]) == {"versions/v/none": None}
+
+
+def test_a_prefix_of_other_keys_is_no_object(storage: Storage) -> None:
+    storage.put("a/b/c", b"deep")
+    assert storage.stat("a/b") is None and storage.stat("a") is None
+    with pytest.raises(ObjectNotFound):
+        storage.get("a/b")
+    storage.delete("a/b")  # nothing by that name: nothing happens
+    with pytest.raises(ObjectNotFound):
+        storage.rename("a/b", "x/y")
+    assert storage.get("a/b/c") == b"deep"
+    assert dict(storage.list("a/b")) == {"a/b/c": 4}
+
+
+def test_listing_a_prefix_that_matches_nothing(storage: Storage) -> None:
+    assert list(storage.list("nothing/")) == []
+    assert list(storage.list("")) == []
+    storage.put("config", b"1")
+    assert list(storage.list("conf")) == [("config", 1)]
+    assert list(storage.list("config/")) == []
+
+
+def test_listing_after_a_key(storage: Storage) -> None:
+    keys = [f"locks/k{i:02d}" for i in range(12)]
+    for k in keys:
+        storage.put(k, b"x")
+    assert sorted(k for k, _ in storage.list("locks/", "locks/k05")) == keys[6:]
+    assert sorted(k for k, _ in storage.list("locks/", "locks/k055")) == keys[6:]
+    assert list(storage.list("locks/", "locks/k11")) == []
+    assert sorted(k for k, _ in storage.list("locks/", "a")) == keys
+
+
+def test_an_ordered_listing_is_in_key_order(storage: Storage) -> None:
+    keys = ["chunks/ff/ff", "chunks/0a/0a", "chunks/0a/0b", "chunks/ab/a+b", "chunks/ab/a-b",
+            "chunks/ab/a.b", "chunks/ab/a_b", "chunks/ab/aB", "chunks/ab/ab"]
+    for k in keys:
+        storage.put(k, b"x")
+    listed = [k for k, _ in storage.list("chunks/")]
+    assert sorted(listed) == sorted(keys)
+    if storage.capabilities.ordered_listing:
+        assert listed == sorted(keys)
+
+
+def test_a_listing_spans_many_pages(storage: Storage) -> None:
+    keys = {f"chunks/{i % 3:02x}/{i:064x}": i % 7 for i in range(1203)}
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda kv: storage.put(kv[0], b"z" * kv[1]), keys.items()))
+    assert dict(storage.list("chunks/")) == keys
+
+
+def test_listing_while_writing(storage: Storage) -> None:
+    before = {f"versions/v/{i:03d}": 1 for i in range(40)}
+    for k in before:
+        storage.put(k, b"1")
+    seen = {}
+    for n, (key, size) in enumerate(storage.list("versions/")):
+        seen[key] = size
+        if n % 5 == 0:  # puts and deletes while the listing is under way
+            storage.put(f"versions/w/{n:03d}", b"22")
+            if n > 30:
+                storage.delete(f"versions/v/{39 - n:03d}")
+    # Everything stored before the listing began and still there is listed; the rest may be.
+    assert {k for k in before if storage.stat(k) is not None} <= set(seen)
+    assert all(seen[k] == 1 for k in seen if k.startswith("versions/v/"))
+
+
+def test_rename_of_a_missing_object_changes_nothing(storage: Storage) -> None:
+    storage.put("fossils/ab/abcd", b"there")
+    with pytest.raises(ObjectNotFound):
+        storage.rename("chunks/ab/abcd", "fossils/ab/abcd")
+    assert storage.get("fossils/ab/abcd") == b"there"
+
+
+def test_rename_into_a_new_prefix(storage: Storage) -> None:
+    storage.put("chunks/ab/abcd", b"moving")
+    storage.rename("chunks/ab/abcd", "fossils/zz/deep/abcd")
+    assert storage.get("fossils/zz/deep/abcd") == b"moving"
+    assert storage.stat("chunks/ab/abcd") is None
+
+
+def test_a_put_replaces(storage: Storage) -> None:
+    storage.put("protected/v/1", b"first")
+    storage.put("protected/v/1", b"second, longer")
+    assert storage.get("protected/v/1") == b"second, longer"
+    assert storage.stat("protected/v/1") == 14
+
+
+def test_stat_many(storage: Storage) -> None:
+    storage.put("refs/a/1", b"12")
+    storage.put("refs/a/3", b"")
+    assert storage.stat_many(["refs/a/1", "refs/a/2", "refs/a/3"]) == {
+        "refs/a/1": 2, "refs/a/2": None, "refs/a/3": 0}
+    assert storage.stat_many([]) == {}
+
+
+def test_every_byte_and_a_large_object(storage: Storage) -> None:
+    data = bytes(range(256)) * 4096 + os.urandom(3 << 20)
+    storage.put("chunks/00/big", data)
+    assert storage.get("chunks/00/big") == data
+    assert storage.stat("chunks/00/big") == len(data)
+
+
+def test_every_key_character(storage: Storage) -> None:
+    key = "A-Z.a_z+0-9/x.y_z+w-v/Q"
+    storage.put(key, b"k")
+    assert storage.get(key) == b"k"
+    assert dict(storage.list("A-Z.a_z+0")) == {key: 1}
+    storage.delete(key)
+    assert storage.stat(key) is None
+
+
+def test_concurrent_puts_of_many_keys(storage: Storage) -> None:
+    keys = [f"chunks/{i:02x}/{i:064x}" for i in range(64)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda k: storage.put(k, k.encode()), keys))
+    assert dict(storage.list("chunks/")) == {k: len(k) for k in keys}
+    assert all(storage.get(k) == k.encode() for k in keys)
+
+
+def test_rename_onto_itself_keeps_it(storage: Storage) -> None:
+    storage.put("fossils/ab/self", b"me")
+    storage.rename("fossils/ab/self", "fossils/ab/self")
+    assert storage.get("fossils/ab/self") == b"me"
+
+
+def test_delete_then_put_again(storage: Storage) -> None:
+    storage.put("versions/v/again", b"one")
+    storage.delete("versions/v/again")
+    assert storage.stat("versions/v/again") is None
+    storage.put("versions/v/again", b"two!")
+    assert storage.get("versions/v/again") == b"two!"
+    assert dict(storage.list("versions/v/")) == {"versions/v/again": 4}
+
+
+def test_listed_sizes_follow_replacements(storage: Storage) -> None:
+    storage.put("damaged/v/1", b"x" * 10)
+    storage.put("damaged/v/1", b"x" * 3)
+    storage.put("damaged/v/2", b"")
+    assert dict(storage.list("damaged/")) == {"damaged/v/1": 3, "damaged/v/2": 0}
+
+
+def test_flush_describe_and_temporaries(storage: Storage) -> None:
+    storage.flush()  # also on a store that holds nothing yet
+    storage.put("config", b"{}")
+    storage.flush()
+    assert storage.describe()
+    assert storage.remove_temporaries(3600) == 0
+    assert storage.capabilities.parallelism >= 0 and storage.capabilities.list_lag >= 0
 
 
 def test_local_put_leaves_no_temp_files_and_listing_ignores_them(tmp_path: Path) -> None:

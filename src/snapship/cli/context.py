@@ -17,7 +17,7 @@ from snapship.repository.repo import PassphraseSource, Repository
 from snapship.storage.base import Storage
 from snapship.storage.http import HttpStorage, check_token_text
 from snapship.storage.local import LocalStorage
-from snapship.storage.retry import DEFAULT_RETRY_TIME, RetryPolicy
+from snapship.storage.retry import DEFAULT_RETRY_TIME, RetryingStorage, RetryPolicy
 
 
 def open_storage(spec: str | None, args: argparse.Namespace | None = None) -> Storage:
@@ -27,21 +27,15 @@ def open_storage(spec: str | None, args: argparse.Namespace | None = None) -> St
     if not spec:
         raise UsageError("no repository given: use --repo PATH or set SNAPSHIP_REPO")
     if spec.startswith(("http://", "https://")):
-        return HttpStorage(
-            spec,
-            token=server_token(args),
-            ca_file=getattr(args, "ca", None) or os.environ.get("SNAPSHIP_CA") or None,
-            retry=RetryPolicy(budget=_retry_time()),
-            allow_insecure_http=os.environ.get("SNAPSHIP_INSECURE_HTTP") == "1",
-        )
+        return RetryingStorage(open_server(spec, args), RetryPolicy(budget=_retry_time()))
     if spec.startswith("s3://"):
         # boto3 takes a third of a second to import: only S3 repositories pay for it.
-        from snapship.storage.s3 import S3Storage
+        from snapship.storage.s3 import PARALLELISM, S3Storage
         from snapship.storage.s3_client import ClientOptions
 
         # A connection for every request in flight: the engines' windows, gc's 32 threads.
         # Connections are opened on demand: a large pool costs nothing.
-        workers = max(default_workers(), S3Storage.parallelism)
+        workers = max(default_workers(), PARALLELISM)
         return S3Storage.open(spec, ClientOptions(max_connections=max(64, 4 * workers)),
                               retry=RetryPolicy(budget=_retry_time()), list_lag=s3_list_lag())
     if spec.startswith("file://"):
@@ -50,6 +44,18 @@ def open_storage(spec: str | None, args: argparse.Namespace | None = None) -> St
         raise UsageError(f"unsupported repository location {spec!r}: give a directory path, "
                          "an s3:// or an http(s):// URL")
     return LocalStorage(spec)
+
+
+def open_server(spec: str, args: argparse.Namespace | None) -> HttpStorage:
+    """A `snapship server` repository, for what only a server does (maintenance); its
+    token and CA from `args` or the environment."""
+    return HttpStorage(
+        spec,
+        token=server_token(args),
+        ca_file=getattr(args, "ca", None) or os.environ.get("SNAPSHIP_CA") or None,
+        retry=RetryPolicy(budget=_retry_time()),
+        allow_insecure_http=os.environ.get("SNAPSHIP_INSECURE_HTTP") == "1",
+    )
 
 
 def server_token(args: argparse.Namespace | None) -> str | None:

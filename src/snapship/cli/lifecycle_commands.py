@@ -8,31 +8,28 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+from dataclasses import asdict
 from typing import Any
 
 from snapship.cli import known_repos, server_commands
 from snapship.cli.context import open_storage, passphrase_configured, passphrase_source, vouch_for
 from snapship.cli.output import human_bytes, print_json, warn
+from snapship.cli.reports import print_gc
 from snapship.cli.transfer_commands import parse_ref
 from snapship.engine.gc import run_gc
 from snapship.engine.prune import Policy, forget_versions, parse_duration, run_prune
-from snapship.errors import AuthFailed, NotFound, ObjectNotFound, UsageError
-from snapship.formats.config import decode_config
-from snapship.formats.constants import CONFIG_KEY
-from snapship.repository import catalog, locks
+from snapship.errors import AuthFailed, UsageError
+from snapship.repository import locks
+from snapship.repository.catalog import Catalog
 from snapship.repository.repo import Repository
-from snapship.storage.base import Storage
 
 
-def open_keyless(args: argparse.Namespace) -> Storage:
-    """The repository's storage, after checking it holds a repository this snapship reads."""
-    storage = open_storage(args.repo, args)
-    try:
-        cfg, _mac = decode_config(storage.get(CONFIG_KEY))
-    except ObjectNotFound:
-        raise NotFound(f"no snapship repository at {storage.describe()}") from None
-    known_repos.check(cfg, storage.describe())
-    return storage
+def open_keyless(args: argparse.Namespace) -> Catalog:
+    """The repository without its key, after checking it holds a repository this snapship
+    reads and that this machine knows it as it is."""
+    catalog = Catalog(open_storage(args.repo, args))
+    known_repos.check(catalog.config(), catalog.describe())
+    return catalog
 
 
 def _local_tz() -> dt.tzinfo | None:
@@ -46,8 +43,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
                     parse_duration(args.keep_within) if args.keep_within else None)
     if policy.is_empty():
         raise UsageError("no retention rule given: use at least one --keep-* option")
-    storage = open_keyless(args)
-    report = run_prune(storage, policy, volume=args.volume, dry_run=args.dry_run,
+    catalog = open_keyless(args)
+    report = run_prune(catalog, policy, volume=args.volume, dry_run=args.dry_run,
                        tz=_local_tz() or dt.UTC, warn=warn)
     if args.json:
         print_json({
@@ -78,9 +75,9 @@ def cmd_forget(args: argparse.Namespace) -> int:
     for ref in args.version_refs:
         if "@" not in ref:
             raise UsageError(f"{ref}: name the version to forget (VOLUME@VERSION)")
-    storage = open_keyless(args)
-    targets = [catalog.resolve(storage, parse_ref(r)) for r in args.version_refs]
-    chunks, nbytes = forget_versions(storage, targets, allow_newest=args.allow_newest,
+    catalog = open_keyless(args)
+    targets = [catalog.resolve(parse_ref(r)) for r in args.version_refs]
+    chunks, nbytes = forget_versions(catalog, targets, allow_newest=args.allow_newest,
                                      warn=warn)
     if args.json:
         print_json({"forgotten": [f"{v}@{n}" for v, n in targets], "chunks_freeable": chunks,
@@ -93,12 +90,12 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
 
 def cmd_protect(args: argparse.Namespace) -> int:
-    storage = open_keyless(args)
+    catalog = open_keyless(args)
     on = args.command == "protect"
-    with locks.exclusive(storage, locks.PRUNE, args.command, warn):
+    with catalog.exclusive(locks.PRUNE, args.command, warn):
         for ref in args.version_refs:
-            vol, ver = catalog.resolve(storage, parse_ref(ref))
-            catalog.set_protected(storage, vol, ver, on, args.note if on else "")
+            vol, ver = catalog.resolve(parse_ref(ref))
+            catalog.set_protected(vol, ver, on, args.note if on else "")
             if not args.json:
                 print(f"{'protected' if on else 'unprotected'} {vol}@{ver}")
     if args.json:
@@ -106,13 +103,13 @@ def cmd_protect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _key_if_at_hand(args: argparse.Namespace, storage: Storage) -> Repository | None:
+def _key_if_at_hand(args: argparse.Namespace, catalog: Catalog) -> Repository | None:
     """The repository with its key, if that needs no prompt: gc can then rebuild a missing
     reference list instead of stopping."""
     if passphrase_configured(args):
-        return vouch_for(Repository.open(storage, passphrase_source(args)), args)
+        return vouch_for(Repository.open(catalog.storage, passphrase_source(args)), args)
     try:  # the storage already open, not a second backend (and connection pool) of its own
-        return vouch_for(Repository.open(storage, None), args)
+        return vouch_for(Repository.open(catalog.storage, None), args)
     except AuthFailed:  # encrypted, and no passphrase without a prompt
         return None
 
@@ -120,27 +117,23 @@ def _key_if_at_hand(args: argparse.Namespace, storage: Storage) -> Repository | 
 def cmd_gc(args: argparse.Namespace) -> int:
     if args.on_server:
         return server_commands.cmd_gc_on_server(args)
-    storage = open_keyless(args)
-    r = run_gc(storage, repo=_key_if_at_hand(args, storage), warn=warn)
-    if args.json:
-        print_json(vars(r))
-        return 0
-    if r.waiting_for:
-        print(f"gc: collection {r.collection} waits for {len(r.waiting_for)} running "
-              f"backup(s) ({', '.join(r.waiting_for)}); run gc again after they finish")
-    print(f"gc: {r.versions} versions reference {r.referenced} chunks; freed {r.chunks_freed} "
-          f"chunks ({human_bytes(r.bytes_freed)})"
-          + (f"; {r.restored} set-aside chunks were in use again and were put back"
-             if r.restored else "")
-          + (f"; {r.fossils_made} chunks set aside for the next run" if not r.finished else ""))
+    catalog = open_keyless(args)
+    warnings: list[str] = []
+
+    def note(message: str) -> None:
+        warnings.append(message)
+        warn(message)
+
+    r = run_gc(catalog, repo=_key_if_at_hand(args, catalog), warn=note)
+    print_gc({**asdict(r), "warnings": warnings}, json=args.json)
     return 0
 
 
 def cmd_locks(args: argparse.Namespace) -> int:
-    storage = open_keyless(args)
-    found = locks.list_locks(storage, warn=None if args.clear_stale else warn)
+    catalog = open_keyless(args)
+    found = catalog.list_locks(warn=None if args.clear_stale else warn)
     if args.clear_stale:
-        found = locks.clear_stale(storage, found, warn)
+        found = catalog.clear_stale(found, warn)
     rows = [{"kind": i.kind, "session": i.session, "command": i.command, "pid": i.pid,
              "machine": i.machine.split("/", 1)[0], "started": i.started,
              "alive": i.is_alive(), **({"problem": i.problem} if i.problem else {})}

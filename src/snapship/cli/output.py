@@ -7,25 +7,8 @@ import sys
 import time
 from typing import Any, TextIO
 
-_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
-
-
-def human_bytes(n: float) -> str:
-    for unit in _UNITS:
-        if abs(n) < 1024 or unit == _UNITS[-1]:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def parse_size(text: str) -> int:
-    """'4M', '512K', '1G' or plain bytes."""
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
-    digits = t[:-1] if mult > 1 else t
-    if not digits.isdigit():
-        raise ValueError(f"not a size: {text!r}")
-    return int(digits) * mult
+from snapship.units import human_bytes as human_bytes
+from snapship.units import parse_size as parse_size
 
 
 def warn(message: str) -> None:

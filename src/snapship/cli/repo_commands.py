@@ -8,6 +8,7 @@ from typing import Any
 from snapship.cli import known_repos, server_commands
 from snapship.cli.context import open_repository, open_storage, passphrase_source
 from snapship.cli.output import TerminalProgress, human_bytes, parse_size, print_json, warn
+from snapship.cli.reports import print_verify
 from snapship.cli.transfer_commands import parse_ref
 from snapship.engine.verify import run_verify
 from snapship.errors import SnapshipError, UsageError
@@ -18,7 +19,6 @@ from snapship.formats.constants import (
     ENCRYPTIONS,
 )
 from snapship.formats.manifest import Manifest
-from snapship.repository import catalog
 from snapship.repository.repo import Repository
 from snapship.types import ZERO_ID
 
@@ -89,8 +89,8 @@ def cmd_versions(args: argparse.Namespace) -> int:
     """Lists every version; a damaged manifest is listed as such (exit 1), not fatal."""
     repo = open_repository(args)
     rows: list[dict[str, Any]] = []
-    marks = catalog.damaged(repo.storage)
-    shielded = catalog.protected(repo.storage)
+    marks = repo.catalog.damaged()
+    shielded = repo.catalog.protected()
     for volume, version in repo.list_versions(args.volume):
         try:
             row = version_summary(repo.load_manifest(volume, version))
@@ -158,42 +158,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     repo = open_repository(args)
     if args.sample is not None and not args.deep:
         raise UsageError("--sample goes with --deep (it picks the chunks to read)")
-    report = run_verify(repo, deep=args.deep, sample=args.sample, volume=args.volume,
-                        progress=TerminalProgress("verify"))
+    report = run_verify(repo.catalog, repo, deep=args.deep, sample=args.sample,
+                        volume=args.volume, progress=TerminalProgress("verify"))
     if report.marks_error:
         warn(f"damage marks not updated: {report.marks_error}")
-    if args.json:
-        print_json(
-            {
-                "ok": report.ok,
-                "deep": args.deep,
-                "versions": report.versions,
-                "chunks": report.chunks,
-                "bytes_checked": report.bytes_checked,
-                "chunks_deep_checked": report.deep_checked,
-                "sample_percent": args.sample,
-                "marks_cleared": report.marks_cleared,
-                "bad_manifests": report.bad_manifests,
-                "bad_chunks": report.bad_chunks,
-                "affected_versions": report.affected,
-            }
-        )
-    else:
-        for name, problem in report.bad_manifests.items():
-            print(f"BAD manifest {name}: {problem}")
-        for hexid, problem in report.bad_chunks.items():
-            print(f"BAD chunk {hexid}: {problem}")
-        for name, hexids in report.affected.items():
-            print(f"AFFECTED {name}: {len(hexids)} bad chunk(s)"
-                  + ("" if report.marks_error else "; marked damaged"))
-        for name in report.marks_cleared:
-            print(f"healed {name}: no longer damaged")
-        mode = "deep" if args.deep else "fast"
-        if args.sample is not None:
-            mode += f", {report.deep_checked} chunks sampled ({args.sample:g}%)"
-        status = "ok" if report.ok else "FAILED"
-        print(f"verify ({mode}): {report.versions} versions, {report.chunks} chunks: {status}")
-    return 0 if report.ok else 1
+    return print_verify(report.to_json(), json=args.json)
 
 
 def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentParser) -> None:

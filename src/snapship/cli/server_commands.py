@@ -10,8 +10,9 @@ import sys
 import threading
 from typing import Any
 
-from snapship.cli.context import open_storage
-from snapship.cli.output import human_bytes, parse_size, print_json
+from snapship.cli.context import open_server, open_storage
+from snapship.cli.output import parse_size, print_json
+from snapship.cli.reports import print_gc, print_verify
 from snapship.errors import UsageError
 from snapship.formats import http_api as api
 from snapship.formats.manifest import check_name
@@ -182,26 +183,18 @@ def add_on_server_option(p: argparse.ArgumentParser) -> None:
 
 
 def _server_storage(args: argparse.Namespace) -> HttpStorage:
-    storage = open_storage(args.repo, args)
-    if not isinstance(storage, HttpStorage):
+    if not (args.repo or "").startswith(("http://", "https://")):
+        open_storage(args.repo, args)  # a usage error of its own, if it is not even that
         raise UsageError("--on-server needs a repository on a snapship server "
                          "(--repo http(s)://HOST:PORT/NAME)")
-    return storage
+    return open_server(args.repo, args)
 
 
 def cmd_gc_on_server(args: argparse.Namespace) -> int:
     r = _server_storage(args).maintenance("gc", {})
     for message in r.get("warnings", []):
         print(f"snapship: warning: {message}", file=sys.stderr)
-    if args.json:
-        print_json(r)
-        return 0
-    if r["waiting_for"]:
-        print(f"gc: collection {r['collection']} waits for {len(r['waiting_for'])} running "
-              "backup(s); run gc again after they finish")
-    print(f"gc on the server: {r['versions']} versions reference {r['referenced']} chunks; "
-          f"freed {r['chunks_freed']} chunks ({human_bytes(r['bytes_freed'])}), "
-          f"{r['restored']} set-aside chunks were put back")
+    print_gc(r, json=args.json, where="gc on the server")
     return 0
 
 
@@ -210,22 +203,7 @@ def cmd_verify_on_server(args: argparse.Namespace) -> int:
         raise UsageError("--on-server verifies every version completely: drop --sample and "
                          "--volume")
     r = _server_storage(args).maintenance("verify", {"deep": bool(args.deep)})
-    if args.json:
-        print_json(r)
-    else:
-        for name, problem in r["bad_refs"].items():
-            print(f"BAD reference list {name}: {problem}")
-        for hexid, problem in r["bad_chunks"].items():
-            print(f"BAD chunk {hexid}: {problem}")
-        for name, hexids in r["affected"].items():
-            print(f"AFFECTED {name}: {len(hexids)} bad chunk(s); marked damaged")
-        mode = "deep" if r["deep"] else "fast"
-        if r["deep"] and not r["content_checked"]:
-            mode += ", envelopes only: the server has no key"
-        status = "ok" if r["ok"] else "FAILED"
-        print(f"verify on the server ({mode}): {r['versions']} versions, {r['chunks']} chunks: "
-              f"{status}")
-    return 0 if r["ok"] else 1
+    return print_verify(r, json=args.json, where="verify on the server")
 
 
 def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentParser) -> None:

@@ -15,7 +15,7 @@ from snapship.cli.context import open_repository
 from snapship.cli.output import TerminalProgress, human_bytes, print_json, warn
 from snapship.cli.signals import terminate_raises
 from snapship.devices import Source, remove_unfinished
-from snapship.engine.backup import BackupPlan, run_backup
+from snapship.engine.backup import run_backup
 from snapship.engine.restore import run_restore
 from snapship.engine.snapshot_backup import SnapshotOptions, run_snapshot_backup
 from snapship.errors import UsageError
@@ -113,21 +113,16 @@ def cmd_backup(args: argparse.Namespace) -> int:
         return 0
     changed = read_changed_ranges(args.changed_ranges) if args.changed_ranges else None
     repo = open_repository(args)
-    with Source(args.source) as source, repo.writer(f"backup {volume}") as session:
-        # The newest version's chunks are known to exist: no need to ask storage about them.
-        base = repo.latest_manifest(volume, warn)
-        if changed is not None and base is None:
-            raise UsageError(f"--changed-ranges needs an earlier version of {volume} to apply to")
+    with Source(args.source) as source:
         m = run_backup(
             repo,
             source,
             volume,
-            plan=BackupPlan(base=base, changed=changed,
-                            change_source="ranges file" if changed is not None else "full read"),
+            changed=changed,
+            change_source="ranges file" if changed is not None else "full read",
             labels=labels,
             source_desc=os.path.abspath(args.source),
             progress=TerminalProgress(f"backup {volume}"),
-            session=session,
             warn=warn,
         )
     report_backup(args, m)

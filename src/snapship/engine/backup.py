@@ -9,11 +9,13 @@ written last, so an interrupted backup leaves no version behind, only unreferenc
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from array import array
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from snapship.changes.ranges import touched_chunks
@@ -21,9 +23,9 @@ from snapship.engine.pipeline import bounded_map, default_workers, window_for
 from snapship.engine.progress import NoProgress, Progress
 from snapship.errors import Corrupt, UsageError
 from snapship.formats.manifest import Manifest, check_name, chunk_count
-from snapship.repository import catalog
 from snapship.repository.locks import LeaseLost
-from snapship.repository.repo import Repository, WriterSession, new_version_id, now_iso
+from snapship.repository.repo import Repository, new_version_id, now_iso
+from snapship.repository.session import WriterSession
 from snapship.types import ZERO_ID, ByteRange
 
 ZERO, KNOWN, DUPLICATE, EXISTING, NEW = range(5)
@@ -58,23 +60,32 @@ class BackupSource(Protocol):
 
 @dataclass(frozen=True)
 class BackupPlan:
-    """What to read: all chunks (`base` only used for dedup), or only those `changed` touches."""
+    """What to read: all chunks (the base only used for dedup), or only those `changed`
+    touches (on top of the base)."""
 
-    base: Manifest | None = None
     changed: Sequence[ByteRange] | None = None
     change_source: str = "full read"
     """Where `changed` came from (a COW table, thin_delta, a file), recorded in the stats."""
     fallback: str | None = None
     """Why change tracking was not used, when it was wanted; recorded in the stats."""
+    labels: dict[str, str] = field(default_factory=dict)
+    """Labels the preparation adds to the version (e.g. the snapshot it read)."""
 
 
-def chunks_to_read(plan: BackupPlan, size: int, chunk_size: int) -> list[int] | None:
+Prepared = tuple[BackupSource, BackupPlan]
+Prepare = Callable[[Manifest | None], AbstractContextManager[Prepared]]
+"""Given the base version (None if the volume has none), the source to read and the plan:
+called once the backup is registered and its base loaded, so nothing can be read from the
+base before gc knows about the backup (docs/gc.md, "Writers")."""
+
+
+def chunks_to_read(plan: BackupPlan, base: Manifest | None, size: int, chunk_size: int
+                   ) -> list[int] | None:
     """Indices an incremental run must read, or None for a full read."""
     if plan.changed is None:
         return None
-    base = plan.base
     if base is None:
-        raise UsageError("a change set needs a base version to apply it to")
+        raise UsageError("a change set needs an earlier version of the volume to apply to")
     if base.chunk_size != chunk_size:
         raise UsageError("the base version has a different chunk size")
     wanted = set(touched_chunks(plan.changed, chunk_size, size))
@@ -86,33 +97,62 @@ def chunks_to_read(plan: BackupPlan, size: int, chunk_size: int) -> list[int] | 
 
 def run_backup(
     repo: Repository,
-    source: BackupSource,
+    source: BackupSource | Prepare,
     volume: str,
     *,
-    plan: BackupPlan = BackupPlan(),
+    changed: Sequence[ByteRange] | None = None,
+    change_source: str = "full read",
+    base_version: str | None = None,
+    command: str | None = None,
     source_desc: str | None = None,
     labels: dict[str, str] | None = None,
     progress: Progress | None = None,
     workers: int | None = None,
-    session: WriterSession | None = None,
     warn: Warn | None = None,
 ) -> Manifest:
-    """Back up `source` as a new version of `volume`.
+    """Back up a new version of `volume`: register the backup, load its base (the newest
+    readable version of the volume, or `base_version`), then read `source` (with `changed`:
+    only what those ranges touch) or, for a `Prepare`, what it gives for that base."""
+    check_name("volume", volume)
+    with repo.writer(command or f"backup {volume}") as session:
+        base = (repo.load_manifest(volume, base_version) if base_version is not None
+                else repo.latest_manifest(volume, warn))
+        prepare: Prepare = source if callable(source) else _plain(source, changed, change_source)
+        with prepare(base) as (src, plan):
+            return _backup(repo, session, src, volume, base, plan, source_desc=source_desc,
+                           labels={**(labels or {}), **plan.labels}, progress=progress,
+                           workers=workers, warn=warn)
 
-    A caller that loads `plan.base` must open `session` (`repo.writer()`) before loading it,
-    so that gc knows this backup may rely on the base's chunks (docs/gc.md)."""
-    if session is None:
-        with repo.writer(f"backup {volume}") as own:
-            return run_backup(repo, source, volume, plan=plan, source_desc=source_desc,
-                              labels=labels, progress=progress, workers=workers, session=own,
-                              warn=warn)
+
+def _plain(source: BackupSource, changed: Sequence[ByteRange] | None, change_source: str
+           ) -> Prepare:
+    @contextlib.contextmanager
+    def prepare(base: Manifest | None) -> Iterator[Prepared]:
+        yield source, BackupPlan(changed, change_source)
+
+    return prepare
+
+
+def _backup(
+    repo: Repository,
+    session: WriterSession,
+    source: BackupSource,
+    volume: str,
+    base: Manifest | None,
+    plan: BackupPlan,
+    *,
+    source_desc: str | None,
+    labels: dict[str, str],
+    progress: Progress | None,
+    workers: int | None,
+    warn: Warn | None,
+) -> Manifest:
     check_name("volume", volume)
     started = time.monotonic()
     cs = repo.chunk_size
     size = source.size
     count = chunk_count(size, cs)
-    to_read = chunks_to_read(plan, size, cs)
-    base = plan.base
+    to_read = chunks_to_read(plan, base, size, cs)
     # A chunk equal to the base's chunk at the same index is known to exist: unchanged data
     # costs no storage lookup, and this needs no memory beyond the base manifest itself.
     base_ids = base.ids if base is not None else b""
@@ -129,7 +169,7 @@ def run_backup(
     progress.start(sum(min(cs, size - i * cs) for i in indices) if to_read is not None else size)
 
     # Chunks a verify found damaged are stored again when met, never trusted.
-    damaged = {bytes.fromhex(c) for mark in catalog.damaged(repo.storage).values()
+    damaged = {bytes.fromhex(c) for mark in repo.catalog.damaged().values()
                for c in mark.chunks}
     zero_full = bytes(cs)
     claimed: set[bytes] = set()
@@ -210,7 +250,7 @@ def run_backup(
             parent=base.version if base is not None else None,
             ids=bytes(ids),
             sizes=sizes,
-            labels=dict(labels or {}),
+            labels=labels,
             stats={
                 "mode": "full" if to_read is None else "incremental",
                 "change_source": plan.change_source,

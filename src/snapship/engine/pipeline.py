@@ -13,20 +13,22 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
+from snapship.storage.base import Storage
+
 T = TypeVar("T")
 R = TypeVar("R")
 
 WINDOW_BYTES = 64 << 20
 
 
-def default_workers(storage: object = None) -> int:
+def default_workers(storage: Storage | None = None) -> int:
     """One worker per CPU; more if the storage says its requests are worth overlapping.
 
-    A backend whose requests wait on a network (S3) sets a `parallelism` attribute: with only
+    A backend whose requests wait on a network (S3) declares its `parallelism`: with only
     one worker per CPU, each would sit idle for a round trip on every chunk.
     """
     cpus = max(1, len(os.sched_getaffinity(0)))
-    return max(cpus, int(getattr(storage, "parallelism", 0)))
+    return max(cpus, storage.capabilities.parallelism if storage is not None else 0)
 
 
 def window_for(workers: int, chunk_size: int) -> int:

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 from snapship.errors import NotFound, ObjectNotFound, UsageError
 from snapship.formats import refs as refs_codec
-from snapship.repository import catalog, locks
-from snapship.storage.base import Storage
+from snapship.repository import locks
+from snapship.repository.catalog import Catalog
 
 BUCKETS = {
     "hourly": "%Y-%m-%d %H:00",
@@ -142,13 +142,13 @@ class PruneReport:
 
 
 
-def freeable(storage: Storage, forget: set[tuple[str, str]]) -> tuple[int, int]:
+def freeable(catalog: Catalog, forget: set[tuple[str, str]]) -> tuple[int, int]:
     """Chunks (and their stored bytes) that only versions in `forget` reference."""
     kept: set[int] = set()
     doomed: dict[int, int] = {}
-    for vol, ver in catalog.list_refs(storage):
+    for vol, ver in catalog.refs_listed():
         try:
-            r = catalog.load_refs(storage, vol, ver)
+            r = catalog.load_refs(vol, ver)
         except ObjectNotFound:
             continue
         if (vol, ver) in forget:
@@ -159,18 +159,18 @@ def freeable(storage: Storage, forget: set[tuple[str, str]]) -> tuple[int, int]:
     return len(sizes), sum(sizes)
 
 
-def run_prune(storage: Storage, policy: Policy, *, volume: str | None = None,
+def run_prune(catalog: Catalog, policy: Policy, *, volume: str | None = None,
               dry_run: bool = False, tz: dt.tzinfo = dt.UTC,
               warn: Callable[[str], None] = lambda message: None) -> PruneReport:
     """Apply `policy` to every volume (or one), forgetting what no rule keeps."""
     report = PruneReport()
-    with locks.exclusive(storage, locks.PRUNE, "prune", warn):
+    with catalog.exclusive(locks.PRUNE, "prune", warn) as lock:
         by_volume: dict[str, list[str]] = {}
-        for vol, ver in catalog.list_versions(storage, volume):
+        for vol, ver in catalog.versions(volume):
             by_volume.setdefault(vol, []).append(ver)
         if volume is not None and volume not in by_volume:
             raise NotFound(f"volume {volume} has no versions in this repository")
-        shielded = catalog.protected(storage)
+        shielded = catalog.protected()
         forget: set[tuple[str, str]] = set()
         for vol, versions in by_volume.items():
             mine = frozenset(v for pv, v in shielded if pv == vol)
@@ -178,29 +178,31 @@ def run_prune(storage: Storage, policy: Policy, *, volume: str | None = None,
             forget.update((vol, d.version) for d in report.decisions[vol] if not d.keep)
             # decide() keeps the newest under any rule; an incremental base is never lost.
             assert report.decisions[vol][0].keep
-        report.chunks_freeable, report.bytes_freeable = freeable(storage, forget)
+        report.chunks_freeable, report.bytes_freeable = freeable(catalog, forget)
         if not dry_run:
             for vol, ver in sorted(forget):
-                catalog.delete_version(storage, vol, ver)
+                lock.ensure("forgetting more versions")
+                catalog.delete_version(vol, ver)
                 report.forgotten += 1
     return report
 
 
-def forget_versions(storage: Storage, targets: Sequence[tuple[str, str]], *,
+def forget_versions(catalog: Catalog, targets: Sequence[tuple[str, str]], *,
                     allow_newest: bool = False,
                     warn: Callable[[str], None] = lambda message: None) -> tuple[int, int]:
     """Forget exactly these versions; returns what the next gc frees (chunks, bytes).
 
     Refuses a protected version, and the newest of a volume unless `allow_newest`."""
-    with locks.exclusive(storage, locks.PRUNE, "forget", warn):
-        shielded = catalog.protected(storage)
+    with catalog.exclusive(locks.PRUNE, "forget", warn) as lock:
+        shielded = catalog.protected()
         for vol, ver in targets:
             if (vol, ver) in shielded:
                 raise UsageError(f"{vol}@{ver} is protected: unprotect it first")
-            if not allow_newest and catalog.list_versions(storage, vol)[-1] == (vol, ver):
+            if not allow_newest and catalog.versions(vol)[-1] == (vol, ver):
                 raise UsageError(f"{vol}@{ver} is the newest version of {vol} (the base of "
                                  "the next incremental backup): add --allow-newest to forget it")
-        result = freeable(storage, set(targets))
+        result = freeable(catalog, set(targets))
         for vol, ver in targets:
-            catalog.delete_version(storage, vol, ver)
+            lock.ensure("forgetting more versions")
+            catalog.delete_version(vol, ver)
     return result

@@ -18,15 +18,17 @@ snapshot is removed and the old one kept, so the next run still covers every cha
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime as dt
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from snapship.changes import cow, thin_delta
 from snapship.changes.lvm import LvInfo, Lvm, LvmError
 from snapship.devices import Source, UncachedReader
-from snapship.engine.backup import BackupPlan, run_backup
+from snapship.engine.backup import BackupPlan, Prepared, run_backup
 from snapship.engine.progress import Progress
 from snapship.errors import SnapshipError, SourceError, UsageError
 from snapship.formats.manifest import Manifest
@@ -69,29 +71,27 @@ def plan_changes(
     if base is None:
         return BackupPlan(fallback=None if tracking is None else "no earlier version")
     if tracking is None:
-        return BackupPlan(base, fallback="no tracking snapshot (first run, or it was removed)")
+        return BackupPlan(fallback="no tracking snapshot (first run, or it was removed)")
     if base.labels.get(LABEL_SNAPSHOT_UUID) != tracking.uuid:
-        return BackupPlan(
-            base, fallback=f"tracking snapshot {tracking.name} is not the one the newest "
-            "version was taken from"
-        )
+        return BackupPlan(fallback=f"tracking snapshot {tracking.name} is not the one the "
+                          "newest version was taken from")
     if origin.size != base.size:
-        return BackupPlan(base, fallback=f"the origin was resized ({base.size} -> {origin.size})")
+        return BackupPlan(fallback=f"the origin was resized ({base.size} -> {origin.size})")
     if origin.is_thin:
         if tracking.thin_id is None or new.thin_id is None or not origin.pool:
-            return BackupPlan(base, fallback="thin ids of the snapshots are unknown")
+            return BackupPlan(fallback="thin ids of the snapshots are unknown")
         xml = lvm.thin_delta(origin.vg, origin.pool, tracking.thin_id, new.thin_id)
-        return BackupPlan(base, thin_delta.parse(xml, origin.size).changed, "thin_delta")
+        return BackupPlan(thin_delta.parse(xml, origin.size).changed, "thin_delta")
     if tracking.invalid:
-        return BackupPlan(base, fallback=f"tracking snapshot {tracking.name} overflowed")
+        return BackupPlan(fallback=f"tracking snapshot {tracking.name} overflowed")
     try:
         with UncachedReader(tracking.cow_device) as reader:
             table = cow.parse(reader.read, reader.size, origin.size)
     except cow.CowInvalid:
-        return BackupPlan(base, fallback=f"tracking snapshot {tracking.name} overflowed")
+        return BackupPlan(fallback=f"tracking snapshot {tracking.name} overflowed")
     except (cow.CowError, SourceError) as e:
-        return BackupPlan(base, fallback=f"COW table of {tracking.name} unusable: {e}")
-    return BackupPlan(base, table.changed_ranges(origin.size), "COW table")
+        return BackupPlan(fallback=f"COW table of {tracking.name} unusable: {e}")
+    return BackupPlan(table.changed_ranges(origin.size), "COW table")
 
 
 def run_snapshot_backup(
@@ -109,8 +109,10 @@ def run_snapshot_backup(
     origin = lvm.lv(vg, lv)
     if origin.origin:
         raise UsageError(f"{vg}/{lv} is itself a snapshot; back up its origin instead")
-    with repo.writer(f"backup lvm:{vg}/{lv}") as session:
-        base = repo.latest_manifest(volume, warn)
+    done: list[LvInfo | None] = []  # the old tracking snapshot, once the version is stored
+
+    @contextlib.contextmanager
+    def prepare(base: Manifest | None) -> Iterator[Prepared]:
         want = base.labels.get(LABEL_SNAPSHOT_UUID) if base else None
         ours = lvm.snapshots_of(vg, lv)
         tracking = next((s for s in ours if s.uuid == want), ours[-1] if ours else None)
@@ -131,25 +133,28 @@ def run_snapshot_backup(
             plan = plan_changes(lvm, origin, tracking, new, base)
             if plan.fallback:
                 warn(f"full read of {vg}/{lv}: {plan.fallback}")
-            all_labels = {**(labels or {}), LABEL_SNAPSHOT: f"{vg}/{new.name}",
-                          LABEL_SNAPSHOT_UUID: new.uuid}
+            plan = dataclasses.replace(plan, labels={LABEL_SNAPSHOT: f"{vg}/{new.name}",
+                                                     LABEL_SNAPSHOT_UUID: new.uuid})
             with Source(new.device) as source:
-                m = run_backup(repo, source, volume, plan=plan, labels=all_labels,
-                               source_desc=f"lvm:{vg}/{lv}", progress=progress,
-                               session=session, warn=warn)
+                yield source, plan
         except BaseException:
             try:
                 lvm.remove(vg, new.name)
             except LvmError as e:
                 warn(f"could not remove the new snapshot {vg}/{new.name}: {e}")
             raise
-        if tracking is not None:
-            try:
-                used = lvm.lv(vg, tracking.name).snap_percent
-                if used is not None and used >= FULL_WARNING_PERCENT:
-                    warn(f"tracking snapshot {tracking.name} was {used:.0f}% full: raise "
-                         "--snapshot-size or back up more often before it overflows")
-                lvm.remove(vg, tracking.name)
-            except SnapshipError as e:
-                warn(f"could not remove the old snapshot {vg}/{tracking.name}: {e}")
-        return m
+        done.append(tracking)
+
+    m = run_backup(repo, prepare, volume, command=f"backup lvm:{vg}/{lv}", labels=labels,
+                   source_desc=f"lvm:{vg}/{lv}", progress=progress, warn=warn)
+    tracking = done[0] if done else None
+    if tracking is not None:
+        try:
+            used = lvm.lv(vg, tracking.name).snap_percent
+            if used is not None and used >= FULL_WARNING_PERCENT:
+                warn(f"tracking snapshot {tracking.name} was {used:.0f}% full: raise "
+                     "--snapshot-size or back up more often before it overflows")
+            lvm.remove(vg, tracking.name)
+        except SnapshipError as e:
+            warn(f"could not remove the old snapshot {vg}/{tracking.name}: {e}")
+    return m

@@ -5,16 +5,7 @@ from __future__ import annotations
 FORMAT_VERSION = 1
 """Version of the repository layout; `config` carries it and readers reject any other."""
 
-CONFIG_KEY = "config"
-KEY_KEY = "keys/repokey"
-CHUNK_PREFIX = "chunks/"
-VERSION_PREFIX = "versions/"
-REFS_PREFIX = "refs/"
-FOSSIL_PREFIX = "fossils/"
-LOCK_PREFIX = "locks/"
-COLLECTION_KEY = "gc/collection"
-PROTECTED_PREFIX = "protected/"
-DAMAGED_PREFIX = "damaged/"
+# Object keys are the repository layer's: repository/layout.py.
 
 OBJECT_MAGIC = b"SNPO"
 OBJECT_VERSION = 1

@@ -8,9 +8,11 @@ backup's. Blocking: the server runs it on a worker thread.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
-from snapship.engine.backup import BackupPlan, run_backup
+from snapship.engine.backup import BackupPlan, Prepared, run_backup
 from snapship.formats.manifest import Manifest
 from snapship.nbd.overlay import WRITTEN, Overlay
 from snapship.repository.repo import Repository
@@ -65,12 +67,15 @@ def commit_overlay(
     repo: Repository, volume: str, version: str, overlay: Overlay, labels: dict[str, str]
 ) -> Manifest:
     """Store `overlay` over `volume@version` as a new version whose parent is that version."""
-    # A writer like any backup (docs/gc.md): the session is open before the base is loaded,
-    # so gc keeps every chunk the new version takes from it.
-    with repo.writer(f"nbd commit {volume}") as session:
-        base = repo.load_manifest(volume, version)
-        source = OverlaySource(repo, base, overlay)
-        plan = BackupPlan(base=base, changed=overlay.changed_ranges(),
-                          change_source=CHANGE_SOURCE)
-        return run_backup(repo, source, volume, plan=plan, source_desc=source.path,
-                          labels=labels, session=session, warn=log.warning)
+
+    # A writer like any backup (docs/gc.md): the engine opens its session before the served
+    # version is loaded as its base, so gc keeps every chunk the new version takes from it.
+    @contextlib.contextmanager
+    def prepare(base: Manifest | None) -> Iterator[Prepared]:
+        assert base is not None
+        yield (OverlaySource(repo, base, overlay),
+               BackupPlan(changed=overlay.changed_ranges(), change_source=CHANGE_SOURCE))
+
+    return run_backup(repo, prepare, volume, base_version=version,
+                      command=f"nbd commit {volume}", labels=labels,
+                      source_desc=f"nbd overlay over {volume}@{version}", warn=log.warning)

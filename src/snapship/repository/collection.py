@@ -12,8 +12,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from snapship.errors import FormatError, ObjectNotFound
-from snapship.formats.constants import COLLECTION_KEY, COLLECTION_VERSION
+from snapship.formats.constants import COLLECTION_VERSION
 from snapship.formats.json_bounded import load_object
+from snapship.repository.layout import COLLECTION_KEY
 from snapship.storage.base import Storage
 
 CONDEMNING = "condemning"

@@ -30,15 +30,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from snapship.errors import Busy, FormatError, ObjectNotFound, SnapshipError, UsageError
-from snapship.formats.constants import LOCK_PREFIX, LOCK_VERSION, LOCK_VERSIONS_READ
+from snapship.formats.constants import LOCK_VERSION, LOCK_VERSIONS_READ
 from snapship.formats.json_bounded import load_object
+from snapship.repository.layout import LOCK_PREFIX, TOMBSTONE_PREFIX, lock_key, tombstone_key
 from snapship.storage.base import Storage
 
 WRITER = "writer"
 GC = "gc"
 PRUNE = "prune"
 KINDS = (WRITER, GC, PRUNE)
-TOMBSTONE_PREFIX = f"{LOCK_PREFIX}stale/"
 MAX_LOCK_BYTES = 64 * 1024
 _LOCK_KEY = re.compile(rf"{re.escape(LOCK_PREFIX)}({'|'.join(KINDS)})-([A-Za-z0-9._+-]+)")
 
@@ -184,14 +184,6 @@ class LockInfo:
         # in the future is as untrustworthy as an old one (a forged or wildly wrong clock):
         # its holder, if alive, finds its tombstone and re-checks what it relies on.
         return -STALE_AFTER < age < STALE_AFTER
-
-
-def lock_key(kind: str, session: str) -> str:
-    return f"{LOCK_PREFIX}{kind}-{session}"
-
-
-def tombstone_key(lock_key_: str) -> str:
-    return TOMBSTONE_PREFIX + lock_key_[len(LOCK_PREFIX) :]
 
 
 def parse_lock_key(key: str) -> tuple[str, str] | None:

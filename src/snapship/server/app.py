@@ -30,7 +30,7 @@ from snapship.errors import (
     UsageError,
 )
 from snapship.formats import http_api as api
-from snapship.formats.constants import CHUNK_PREFIX
+from snapship.repository.layout import Kind, name_of
 from snapship.server.objects import (
     ExistsWithOtherContent,
     PutOutcome,
@@ -210,9 +210,10 @@ class App:
             except Rejected as e:
                 if e.forbidden:
                     self._deny(who, r, r.key, client, e.message,
-                               code=api.SET_ASIDE if r.key.startswith(CHUNK_PREFIX) else None)
+                               code=api.SET_ASIDE if name_of(r.key).kind is Kind.CHUNK
+                               else None)
                 raise ApiError(api.BAD_REQUEST, e.message) from None
-            if upload.fossil is not None and store.put_back(upload.fossil, r.key, data):
+            if upload.fossil and store.put_back(r.key, data):
                 return Response(201)
             try:
                 outcome = store.put(r.key, upload.data,

@@ -22,6 +22,8 @@ from stat import S_ISREG
 from typing import BinaryIO
 
 from snapship.errors import ObjectNotFound, StorageError
+from snapship.repository.catalog import Catalog
+from snapship.repository.layout import chunk_id_of
 from snapship.storage.local import TMP_PREFIX, LocalStorage
 
 _STRIPES = 256
@@ -62,14 +64,17 @@ class RepoStore:
             self.local.put(key, data)
             return PutOutcome.CREATED if size is None else PutOutcome.REPLACED
 
-    def put_back(self, fossil: str, key: str, data: bytes) -> bool:
-        """Rename `fossil` to `key` if it still holds exactly `data`; False if it no longer
-        does (gc settled it meanwhile: the caller then stores `data` as usual)."""
+    def put_back(self, key: str, data: bytes) -> bool:
+        """Put the fossil of chunk `key` back if it still holds exactly `data`; False if it
+        no longer does (gc settled it meanwhile: the caller then stores `data` as usual)."""
+        cid = chunk_id_of(key)
+        assert cid is not None
+        catalog = Catalog(self.local)
         with self._lock(key):
             try:
-                if self.local.get(fossil) != data:
+                if catalog.fossil_blob(cid) != data:
                     return False
-                self.local.rename(fossil, key)
+                catalog.fossil_back(cid)
             except ObjectNotFound:
                 return False
             return True

@@ -14,14 +14,8 @@ from __future__ import annotations
 
 import enum
 
-from snapship.formats.constants import (
-    CHUNK_PREFIX,
-    CONFIG_KEY,
-    KEY_KEY,
-    REFS_PREFIX,
-    VERSION_PREFIX,
-)
-from snapship.repository.locks import WRITER, parse_lock_key
+from snapship.repository.layout import Kind, name_of
+from snapship.repository.locks import WRITER
 
 
 class Role(enum.StrEnum):
@@ -51,14 +45,15 @@ class Permission(enum.Enum):
 
 
 READ_OPS = frozenset({Op.INFO, Op.GET, Op.HEAD, Op.LIST, Op.MISSING})
-BACKUP_CREATES = (CHUNK_PREFIX, REFS_PREFIX, VERSION_PREFIX)
-"""Prefixes under which a backup token may create objects."""
-INIT_KEYS = frozenset({CONFIG_KEY, KEY_KEY})
+BACKUP_CREATES = frozenset({Kind.CHUNK, Kind.REFS, Kind.MANIFEST, Kind.CONFIG, Kind.KEY_FILE})
+"""What a backup token may create: what a backup (and `init`) writes."""
 
 
-def _is_lock(key: str | None) -> bool:
-    found = parse_lock_key(key) if key is not None else None
-    return found is not None and found[0] == WRITER
+def _is_writer_lock(key: str | None) -> bool:
+    if key is None:
+        return False
+    name = name_of(key)
+    return name.kind is Kind.LOCK and name.lock_kind == WRITER
 
 
 def permission(role: Role, op: Op, key: str | None = None, dst: str | None = None) -> Permission:
@@ -68,13 +63,13 @@ def permission(role: Role, op: Op, key: str | None = None, dst: str | None = Non
     if role is Role.READ:
         return Permission.DENY
     if op is Op.PUT:
-        if _is_lock(key):
+        if _is_writer_lock(key):
             return Permission.ALLOW
-        if key is not None and (key.startswith(BACKUP_CREATES) or key in INIT_KEYS):
+        if key is not None and name_of(key).kind in BACKUP_CREATES:
             return Permission.CREATE_ONLY
         return Permission.DENY
     if op is Op.DELETE:
-        return Permission.ALLOW if _is_lock(key) else Permission.DENY
+        return Permission.ALLOW if _is_writer_lock(key) else Permission.DENY
     if op is Op.FLUSH:
         return Permission.ALLOW
     return Permission.DENY

@@ -1,11 +1,11 @@
 """The HTTP backend: a repository served by `snapship server` (docs/http-api.md).
 
-Implements the storage contract over the v1 API, plus `missing(keys)`, the batch form of
-`stat`. Connections are kept alive in a pool shared by all threads (one request per
+Implements the storage contract over the v1 API (`stat_many` is the batch `missing`
+request). Connections are kept alive in a pool shared by all threads (one request per
 connection at a time; `http.client`, no extra dependency). Transient failures (no connection,
-a dropped connection, 5xx, 408/429) are retried with backoff (storage/retry.py) until the
-retry time is spent; everything else becomes the one-line error of its class at once, naming
-the server, the operation and the key.
+a dropped connection, 5xx, 408/429) raise `TransientStorageError`, which the CLI's
+`RetryingStorage` wrapper retries (storage/retry.py); everything else becomes the one-line
+error of its class at once, naming the server, the operation and the key.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from snapship.errors import (
 )
 from snapship.formats import http_api as api
 from snapship.formats.manifest import check_name
-from snapship.storage.base import check_key
-from snapship.storage.retry import RetryPolicy
+from snapship.storage.base import Capabilities, StorageDefaults, check_key
+from snapship.storage.retry import RetryPolicy, run
 
 DEFAULT_TIMEOUT = 60.0
 MAX_IDLE = 16
@@ -106,8 +106,6 @@ class _Reply:
     body: bytes
     length: int | None
     """The Content-Length header (what a HEAD reports)."""
-    may_have_acted: bool
-    """An earlier attempt of this request may have reached the server and been done."""
 
 
 class _Pool:
@@ -153,7 +151,10 @@ def _is_permanent_tls_error(e: BaseException) -> bool:
         | ssl.SSLWantWriteError | ssl.SSLSyscallError)
 
 
-class HttpStorage:
+class HttpStorage(StorageDefaults):
+    capabilities = Capabilities(ordered_listing=True)
+    """The server lists in a fixed key order (docs/http-api.md), so a listing resumes."""
+
     def __init__(
         self,
         url: str,
@@ -184,14 +185,14 @@ class HttpStorage:
 
     def _request(self, method: str, path: str, body: bytes | bytearray | None, what: str,
                  *, long: bool = False) -> _Reply:
-        """One request, retried while the failure is transient. `long`: a request that may
-        run for hours (maintenance) gets its own connection without a read timeout."""
+        """One request. A transient failure raises `TransientStorageError` at once (the
+        caller's `RetryingStorage` waits and tries again); only a kept-alive connection the
+        server had closed meanwhile is replaced on the spot. `long`: a request that may run
+        for hours (maintenance) gets its own connection without a read timeout."""
         headers = dict(self._headers)
         if body is not None:
             headers["Content-Type"] = api.JSON_TYPE if method == "POST" else api.OBJECT_TYPE
-        retry = self._retry.start()
         stale_retried = False
-        may_have_acted = False
         while True:
             conn, reused = (self._pool.new(None), False) if long else self._pool.get()
             try:
@@ -203,26 +204,18 @@ class HttpStorage:
                 if _is_permanent_tls_error(e):
                     raise StorageError(f"{self._where}: {what}: TLS failed: {e} (is the "
                                        "server's CA given with --ca or SNAPSHIP_CA?)") from None
-                may_have_acted = True
                 if reused and not stale_retried and isinstance(e, _STALE):
                     stale_retried = True  # the server closed a kept-alive connection
                     continue
-                problem = _describe_os_error(e)
-                if not retry.again():
-                    raise TransientStorageError(self._gave_up(what, problem, retry.attempts,
-                                                              retry.elapsed())) from None
-                continue
+                raise TransientStorageError(f"{self._where}: {what}: "
+                                            f"{_describe_os_error(e)}") from None
             if resp.will_close or long:
                 conn.close()
             else:
                 self._pool.put(conn)
             if resp.status in api.RETRY_STATUSES:
-                may_have_acted = True
-                problem = self._server_message(resp.status, resp.reason, data)
-                if not retry.again():
-                    raise TransientStorageError(self._gave_up(what, problem, retry.attempts,
-                                                              retry.elapsed())) from None
-                continue
+                raise TransientStorageError(f"{self._where}: {what}: " + self._server_message(
+                    resp.status, resp.reason, data))
             versions = api.api_versions(resp.getheader(api.API_HEADER))
             if versions is None:
                 raise StorageError(f"{self._where}: {what}: HTTP {resp.status} from something "
@@ -232,11 +225,7 @@ class HttpStorage:
                                    f"{sorted(versions)}; this client speaks {api.API_VERSION}")
             raw = resp.getheader("Content-Length")
             length = int(raw) if raw is not None and raw.isdigit() else None
-            return _Reply(resp.status, resp.reason, data, length, may_have_acted)
-
-    def _gave_up(self, what: str, problem: str, attempts: int, elapsed: float) -> str:
-        return (f"{self._where}: {what}: {problem} (gave up after {attempts} attempts in "
-                f"{elapsed:.0f} s)")
+            return _Reply(resp.status, resp.reason, data, length)
 
     @staticmethod
     def _server_message(status: int, reason: str, body: bytes) -> str:
@@ -302,9 +291,8 @@ class HttpStorage:
             raise StorageError(f"{self._where}: {what}: the reply has no Content-Length")
         return reply.length
 
-    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+    def list(self, prefix: str, after: str | None = None) -> Iterator[tuple[str, int]]:
         what = f"list {prefix or '(everything)'}"
-        after: str | None = None
         while True:
             query = {"prefix": prefix, "limit": str(self.page_size)}
             if after is not None:
@@ -333,8 +321,6 @@ class HttpStorage:
                               what)
         if reply.status in (200, 204):
             return
-        if reply.status == 404 and reply.may_have_acted and self.stat(dst) is not None:
-            return  # an earlier attempt did it; only its reply was lost
         raise self._fail(reply, what, src)
 
     def flush(self) -> None:
@@ -373,7 +359,8 @@ class HttpStorage:
 
     def whoami(self) -> tuple[str, str]:
         """(token name, role) as the server sees this client's token."""
-        reply = self._request("GET", self._base, None, "check the token")
+        reply = run(self._retry, lambda: self._request("GET", self._base, None,
+                                                      "check the token"))
         if reply.status != 200:
             raise self._fail(reply, "check the token")
         _repo, token, role = self._decode(api.decode_whoami, reply.body, "check the token")
@@ -382,8 +369,9 @@ class HttpStorage:
     def maintenance(self, task: str, options: dict[str, Any]) -> dict[str, Any]:
         """Run a maintenance task on the server (admin tokens); its JSON report."""
         what = f"server-side {task}"
-        reply = self._request("POST", f"{self._base}/{api.MAINTENANCE}/{task}",
-                              api.encode_json(options), what, long=True)
+        reply = run(self._retry, lambda: self._request(
+            "POST", f"{self._base}/{api.MAINTENANCE}/{task}", api.encode_json(options), what,
+            long=True))
         if reply.status != 200:
             raise self._fail(reply, what)
         return self._decode(lambda b: api.decode_report(b, f"{task} report"), reply.body, what)

@@ -15,17 +15,18 @@ import contextlib
 import ctypes
 import os
 import secrets
+import stat
 import time
 from collections.abc import Iterator
 
 from snapship.errors import ObjectNotFound, StorageError
-from snapship.storage.base import check_key
+from snapship.storage.base import StorageDefaults, check_key
 
 TMP_PREFIX = ".tmp-"
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-class LocalStorage:
+class LocalStorage(StorageDefaults):
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
 
@@ -60,20 +61,23 @@ class LocalStorage:
         try:
             with open(path, "rb") as f:
                 return f.read()
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFound(key) from None
         except OSError as e:
             raise StorageError(f"cannot read {path}: {e.strerror or e}") from None
 
     def stat(self, key: str) -> int | None:
+        """The object's size; None if there is no file under that name (a directory that
+        holds other keys is not an object)."""
         try:
-            return os.stat(self._path(key)).st_size
-        except FileNotFoundError:
+            st = os.stat(self._path(key))
+        except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as e:
             raise StorageError(f"cannot stat {self._path(key)}: {e.strerror or e}") from None
+        return st.st_size if stat.S_ISREG(st.st_mode) else None
 
-    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+    def list(self, prefix: str, after: str | None = None) -> Iterator[tuple[str, int]]:
         # Walk only the directories that can hold keys with this prefix.
         base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
         start = os.path.join(self.root, base) if base else self.root
@@ -83,7 +87,8 @@ class LocalStorage:
             rel = "" if rel == "." else rel + "/"
             for name in filenames:
                 key = rel + name
-                if name.startswith(TMP_PREFIX) or not key.startswith(prefix):
+                if (name.startswith(TMP_PREFIX) or not key.startswith(prefix)
+                        or (after is not None and key <= after)):
                     continue
                 try:
                     size = os.stat(os.path.join(dirpath, name)).st_size
@@ -95,13 +100,15 @@ class LocalStorage:
         path = self._path(key)
         try:
             os.unlink(path)
-        except FileNotFoundError:
-            pass
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            pass  # no object by that name (a directory of other keys is none)
         except OSError as e:
             raise StorageError(f"cannot delete {path}: {e.strerror or e}") from None
 
     def rename(self, src: str, dst: str) -> None:
         old, new = self._path(src), self._path(dst)
+        if os.path.isdir(old):
+            raise ObjectNotFound(src)  # a directory of other keys is no object to move
         try:
             try:
                 os.rename(old, new)

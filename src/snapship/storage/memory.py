@@ -6,10 +6,12 @@ import threading
 from collections.abc import Iterator
 
 from snapship.errors import ObjectNotFound
-from snapship.storage.base import check_key
+from snapship.storage.base import Capabilities, StorageDefaults, check_key
 
 
-class MemoryStorage:
+class MemoryStorage(StorageDefaults):
+    capabilities = Capabilities(ordered_listing=True)
+
     def __init__(self) -> None:
         self.objects: dict[str, bytes] = {}
         self._lock = threading.Lock()
@@ -31,9 +33,10 @@ class MemoryStorage:
             data = self.objects.get(key)
         return None if data is None else len(data)
 
-    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+    def list(self, prefix: str, after: str | None = None) -> Iterator[tuple[str, int]]:
         with self._lock:
-            items = [(k, len(v)) for k, v in self.objects.items() if k.startswith(prefix)]
+            items = sorted((k, len(v)) for k, v in self.objects.items()
+                           if k.startswith(prefix) and (after is None or k > after))
         return iter(items)
 
     def delete(self, key: str) -> None:

@@ -1,16 +1,23 @@
 """Retrying transient storage failures: exponential backoff with full jitter, within a time
 budget counted from the first failure of an operation.
 
-Backends that talk to a network (storage/http.py, storage/s3.py) run each request through
-`Retry`; what is transient is theirs to decide, the waiting is decided here.
+Backends that talk to a network (storage/http.py, storage/s3.py) decide what is transient
+(`TransientStorageError`) and never wait themselves; `RetryingStorage` wraps such a backend
+and does the waiting, for every operation of the contract alike.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+from snapship.errors import ObjectNotFound, TransientStorageError
+from snapship.storage.base import Storage, StorageDefaults
+
+T = TypeVar("T")
 
 DEFAULT_RETRY_TIME = 60.0
 
@@ -52,9 +59,105 @@ class Retry:
         left = self.first_failure + self.policy.budget - now
         if left <= 0:
             return False
-        ceiling = min(self.policy.max_delay, self.policy.first_delay * 2 ** (self.attempts - 1))
+        doublings = min(self.attempts - 1, 60)  # beyond that the cap rules anyway
+        ceiling = min(self.policy.max_delay, self.policy.first_delay * 2 ** doublings)
         self.sleep(min(left, self.rand() * ceiling))
         return True
 
     def elapsed(self) -> float:
         return 0.0 if self.first_failure is None else self.clock() - self.first_failure
+
+
+def run(policy: RetryPolicy, fn: Callable[[], T]) -> T:
+    """`fn()`, tried again while it raises `TransientStorageError` and the policy allows;
+    the last error, with how long was tried, once it does not."""
+    retry = policy.start()
+    while True:
+        try:
+            return fn()
+        except TransientStorageError as e:
+            if retry.again():
+                continue
+            if retry.attempts > 1:
+                raise TransientStorageError(f"{e} (gave up after {retry.attempts} attempts in "
+                                            f"{retry.elapsed():.0f} s)") from None
+            raise
+
+
+class RetryingStorage(StorageDefaults):
+    """Any backend, its transient failures retried under `policy` (restic's RetryBackend).
+
+    Every operation of the contract is safe to repeat: a put repeated after it was done
+    stores the same bytes again, a delete of a missing key succeeds, GET/stat/list/flush change
+    nothing. Two need care: a rename whose earlier attempt may have moved the object finds
+    `src` gone and `dst` there, which is success; and a listing that fails part-way resumes
+    after the last key it gave, if the backend lists in key order (`ordered_listing`), or
+    starts again and skips the keys it gave already."""
+
+    def __init__(self, inner: Storage, policy: RetryPolicy | None = None) -> None:
+        self.inner = inner
+        self.policy = policy or RetryPolicy()
+        self.capabilities = inner.capabilities
+
+    def put(self, key: str, data: bytes | bytearray) -> None:
+        run(self.policy, lambda: self.inner.put(key, data))
+
+    def get(self, key: str) -> bytes:
+        return run(self.policy, lambda: self.inner.get(key))
+
+    def stat(self, key: str) -> int | None:
+        return run(self.policy, lambda: self.inner.stat(key))
+
+    def stat_many(self, keys: Iterable[str]) -> dict[str, int | None]:
+        todo = list(keys)
+        return run(self.policy, lambda: self.inner.stat_many(todo))
+
+    def list(self, prefix: str, after: str | None = None) -> Iterator[tuple[str, int]]:
+        retry = self.policy.start()
+        last = after
+        seen: set[str] = set()
+        ordered = self.inner.capabilities.ordered_listing
+        while True:
+            try:
+                for key, size in self.inner.list(prefix, last if ordered else after):
+                    if not ordered:
+                        if key in seen:
+                            continue
+                        seen.add(key)
+                    last = key
+                    yield key, size
+                return
+            except TransientStorageError as e:
+                if not retry.again():
+                    raise TransientStorageError(f"{e} (gave up after {retry.attempts} "
+                                                f"attempts in {retry.elapsed():.0f} s)"
+                                                ) from None
+
+    def delete(self, key: str) -> None:
+        run(self.policy, lambda: self.inner.delete(key))
+
+    def rename(self, src: str, dst: str) -> None:
+        tried = False
+
+        def rename() -> None:
+            nonlocal tried
+            try:
+                self.inner.rename(src, dst)
+            except ObjectNotFound:
+                # An attempt that failed on the way back may have moved it already.
+                if not tried or self.inner.stat(dst) is None:
+                    raise
+            except TransientStorageError:
+                tried = True
+                raise
+
+        run(self.policy, rename)
+
+    def flush(self) -> None:
+        run(self.policy, self.inner.flush)
+
+    def remove_temporaries(self, older_than: float) -> int:
+        return self.inner.remove_temporaries(older_than)
+
+    def describe(self) -> str:
+        return self.inner.describe()

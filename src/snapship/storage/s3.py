@@ -9,10 +9,11 @@ gives directly (docs/s3.md has the details and the consistency each step relies 
 - `list` pages through ListObjectsV2 lazily, one page of at most 1000 keys at a time.
 - `rename` is CopyObject then DeleteObject (a crash between them leaves both, as allowed).
 
-Every request runs under `storage/retry.py`'s policy: failures are classified here, once, into
-`TransientStorageError` (5xx, throttling, timeouts, dropped connections, a body cut short:
-retried), `ObjectNotFound`, and `StorageError` (anything else: not retried), each with a
-one-line message naming the request and the `s3://` URL of the object.
+Failures are classified here, once, into `TransientStorageError` (5xx, throttling, timeouts,
+dropped connections, a body cut short: `S3Storage.open` wraps the backend in
+`storage/retry.py`'s `RetryingStorage`, which retries them), `ObjectNotFound`, and
+`StorageError` (anything else: not retried), each with a one-line message naming the request
+and the `s3://` URL of the object.
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ from botocore.exceptions import (
 )
 
 from snapship.errors import ObjectNotFound, StorageError, TransientStorageError, UsageError
-from snapship.storage.base import check_key
+from snapship.storage.base import Capabilities, StorageDefaults, check_key
 from snapship.storage.local import TMP_PREFIX
-from snapship.storage.retry import RetryPolicy
+from snapship.storage.retry import RetryingStorage, RetryPolicy
 from snapship.storage.s3_client import ClientOptions, S3Location, make_client, parse_s3_url
 
 if TYPE_CHECKING:
@@ -67,34 +68,33 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-class S3Storage:
-    parallelism = 8
-    """Requests worth running at once (engine/pipeline.py): each waits a round trip."""
+PARALLELISM = 8
+"""Requests worth running at once (engine/pipeline.py): each waits a round trip."""
 
-    def __init__(
-        self, client: S3Client, location: S3Location, retry: RetryPolicy | None = None,
-        list_lag: float = 0.0,
-    ) -> None:
+
+class S3Storage(StorageDefaults):
+    def __init__(self, client: S3Client, location: S3Location, list_lag: float = 0.0) -> None:
         self.client = client
         self.location = location
         self.bucket = location.bucket
         self.prefix = location.prefix
-        self.retry = retry or RetryPolicy()
-        self.list_lag = list_lag
-        """Seconds a new object may take to appear in listings; gc waits that long
-        (docs/gc.md, "Listing lag"). 0 for AWS S3 and every store that lists after write."""
+        # S3 lists keys in ascending (UTF-8 binary) order; ours are ASCII. A store that lists
+        # late declares it (docs/gc.md, "Listing lag"); AWS S3 itself lists after write.
+        self.capabilities = Capabilities(parallelism=PARALLELISM, list_lag=list_lag,
+                                         ordered_listing=True)
 
     @classmethod
-    def open(cls, url: str, options: ClientOptions | None = None,
-             retry: RetryPolicy | None = None, list_lag: float = 0.0) -> S3Storage:
-        """The repository at `s3://BUCKET[/PREFIX]`, reached as the AWS configuration says
-        (`AWS_MAX_ATTEMPTS`, if set, caps the tries of `retry`)."""
+    def open(cls, url: str, options: ClientOptions | None = None, retry: RetryPolicy | None = None,
+             list_lag: float = 0.0) -> RetryingStorage:
+        """The repository at `s3://BUCKET[/PREFIX]`, reached as the AWS configuration says,
+        with its transient failures retried under `retry` (`AWS_MAX_ATTEMPTS`, if set, caps
+        the tries)."""
         location = parse_s3_url(url)
         client, max_attempts = make_client(options or ClientOptions())
         retry = retry or RetryPolicy()
         if max_attempts:
             retry = dataclasses.replace(retry, attempts=max_attempts)
-        return cls(client, location, retry, list_lag)
+        return RetryingStorage(cls(client, location, list_lag), retry)
 
     # -- the contract -----------------------------------------------------------------------
 
@@ -137,11 +137,12 @@ class S3Storage:
 
         return self._request("stat", key, head)
 
-    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+    def list(self, prefix: str, after: str | None = None) -> Iterator[tuple[str, int]]:
         full = self.prefix + prefix
         token: str | None = None
         while True:
-            page = self._request("list", prefix, self._page_reader(full, token))
+            page = self._request("list", prefix, self._page_reader(
+                full, token, None if after is None else self.prefix + after))
             for obj in page.get("Contents", ()):
                 key = obj["Key"][len(self.prefix) :]
                 if key.rsplit("/", 1)[-1].startswith(TMP_PREFIX) or not _valid_key(key):
@@ -181,29 +182,24 @@ class S3Storage:
     def _name(self, key: str) -> str:
         return self.prefix + check_key(key)
 
-    def _page_reader(self, full_prefix: str, token: str | None) -> Callable[[], Any]:
-        if token is None:
-            return lambda: self.client.list_objects_v2(Bucket=self.bucket, Prefix=full_prefix)
-        return lambda: self.client.list_objects_v2(Bucket=self.bucket, Prefix=full_prefix,
-                                                   ContinuationToken=token)
+    def _page_reader(self, full_prefix: str, token: str | None, start_after: str | None
+                     ) -> Callable[[], Any]:
+        if token is not None:
+            return lambda: self.client.list_objects_v2(Bucket=self.bucket, Prefix=full_prefix,
+                                                       ContinuationToken=token)
+        if start_after is not None:
+            return lambda: self.client.list_objects_v2(Bucket=self.bucket, Prefix=full_prefix,
+                                                       StartAfter=start_after)
+        return lambda: self.client.list_objects_v2(Bucket=self.bucket, Prefix=full_prefix)
 
     def _request(self, verb: str, key: str, request: Callable[[], T], to: str | None = None
                  ) -> T:
-        """`request()`, tried again while it fails transiently and the retry policy allows."""
+        """`request()`, its failure classified (`RetryingStorage` retries the transient)."""
         what = f"{verb} {self.location.url(key)}" + (f" to {self.location.url(to)}" if to else "")
-        retry = self.retry.start()
-        while True:
-            try:
-                return request()
-            except (ClientError, BotoCoreError) as e:
-                error = self._classify(e, verb, key, what)
-            if not isinstance(error, TransientStorageError):
-                raise error from None
-            if not retry.again():
-                if retry.attempts > 1:
-                    error = TransientStorageError(f"{error} (gave up after {retry.attempts} "
-                                                  f"attempts in {retry.elapsed():.1f} s)")
-                raise error from None
+        try:
+            return request()
+        except (ClientError, BotoCoreError) as e:
+            raise self._classify(e, verb, key, what) from None
 
     def _classify(self, e: ClientError | BotoCoreError, verb: str, key: str, what: str
                   ) -> StorageError | ObjectNotFound:
