@@ -208,7 +208,7 @@ class HttpStorage:
                     stale_retried = True  # the server closed a kept-alive connection
                     continue
                 problem = _describe_os_error(e)
-                if not retry.again():
+                if not retry.again(problem):
                     raise TransientStorageError(self._gave_up(what, problem, retry.attempts,
                                                               retry.elapsed())) from None
                 continue
@@ -219,7 +219,7 @@ class HttpStorage:
             if resp.status in api.RETRY_STATUSES:
                 may_have_acted = True
                 problem = self._server_message(resp.status, resp.reason, data)
-                if not retry.again():
+                if not retry.again(problem):
                     raise TransientStorageError(self._gave_up(what, problem, retry.attempts,
                                                               retry.elapsed())) from None
                 continue

@@ -199,7 +199,7 @@ class S3Storage:
                 error = self._classify(e, verb, key, what)
             if not isinstance(error, TransientStorageError):
                 raise error from None
-            if not retry.again():
+            if not retry.again(str(error)):
                 if retry.attempts > 1:
                     error = TransientStorageError(f"{error} (gave up after {retry.attempts} "
                                                   f"attempts in {retry.elapsed():.1f} s)")
