@@ -30,14 +30,24 @@ from snapship.errors import (
     UsageError,
 )
 from snapship.formats import http_api as api
-from snapship.formats.constants import CHUNK_PREFIX
+from snapship.formats.constants import (
+    CHUNK_PREFIX,
+    COLLECTION_KEY,
+    DAMAGED_PREFIX,
+    FOSSIL_PREFIX,
+    LOCK_PREFIX,
+    PROTECTED_PREFIX,
+    REFS_PREFIX,
+    VERSION_PREFIX,
+)
+from snapship.repository import locks
 from snapship.server.objects import (
     ExistsWithOtherContent,
     PutOutcome,
     Repositories,
     RepoStore,
 )
-from snapship.server.policy import Op, Permission, permission
+from snapship.server.policy import Op, Permission, Role, permission
 from snapship.server.routes import ApiError, Route, route, server_key
 from snapship.server.tokens import Principal, TokenTable
 from snapship.server.validate import Rejected, check_upload, require_owner
@@ -116,7 +126,9 @@ class App:
             r = route(method, target)
             repo = r.repo
             if not who.may_use(r.repo):
-                self._deny(who, r, r.key, client, f"may not use repository {r.repo}")
+                self._deny(who, r, r.key, client, f"may not use repository {r.repo}",
+                           public=f"token {who.name} may not use repository {r.repo}: it "
+                           "was made for other repositories (see `snapship token --repos`)")
             if r.op in _BODY_OPS:
                 if body_length is None:
                     raise ApiError(api.LENGTH_REQUIRED, "a request body needs a Content-Length")
@@ -164,12 +176,13 @@ class App:
         return who
 
     def _deny(self, who: Principal, r: Route, key: str | None, client: str, what: str,
-              code: str | None = None) -> NoReturn:
-        """Log the refusal and raise the 403."""
+              code: str | None = None, public: str | None = None) -> NoReturn:
+        """Log the refusal (with the key) and raise the 403; the client reads `public`, a
+        plain sentence, if given, else the same as the log."""
         message = f"token {who.name} (role {who.role.value}) {what}"
         log.warning("denied: %s [op %s, repository %s, key %s, from %s]", message, r.op.value,
                     r.repo, key or "-", client)
-        raise ApiError(code or api.FORBIDDEN, message)
+        raise ApiError(code or api.FORBIDDEN, public or message)
 
     def _check(self, who: Principal, r: Route, key: str | None, client: str,
                dst: str | None = None) -> Permission:
@@ -177,7 +190,8 @@ class App:
         if p is Permission.DENY:
             target = f" {key}" if key else ""
             onto = f" to {dst}" if dst else ""
-            self._deny(who, r, key, client, f"may not {r.op.value}{target}{onto}")
+            self._deny(who, r, key, client, f"may not {r.op.value}{target}{onto}",
+                       public=role_refusal(who, r, key))
         return p
 
     def _dispatch(self, who: Principal, r: Route, read_body: Callable[[], bytes],
@@ -270,6 +284,50 @@ class App:
             raise ApiError(api.BAD_REQUEST, f"limit must be 1 to {api.MAX_LIST_LIMIT}")
         items, nxt = store.list_page(prefix, after, int(raw_limit))
         return _json(api.encode_list_page(items, nxt))
+
+
+_ADMIN_ACTIONS = (
+    # (operation, key prefix or None for any, what the client was doing)
+    (Op.DELETE, VERSION_PREFIX, "forgetting versions (prune, forget)"),
+    (Op.DELETE, REFS_PREFIX, "forgetting versions (prune, forget)"),
+    (Op.DELETE, CHUNK_PREFIX, "gc"),
+    (Op.DELETE, FOSSIL_PREFIX, "gc"),
+    (Op.RENAME, None, "gc"),
+    (Op.PUT, FOSSIL_PREFIX, "gc"),
+    (Op.PUT, COLLECTION_KEY, "gc"),
+    (Op.DELETE, COLLECTION_KEY, "gc"),
+    (Op.PUT, f"{LOCK_PREFIX}{locks.GC}-", "gc"),
+    (Op.PUT, f"{LOCK_PREFIX}{locks.PRUNE}-", "prune (like forget, protect and unprotect)"),
+    (Op.PUT, locks.TOMBSTONE_PREFIX, "clearing stale locks (locks --clear-stale)"),
+    (Op.DELETE, LOCK_PREFIX, "clearing stale locks (locks --clear-stale)"),
+    (Op.PUT, PROTECTED_PREFIX, "protect"),
+    (Op.DELETE, PROTECTED_PREFIX, "unprotect"),
+    (Op.PUT, DAMAGED_PREFIX, "verify (marking damaged versions)"),
+    (Op.DELETE, DAMAGED_PREFIX, "verify (clearing damage marks)"),
+)
+
+
+def role_refusal(who: Principal, r: Route, key: str | None) -> str:
+    """What a client is told when its token's role does not allow an operation: a sentence
+    naming what the role may do and which token the job needs, not storage keys (the
+    server's log keeps those)."""
+    action: str | None = None
+    if r.op is Op.MAINTAIN:
+        action = f"{r.task or 'maintenance'} on the server"
+    else:
+        for op, prefix, what in _ADMIN_ACTIONS:
+            if op is r.op and (prefix is None or (key or "").startswith(prefix)):
+                action = what
+                break
+    if who.role is Role.READ:
+        may = "may only read"
+        if action is None:  # what a backup does
+            return f"token {who.name} {may}; backup (and init) needs a backup or admin token"
+    else:
+        may = "may only add backups"
+        if action is None:
+            action = f"{r.op.value} {key}" if key else r.op.value
+    return f"token {who.name} {may}; {action} needs an admin token"
 
 
 @functools.cache
