@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import itertools
+import os
 from typing import Any
 
 from snapship.cli import known_repos, options, server_commands
@@ -12,21 +14,59 @@ from snapship.cli.transfer_commands import parse_ref
 from snapship.engine.verify import run_verify
 from snapship.errors import SnapshipError, UsageError
 from snapship.formats.constants import (
+    CONFIG_KEY,
     DEFAULT_CHUNK_SIZE,
     DEFAULT_ZSTD_LEVEL,
     ENCRYPTION_AES_GCM,
     ENCRYPTIONS,
+    KEY_KEY,
     MAX_ZSTD_LEVEL,
 )
 from snapship.formats.manifest import Manifest
 from snapship.repository import catalog
 from snapship.repository.repo import Repository
+from snapship.storage.base import Storage
+from snapship.storage.local import TMP_PREFIX, LocalStorage
 from snapship.types import ZERO_ID
+
+_LEFT_BY_INIT = (CONFIG_KEY, KEY_KEY.split("/", 1)[0], "lost+found")
+"""What a directory may hold for `init` to use it: what an unfinished init left (the config
+is written last: a key file without one is re-made), and a new file system's lost+found."""
+
+
+def check_init_target(storage: Storage) -> None:
+    """Refuse to create a repository among other files: a directory must be empty or new
+    (an existing repository is refused by `Repository.create` itself); other storage must hold
+    nothing outside what an unfinished init leaves."""
+    if storage.stat(CONFIG_KEY) is not None:
+        return  # Repository.create says it exists
+    where = storage.describe()
+    what = "directory" if isinstance(storage, LocalStorage) else "location"
+    if isinstance(storage, LocalStorage):
+        try:
+            entries = sorted(os.listdir(storage.root))
+        except FileNotFoundError:
+            return
+        except NotADirectoryError:
+            raise UsageError(f"cannot create a repository at {where}: it is not a "
+                             "directory") from None
+        except OSError as e:
+            raise UsageError(f"cannot read {where}: {e.strerror or e}") from None
+        foreign = [e for e in entries if e not in _LEFT_BY_INIT and not e.startswith(TMP_PREFIX)]
+    else:
+        foreign = [key for key, _size in itertools.islice(storage.list(""), 1000)
+                   if key.split("/", 1)[0] not in _LEFT_BY_INIT]
+    if foreign:
+        raise UsageError(f"{where} is not empty and holds no snapship repository (it has "
+                         f"{foreign[0]!r}{' and more' if len(foreign) > 1 else ''}): give an "
+                         f"empty or new {what}")
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    storage = open_storage(args.repo, args)
+    check_init_target(storage)
     repo = Repository.create(
-        open_storage(args.repo, args),
+        storage,
         encryption=args.encryption,
         chunk_size=args.chunk_size,
         compression_level=args.compression_level,

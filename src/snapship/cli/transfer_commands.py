@@ -85,6 +85,37 @@ def parse_lvm_source(source: str) -> tuple[str, str]:
     return vg, lv
 
 
+def same_source(recorded: str, source: str) -> bool:
+    """Whether a version recorded as taken from `recorded` came from `source`: the same
+    text, or two paths to the same file (a symlink, /dev/vg/lv and /dev/mapper/vg-lv)."""
+    if recorded == source:
+        return True
+    if recorded.startswith("lvm:") or source.startswith("lvm:"):
+        return False
+    if os.path.realpath(recorded) == os.path.realpath(source):
+        return True
+    try:
+        return os.path.samefile(recorded, source)
+    except OSError:
+        return False
+
+
+def check_volume_source(volume: str, source: str, base: Manifest | None, explicit: bool
+                        ) -> None:
+    """A volume is one history: a name derived from the file name that another source already
+    uses is refused (two disk.img files must not silently become one volume); a name given
+    with --volume is taken as meant, with a warning."""
+    if base is None or same_source(base.source, source):
+        return
+    if explicit:
+        warn(f"volume {volume} was last backed up from {base.source}; this version is of "
+             f"{source}")
+        return
+    raise UsageError(f"volume {volume} already holds backups of {base.source}, not of {source}: "
+                     f"give --volume NAME for a history of its own (or --volume {volume} to "
+                     "continue that one)")
+
+
 def cmd_backup(args: argparse.Namespace) -> int:
     lvm_source = parse_lvm_source(args.source) if args.source.startswith("lvm:") else None
     if args.volume is not None:
@@ -98,8 +129,14 @@ def cmd_backup(args: argparse.Namespace) -> int:
     if lvm_source:
         if args.changed_ranges:
             raise UsageError("--changed-ranges is for plain sources; LVM tracks its own changes")
+        repo = open_repository(args)
+        # One manifest read more than the backup itself makes (it loads its base under its
+        # writer lock); a damaged newest version is reported by the backup, not here.
+        check_volume_source(volume, f"lvm:{'/'.join(lvm_source)}",
+                            repo.latest_manifest(volume, lambda _message: None),
+                            args.volume is not None)
         m = run_snapshot_backup(
-            open_repository(args),
+            repo,
             Lvm(),
             *lvm_source,
             volume,
@@ -115,6 +152,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
     with Source(args.source) as source, repo.writer(f"backup {volume}") as session:
         # The newest version's chunks are known to exist: no need to ask storage about them.
         base = repo.latest_manifest(volume, warn)
+        source_desc = os.path.abspath(args.source)
+        check_volume_source(volume, source_desc, base, args.volume is not None)
         if changed is not None and base is None:
             raise UsageError(f"--changed-ranges needs an earlier version of {volume} to apply to")
         m = run_backup(
@@ -124,7 +163,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
             plan=BackupPlan(base=base, changed=changed,
                             change_source="ranges file" if changed is not None else "full read"),
             labels=labels,
-            source_desc=os.path.abspath(args.source),
+            source_desc=source_desc,
             progress=TerminalProgress(f"backup {volume}"),
             session=session,
             warn=warn,
@@ -185,8 +224,9 @@ def register(sub: options.SubParsers) -> None:
         Back up a file, a block device or an LVM logical volume as a new version of a volume.
         Chunks the repository already holds are not stored again; with --changed-ranges, or
         for lvm:VG/LV (through a tracking snapshot), only what changed since the newest
-        version is read. The volume name defaults to the source's file name (VG.LV for
-        LVM).""",
+        version is read. The volume name defaults to the source's file name (VG.LV for LVM);
+        such a name whose newest version came from another source is refused (give --volume:
+        a new name, or the same one to continue that history, with a warning).""",
         examples=["snapship backup /dev/vg0/root --volume root --label host=db1",
                   "snapship backup disk.img                       # volume disk.img",
                   "snapship backup lvm:vg0/root --snapshot-size 20%",
