@@ -127,6 +127,7 @@ class TerminalProgress:
         self.t0 = time.monotonic()
         self.last = 0.0
         self._drawn = False
+        self._finished = False
         self._samples: deque[tuple[float, int]] = deque()
 
     # -- the Progress protocol of engine/progress.py -----------------------------------------
@@ -155,6 +156,7 @@ class TerminalProgress:
         if not self.enabled:
             return
         with _lock:
+            self._finished = True
             self._draw(time.monotonic())
             self.stream.write("\n")
             self.stream.flush()
@@ -172,6 +174,8 @@ class TerminalProgress:
             self._drawn = False
 
     def rate(self, now: float) -> float | None:
+        if self._finished:  # the last frame: the average of the whole run
+            return self.done / (now - self.t0) if now > self.t0 else None
         if now - self.t0 < self.SETTLE:
             return None
         t_then, done_then = self._samples[0]
@@ -186,26 +190,28 @@ class TerminalProgress:
         total = max(self.total, self.done)
         fraction = self.done / total if total else 1.0
         rate = self.rate(now)
-        eta = (total - self.done) / rate if rate else None
+        eta = 0.0 if self._finished else (total - self.done) / rate if rate else None
         pct = f"{100 * fraction:5.1f}%"
         amounts = f"{human_bytes(self.done)} / {human_bytes(total)}"
         speed = f"{human_bytes(rate)}/s" if rate is not None else "--/s"
-        eta_text = f"ETA {format_eta(eta if rate else None)}"
+        eta_text = f"ETA {format_eta(eta)}"
         tail = "  ".join([pct, amounts, speed, eta_text])
         cells = min(40, room - len(self.label) - len(tail) - 6)
         if cells >= 10:
             filled = int(cells * fraction)
             return f"{self.label}  [{'#' * filled}{'.' * (cells - filled)}]  {tail}"
-        # Too narrow for a bar: the byte counts go first, then the rate, then the ETA; then
-        # the label is shortened.
-        for parts in ([pct, amounts, speed, eta_text], [pct, speed, eta_text], [pct, eta_text],
-                      [pct]):
-            line = f"{self.label}: {'  '.join(parts)}"
-            if len(line) <= room:
-                return line
-        keep = room - len(pct) - 5
-        if keep >= 1:
-            return f"{self.label[:keep]}...: {pct}"
+        # Too narrow for a bar: the byte counts go first; then the label is shortened (to no
+        # fewer than 10 characters) before the rate goes, and again before the ETA goes.
+        options = ([pct, amounts, speed, eta_text], [pct, speed, eta_text], [pct, eta_text],
+                   [pct])
+        for n, parts in enumerate(options):
+            for sep in ("  ", " "):
+                tail = sep.join(parts)
+                if len(self.label) + 2 + len(tail) <= room:
+                    return f"{self.label}: {tail}"
+            keep = room - len(tail) - 2
+            if n > 0 and keep >= 10:
+                return f"{self.label[:keep - 3]}...: {tail}"
         return pct.strip()[:room]
 
     def _draw(self, now: float) -> None:
