@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 import traceback
 from collections.abc import Iterator
 from typing import NoReturn
@@ -109,9 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     _configure(args)
     log = logging.getLogger("snapship.cli")
     log.debug("snapship %s: %s", __version__, " ".join(sys.argv[1:] if argv is None else argv))
+    started = time.monotonic()
     try:
         with terminate_raises(), _report_to(args):
             code: int = args.func(args)
+        log.debug("%s finished in %.2f s (exit %d)", args.command, time.monotonic() - started,
+                  code)
         return code
     except SnapshipError as e:
         output.message(f"snapship: error: {e}")
