@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test lint unit bench apt-demo apt-test vm-assets clean
+.PHONY: demo test lint unit bench man apt-demo apt-test vm-assets clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,9 +52,16 @@ unit: $(STAMP) apt-test vm-assets
 
 test: lint unit
 
+# The man page, generated from the argument parser (argparse-manpage, a dev dependency):
+# `man -l man/snapship.1`. Not committed: it is made from the code, like the --help texts.
+man: man/snapship.1
+man/snapship.1: $(STAMP) $(wildcard src/snapship/cli/*.py)
+	@mkdir -p man
+	$(BIN)/python -m snapship.cli.manpage $@
+
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/incremental.py
 
 clean:
-	rm -rf $(VENV) demo-work .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) demo-work man .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -25,8 +25,8 @@ def test_progress_draws_bytes_rate_and_eta_on_a_terminal() -> None:
     p.advance(1 << 20)
     p.finish()
     text = out.getvalue()
-    assert "backup disk: 1.0 MiB / 4.0 MiB" in text and "25.0%" in text
-    assert "/s" in text and "ETA" in text and text.endswith("\n")
+    assert text.startswith("\rbackup disk  [") and "1.0 MiB / 4.0 MiB" in text
+    assert "25.0%" in text and "/s" in text and "ETA" in text and text.endswith("\n")
 
 
 def test_progress_is_silent_when_not_a_terminal() -> None:

@@ -204,3 +204,15 @@ def test_cow_inspect_refuses_a_fifo_without_waiting_for_a_writer(tmp_path: Path)
     r = subprocess.run([sys.executable, "-m", "snapship.cli.main", "cow", "inspect", str(fifo)],
                        capture_output=True, text=True, check=False, timeout=20)
     assert r.returncode == 1 and "not a regular file or a block device" in r.stderr
+
+
+def test_a_zero_magic_before_other_data_is_no_cow_store() -> None:
+    """A disk or file system image often starts with zeroes (a boot block): only a store
+    whose first 4 KiB are all zero is one the kernel has not initialised yet."""
+    image = bytearray(64 << 10)
+    image[1024:1026] = b"\x53\xef"  # where ext4 keeps its superblock's magic
+    with pytest.raises(CowError, match="not a dm-snapshot COW store") as e:
+        parse_bytes(bytes(image))
+    assert not isinstance(e.value, CowUninitialised)
+    with pytest.raises(CowUninitialised, match="never initialised"):
+        parse_bytes(bytes(64 << 10))

@@ -34,4 +34,5 @@ def test_no_repository_and_a_busy_port(tmp_path: Path) -> None:
         busy.listen()
         port = busy.getsockname()[1]
         r = run_cli("nbd", "serve", "--repo", tmp_path / "repo", "--listen", f"127.0.0.1:{port}")
-    assert_one_line_error(r, f"cannot listen on 127.0.0.1:{port}")
+    line = assert_one_line_error(r, code=2)
+    assert line == f"snapship: error: cannot listen on 127.0.0.1:{port}: Address already in use"

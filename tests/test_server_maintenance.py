@@ -71,9 +71,12 @@ def test_prune_and_gc_from_a_client_and_on_the_server(served: Served, tmp_path: 
 
     # A backup token can neither forget versions nor collect garbage.
     assert_one_line_error(cli("prune", "--repo", url, "--keep-last", "1",
-                              token=files["db1-backup"]), "db1-backup", "may not put locks/prune-")
+                              token=files["db1-backup"]),
+                          "token db1-backup may only add backups; prune (like forget, protect "
+                          "and unprotect) needs an admin token")
     assert_one_line_error(cli("gc", "--repo", url, "--on-server", token=files["db1-backup"]),
-                          "db1-backup", "may not maintain")
+                          "token db1-backup may only add backups; gc on the server needs an "
+                          "admin token")
     assert len(chunk_files(root)) == 3 * 24
 
     ok(cli("prune", "--repo", url, "--keep-last", "2", token=files["ops"]))
@@ -126,7 +129,8 @@ def test_verify_on_the_server_finds_damage_and_marks_it(served: Served, tmp_path
     r = cli("versions", "--repo", url, token=files["restorer"])
     assert r.returncode == 1 and "DAMAGED" in r.stdout, describe(r)
     assert_one_line_error(cli("verify", "--repo", url, "--on-server", token=files["restorer"]),
-                          "restorer", "may not maintain")
+                          "token restorer may only read; verify on the server needs an "
+                          "admin token")
     assert_one_line_error(cli("verify", "--repo", server.root / "dmg", "--on-server",
                               token=files["ops"]), "--on-server needs a repository on a "
                           "snapship server")

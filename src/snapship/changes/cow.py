@@ -27,6 +27,8 @@ SNAP_VERSION = 1
 SECTOR = 512
 RECORD = struct.Struct("<QQ")
 HEADER = struct.Struct("<IIII")
+PROBE = 4096
+"""Bytes read to tell a never-initialised store (all zero) from something else."""
 
 ReadAt = Callable[[int, int], bytes]
 """read(offset, length) -> bytes: exactly `length` bytes unless the store ends first."""
@@ -81,11 +83,17 @@ class CowTable:
 
 
 def parse_header(data: bytes) -> CowHeader:
+    """The header at the start of `data`: the store's first `PROBE` bytes (or all of it, if
+    shorter). A store that was never initialised is zero there (LVM zeroes the start of a new
+    COW volume; the kernel writes the header when it first activates the snapshot), so a zero
+    magic followed by anything but zeroes is no COW store at all (a disk image's boot
+    sector, say), not a new one."""
     if len(data) < HEADER.size:
         raise CowError(f"COW store is truncated: {len(data)} bytes, no complete header")
     magic, valid, version, chunk_sectors = HEADER.unpack_from(data)
-    if magic == 0:
-        raise CowUninitialised("COW store has no header yet (magic 0: never initialised)")
+    if magic == 0 and not any(data[:PROBE]):
+        raise CowUninitialised(f"COW store was never initialised (its first "
+                               f"{min(len(data), PROBE)} bytes are zero)")
     if magic != SNAP_MAGIC:
         raise CowError(f"not a dm-snapshot COW store (magic {magic:#010x}, expected 0x70416e53)")
     if version != SNAP_VERSION:
@@ -108,7 +116,7 @@ def parse(read: ReadAt, store_size: int, origin_size: int | None = None) -> CowT
     `store_size` is the COW device's size in bytes; `origin_size`, if known, the origin's, so
     records naming chunks beyond it are refused.
     """
-    header = parse_header(read(0, HEADER.size))
+    header = parse_header(read(0, min(PROBE, store_size)))
     if not header.valid:
         raise CowInvalid("COW store is marked invalid: the snapshot overflowed or failed")
     c = header.chunk_size

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import logging
 import os
 import sys
+import threading
+import time
 
-from snapship.cli import known_repos
+from snapship.cli import known_repos, output
+from snapship.cli.signals import retry_cutoff
 from snapship.engine.pipeline import default_workers
 from snapship.errors import AuthFailed, UsageError
 from snapship.repository.repo import PassphraseSource, Repository
@@ -18,6 +22,41 @@ from snapship.storage.base import Storage
 from snapship.storage.http import HttpStorage, check_token_text
 from snapship.storage.local import LocalStorage
 from snapship.storage.retry import DEFAULT_RETRY_TIME, RetryingStorage, RetryPolicy
+
+log = logging.getLogger("snapship.cli")
+
+
+class RetryNotice:
+    """Says "retrying ..." once an operation on `where` has failed for a few seconds (the
+    retry policy's `on_slow`), instead of a silence as long as the retry time: on a terminal,
+    or always under -v; never under -q. One line per outage, not one per request: workers
+    failing together are told once, and again only after a retry time has passed."""
+
+    def __init__(self, where: str, budget: float) -> None:
+        self.where = where
+        self.budget = budget
+        self._lock = threading.Lock()
+        self._last: float | None = None
+
+    def __call__(self, problem: str, failing: float) -> None:
+        settings = output.settings
+        if settings.quiet and not settings.verbose:
+            return
+        if not (settings.verbose or output.is_terminal(sys.stderr)):
+            return
+        now = time.monotonic()
+        with self._lock:
+            if not settings.verbose and self._last is not None and \
+                    now - self._last < self.budget:
+                return
+            self._last = now
+        output.message(f"snapship: retrying: {self.where}: {problem} (failing for "
+                       f"{failing:.0f} s; giving up after {self.budget:g} s; Ctrl-C to stop)")
+
+
+def _retry_policy(where: str) -> RetryPolicy:
+    budget = _retry_time()
+    return RetryPolicy(budget=budget, on_slow=RetryNotice(where, budget), cutoff=retry_cutoff)
 
 
 def open_storage(spec: str | None, args: argparse.Namespace | None = None) -> Storage:
@@ -27,7 +66,7 @@ def open_storage(spec: str | None, args: argparse.Namespace | None = None) -> St
     if not spec:
         raise UsageError("no repository given: use --repo PATH or set SNAPSHIP_REPO")
     if spec.startswith(("http://", "https://")):
-        return RetryingStorage(open_server(spec, args), RetryPolicy(budget=_retry_time()))
+        return RetryingStorage(open_server(spec, args), _retry_policy(spec))
     if spec.startswith("s3://"):
         # boto3 takes a third of a second to import: only S3 repositories pay for it.
         from snapship.storage.s3 import PARALLELISM, S3Storage
@@ -37,7 +76,7 @@ def open_storage(spec: str | None, args: argparse.Namespace | None = None) -> St
         # Connections are opened on demand: a large pool costs nothing.
         workers = max(default_workers(), PARALLELISM)
         return S3Storage.open(spec, ClientOptions(max_connections=max(64, 4 * workers)),
-                              retry=RetryPolicy(budget=_retry_time()), list_lag=s3_list_lag())
+                              retry=_retry_policy(spec), list_lag=s3_list_lag())
     if spec.startswith("file://"):
         spec = spec[len("file://") :]
     elif "://" in spec:
@@ -53,7 +92,7 @@ def open_server(spec: str, args: argparse.Namespace | None) -> HttpStorage:
         spec,
         token=server_token(args),
         ca_file=getattr(args, "ca", None) or os.environ.get("SNAPSHIP_CA") or None,
-        retry=RetryPolicy(budget=_retry_time()),
+        retry=_retry_policy(spec),
         allow_insecure_http=os.environ.get("SNAPSHIP_INSECURE_HTTP") == "1",
     )
 
@@ -135,8 +174,11 @@ def passphrase_source(args: argparse.Namespace, confirm: bool = False) -> Passph
 
 
 def open_repository(args: argparse.Namespace) -> Repository:
-    return vouch_for(Repository.open(open_storage(args.repo, args), passphrase_source(args)),
+    repo = vouch_for(Repository.open(open_storage(args.repo, args), passphrase_source(args)),
                      args)
+    log.debug("repository %s: id %s, encryption %s, chunk size %d", repo.storage.describe(),
+              repo.config.repo_id, repo.config.encryption, repo.chunk_size)
+    return repo
 
 
 def vouch_for(repo: Repository, args: argparse.Namespace) -> Repository:

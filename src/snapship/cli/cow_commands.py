@@ -8,12 +8,13 @@ import os
 from typing import Any
 
 from snapship.changes import cow
+from snapship.cli import options
 from snapship.cli.context import open_repository
-from snapship.cli.output import human_bytes, parse_size, print_json
+from snapship.cli.output import human_bytes, print_json
 from snapship.cli.transfer_commands import parse_ref
 from snapship.devices import UncachedReader
 from snapship.engine.cow_export import export_cow
-from snapship.errors import TargetError, UsageError
+from snapship.errors import TargetError
 
 
 def cmd_cow_inspect(args: argparse.Namespace) -> int:
@@ -49,10 +50,7 @@ def cmd_cow_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_cow_export(args: argparse.Namespace) -> int:
-    try:
-        chunk = parse_size(args.cow_chunk_size)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    chunk = args.cow_chunk_size
     repo = open_repository(args)
     new = repo.load_manifest(*repo.resolve(parse_ref(args.new)))
     old = repo.load_manifest(*repo.resolve(parse_ref(args.old)))
@@ -89,21 +87,48 @@ def cmd_cow_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("cow", help="dm-snapshot COW stores")
-    cow_sub = p.add_subparsers(dest="cow_command", required=True, metavar="COMMAND")
-    i = cow_sub.add_parser("inspect", parents=[common],
-                           help="print a COW store's header and changed ranges")
+def register(sub: options.SubParsers) -> None:
+    p = options.add_command(
+        sub, "cow", summary="dm-snapshot COW stores: inspect one, export one",
+        description="""
+        Work with the exception store ("COW device") of a classic dm-snapshot: print what one
+        says, or write one that shows an older version over a device holding a newer one
+        (docs/cow.md).""",
+        examples=["snapship cow inspect /dev/mapper/vg0-snap-cow",
+                  "snapship cow export root@NEW root@OLD old.cow"])
+    cow_sub = p.add_subparsers(dest="cow_command", required=True, metavar="COMMAND",
+                               title="commands")
+    i = options.add_command(
+        cow_sub, "inspect", summary="print a COW store's header and changed ranges",
+        description="""
+        Read a dm-snapshot COW store (a device or a copy of one) and print its header and
+        the origin ranges its exception table says were written since the snapshot was taken.
+        The parse is strict: anything that is not a valid table is an error naming the
+        problem, and an overflowed (invalidated) snapshot is reported as such.""",
+        examples=["snapship cow inspect /dev/mapper/vg0-root--snap-cow",
+                  "snapship cow inspect snap.cow --origin-size 10737418240 --json"],
+        parents=options.parents())
     i.add_argument("path", help="COW device (/dev/mapper/VG-SNAP-cow) or a copy of one")
-    i.add_argument("--origin-size", type=int, metavar="BYTES",
+    i.add_argument("--origin-size", type=options.whole(1), metavar="BYTES",
                    help="refuse records beyond an origin of this size")
-    i.add_argument("--limit", type=int, default=20, help="ranges to list (default: %(default)s)")
+    i.add_argument("--limit", type=options.whole(0), default=20, metavar="N",
+                   help="ranges to list (default: %(default)s; --json lists all)")
     i.set_defaults(func=cmd_cow_inspect)
-    e = cow_sub.add_parser("export", parents=[common],
-                           help="write a COW store that shows OLD over a device holding NEW")
-    e.add_argument("new", metavar="VOLUME@NEW", help="the version the device will hold")
-    e.add_argument("old", metavar="VOLUME@OLD", help="the version the snapshot should show")
+    e = options.add_command(
+        cow_sub, "export", summary="write a COW store that shows OLD over a device holding NEW",
+        description="""
+        Write a dm-snapshot COW store holding, as exceptions, the chunks in which version OLD
+        differs from version NEW of the same volume. Attached (losetup) as the store of a
+        snapshot of a device that holds NEW, it shows OLD, without restoring OLD in full.
+        The dmsetup table to use is printed.""",
+        examples=["snapship cow export root@20261127-0930 root@20261126-0930 old.cow",
+                  "snapship cow export root@NEW root@OLD old.cow --cow-chunk-size 16K"],
+        parents=options.parents(repo=True, key=True))
+    for name, metavar, what in (("new", "VOLUME@NEW", "the version the device will hold"),
+                                ("old", "VOLUME@OLD", "the version the snapshot should show")):
+        options.completes(e.add_argument(name, metavar=metavar, help=what),
+                          options.complete_version_refs)
     e.add_argument("output", help="file to write the store to (attach it with losetup)")
-    e.add_argument("--cow-chunk-size", default="64K",
+    e.add_argument("--cow-chunk-size", default="64K", type=options.size(1), metavar="SIZE",
                    help="exception chunk size, 4K up to the repository's (default: %(default)s)")
-    e.set_defaults(func=cmd_cow_export)
+    e.set_defaults(func=cmd_cow_export, quiet_report=True)

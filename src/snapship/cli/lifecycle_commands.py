@@ -9,9 +9,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 from dataclasses import asdict
-from typing import Any
 
-from snapship.cli import known_repos, server_commands
+from snapship.cli import known_repos, options, server_commands
 from snapship.cli.context import open_storage, passphrase_configured, passphrase_source, vouch_for
 from snapship.cli.output import human_bytes, print_json, warn
 from snapship.cli.reports import print_gc
@@ -154,42 +153,105 @@ def cmd_locks(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("prune", parents=[common], help="forget versions no retention rule keeps")
-    p.add_argument("--volume", help="only this volume (default: every volume)")
+def _duration(text: str) -> str:
+    """--keep-within: a duration above zero (checked here, parsed again by cmd_prune)."""
+    try:
+        d = parse_duration(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not (d.years or d.months or d.days or d.hours):
+        raise argparse.ArgumentTypeError(f"{text!r} keeps nothing: give a duration above zero")
+    return text
+
+
+def register(sub: options.SubParsers) -> None:
+    p = options.add_command(
+        sub, "prune", summary="forget versions no retention rule keeps",
+        description="""
+        Apply retention rules to each volume and forget the versions no rule keeps, saying
+        why each kept one is kept. Calendar periods are counted in local time, restic-style:
+        --keep-daily 7 keeps the newest version of each of the last 7 days that have one. The
+        newest version of a volume and protected versions are always kept. Prune only forgets:
+        `snapship gc` then gives back the space. It needs no passphrase, and runs safely
+        beside backups.""",
+        examples=["snapship prune --keep-daily 7 --keep-weekly 4 --keep-monthly 12 --dry-run",
+                  "snapship prune --keep-last 2 --keep-within 30d",
+                  "snapship prune --volume root --keep-hourly 24 && snapship gc"],
+        parents=options.parents(repo=True))
+    options.completes(p.add_argument("--volume", help="only this volume (default: every volume)"),
+                      options.complete_volumes)
     for rule, what in (("last", "the N newest versions"),
                        ("hourly", "the newest version of each of the last N hours"),
                        ("daily", "... of each of the last N days"),
                        ("weekly", "... of each of the last N ISO weeks"),
                        ("monthly", "... of each of the last N months"),
                        ("yearly", "... of each of the last N years")):
-        p.add_argument(f"--keep-{rule}", type=int, default=0, metavar="N", help=f"keep {what}")
-    p.add_argument("--keep-within", metavar="DURATION",
+        p.add_argument(f"--keep-{rule}", type=options.whole(1), default=0, metavar="N",
+                       help=f"keep {what}")
+    p.add_argument("--keep-within", metavar="DURATION", type=_duration,
                    help="keep every version less than DURATION (e.g. 7d, 2w, 6m, 1y) older "
                    "than the newest")
     p.add_argument("--dry-run", action="store_true", help="only say what would be forgotten")
-    p.set_defaults(func=cmd_prune)
+    p.set_defaults(func=cmd_prune, quiet_report=True)
 
-    p = sub.add_parser("forget", parents=[common], help="forget named versions")
-    p.add_argument("version_refs", nargs="+", metavar="VOLUME@VERSION")
+    p = options.add_command(
+        sub, "forget", summary="forget named versions",
+        description="""
+        Forget the named versions, whatever the retention rules say. A protected version is
+        refused (unprotect it first), and so is the newest version of a volume unless
+        --allow-newest: it is what the next backup builds on. `snapship gc` then gives back
+        the space.""",
+        examples=["snapship forget root@20261126-0930",
+                  "snapship forget old@2025 old@2024 --allow-newest"],
+        parents=options.parents(repo=True))
+    options.completes(p.add_argument("version_refs", nargs="+", metavar="VOLUME@VERSION"),
+                      options.complete_version_refs)
     p.add_argument("--allow-newest", action="store_true",
                    help="allow forgetting the newest version of a volume")
-    p.set_defaults(func=cmd_forget)
+    p.set_defaults(func=cmd_forget, quiet_report=True)
 
-    for name, what in (("protect", "keep versions whatever prune's rules say"),
-                       ("unprotect", "let prune forget versions again")):
-        p = sub.add_parser(name, parents=[common], help=what)
-        p.add_argument("version_refs", nargs="+", metavar="VOLUME[@VERSION]")
+    for name, summary, description, example in (
+        ("protect", "keep versions whatever prune's rules say",
+         """Mark versions protected: prune keeps them whatever its rules say, and forget
+         refuses them. VOLUME alone is its newest version.""",
+         "snapship protect root@20261126-0930 --note 'audit 2026'"),
+        ("unprotect", "let prune forget versions again",
+         """Remove the protection of versions: prune's retention rules apply to them again,
+         and forget may forget them. VOLUME alone is its newest version.""",
+         "snapship unprotect root@20261126-0930"),
+    ):
+        p = options.add_command(sub, name, summary=summary, description=description,
+                                examples=[example], parents=options.parents(repo=True))
+        options.completes(p.add_argument("version_refs", nargs="+", metavar="VOLUME[@VERSION]"),
+                          options.complete_version_refs)
         if name == "protect":
             p.add_argument("--note", default="", help="why (stored with the mark)")
-        p.set_defaults(func=cmd_protect)
+        p.set_defaults(func=cmd_protect, quiet_report=True)
 
-    p = sub.add_parser("gc", parents=[common],
-                       help="delete chunks no version uses (safe beside running backups)")
+    p = options.add_command(
+        sub, "gc", summary="delete chunks no version uses (safe beside running backups)",
+        description="""
+        Give back the space of chunks no version uses. Safe beside running backups: unused
+        chunks are first set aside, and deleted only once every backup that was running has
+        finished (chunks a backup used meanwhile are put back); on a quiet repository one run
+        frees everything, else the next run does. A killed gc is harmless: run it again. With
+        a passphrase at hand it can also rebuild a missing reference list. Exit code 75 when
+        another gc or prune is running.""",
+        examples=["snapship gc",
+                  "snapship gc --on-server --repo https://backup.example:8420/db1"],
+        parents=options.parents(repo=True, key=True))
     server_commands.add_on_server_option(p)
-    p.set_defaults(func=cmd_gc)
+    p.set_defaults(func=cmd_gc, quiet_report=True)
 
-    p = sub.add_parser("locks", parents=[common], help="list running operations' locks")
+    p = options.add_command(
+        sub, "locks", summary="list running operations' locks",
+        description="""
+        List the locks of the backups, gc and prune runs working on the repository: what,
+        since when, by which process on which machine, and whether it is still alive. A lock
+        whose process is gone (killed, or its machine crashed) is stale; --clear-stale removes
+        those.""",
+        examples=["snapship locks", "snapship locks --clear-stale"],
+        parents=options.parents(repo=True))
     p.add_argument("--clear-stale", action="store_true",
                    help="remove locks whose process is gone")
     p.set_defaults(func=cmd_locks)

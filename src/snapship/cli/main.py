@@ -1,11 +1,16 @@
+# PYTHON_ARGCOMPLETE_OK  (argcomplete: `register-python-argcomplete snapship` completes this)
 """Entry point: the argument parser and the one place errors become messages and exit codes."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
+import time
 import traceback
+from collections.abc import Iterator
 from typing import NoReturn
 
 from snapship import __version__
@@ -13,12 +18,31 @@ from snapship.cli import (
     cow_commands,
     lifecycle_commands,
     nbd_commands,
+    options,
+    output,
     repo_commands,
     server_commands,
     transfer_commands,
 )
-from snapship.cli.signals import Terminated
+from snapship.cli.signals import Terminated, terminate_raises
 from snapship.errors import SnapshipError
+
+DESCRIPTION = """\
+Block-level backups of block devices, LVM volumes and image files into a deduplicating,
+compressed, encrypted repository (a directory, S3, or a snapship server). Every version is a
+complete image; any of them restores in one command.
+
+Global options may come before the command or after it. Run `snapship COMMAND --help` for a
+command's options and examples; `man snapship` (make man) has them all."""
+
+EXAMPLES = """\
+examples:
+  export SNAPSHIP_REPO=/srv/backup/repo SNAPSHIP_PASSPHRASE=...
+  snapship init
+  snapship backup /dev/vg0/root --volume root
+  snapship --repo /srv/backup/repo versions
+  snapship restore root restored.img
+  snapship prune --keep-daily 7 --keep-weekly 4 && snapship gc"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,57 +53,87 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = _Parser(add_help=False)
-    common.add_argument("--repo", default=os.environ.get("SNAPSHIP_REPO"),
-                        help="repository: a directory, s3://BUCKET[/PREFIX], or "
-                        "http(s)://HOST:PORT/NAME of a snapship server (default: $SNAPSHIP_REPO)")
-    common.add_argument("--token-file", metavar="FILE",
-                        help="server repositories: read the token from FILE "
-                        "(default: $SNAPSHIP_TOKEN)")
-    common.add_argument("--ca", metavar="FILE",
-                        help="https repositories: trust the CA certificates in FILE "
-                        "(default: $SNAPSHIP_CA, else the system's)")
-    common.add_argument("--passphrase-file", metavar="FILE",
-                        help="read the passphrase from FILE (default: $SNAPSHIP_PASSPHRASE, "
-                        "else a prompt)")
-    common.add_argument("--json", action="store_true", help="machine-readable output")
-
-    parser = _Parser(
-        prog="snapship", description="Block-level, deduplicating, encrypted backups."
-    )
+    parser = _Parser(prog="snapship", description=DESCRIPTION, epilog=EXAMPLES,
+                     formatter_class=options.HelpFormatter)
     parser.add_argument("--version", action="version", version=f"snapship {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    repo_commands.register(sub, common)
-    transfer_commands.register(sub, common)
-    lifecycle_commands.register(sub, common)
-    cow_commands.register(sub, common)
-    server_commands.register(sub, common)
-    nbd_commands.register(sub, common)
+    options.add_global_options(parser, repo=True, key=True, top=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                title="commands", parser_class=_Parser)
+    repo_commands.register(sub)
+    transfer_commands.register(sub)
+    lifecycle_commands.register(sub)
+    cow_commands.register(sub)
+    server_commands.register(sub)
+    nbd_commands.register(sub)
     return parser
 
 
+class _MessageHandler(logging.Handler):
+    """Log records as CLI messages (below the progress line)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            output.message(f"snapship: {record.levelname.lower()}: {self.format(record)}")
+        except Exception:
+            self.handleError(record)
+
+
+def _configure(args: argparse.Namespace) -> None:
+    output.configure(quiet=args.quiet, verbose=args.verbose, json=args.json)
+    log = logging.getLogger("snapship.cli")  # the client's own detail, under -v
+    log.propagate = False  # `server` and `nbd serve` set up their own logging
+    if not log.handlers:
+        log.addHandler(_MessageHandler())
+    log.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+
+
+@contextlib.contextmanager
+def _report_to(args: argparse.Namespace) -> Iterator[None]:
+    """Under -q, a command whose stdout only reports what it did (`quiet_report`) prints
+    nothing there; its JSON (--json) and what a query command was asked for still come."""
+    if not (args.quiet and not args.json and getattr(args, "quiet_report", False)):
+        yield
+        return
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if "_ARGCOMPLETE" in os.environ:  # a shell asks for completions: only then the import
+        from snapship.cli.completion import complete
+
+        complete(parser)
+    args = parser.parse_args(argv)
+    if args.quiet and args.verbose:
+        parser.error("-q (--quiet) and -v (--verbose) exclude each other")
+    _configure(args)
+    log = logging.getLogger("snapship.cli")
+    log.debug("snapship %s: %s", __version__, " ".join(sys.argv[1:] if argv is None else argv))
+    started = time.monotonic()
     try:
-        code: int = args.func(args)
+        with terminate_raises(), _report_to(args):
+            code: int = args.func(args)
+        log.debug("%s finished in %.2f s (exit %d)", args.command, time.monotonic() - started,
+                  code)
         return code
     except SnapshipError as e:
-        print(f"snapship: error: {e}", file=sys.stderr)
+        output.message(f"snapship: error: {e}")
         return e.exit_code
     except KeyboardInterrupt:
-        print("snapship: interrupted", file=sys.stderr)
+        output.message("snapship: interrupted")
         return 130
     except Terminated as e:
-        print("snapship: terminated", file=sys.stderr)
+        output.message("snapship: terminated")
         return 128 + e.signum
     except BrokenPipeError:
         return 141
     except Exception as e:  # a bug: say so in one line, trace only on request
-        print(f"snapship: internal error: {type(e).__name__}: {e}", file=sys.stderr)
-        if os.environ.get("SNAPSHIP_DEBUG"):
+        output.message(f"snapship: internal error: {type(e).__name__}: {e}")
+        if os.environ.get("SNAPSHIP_DEBUG") or args.verbose:
             traceback.print_exc()
         else:
-            print("snapship: set SNAPSHIP_DEBUG=1 for a traceback", file=sys.stderr)
+            output.message("snapship: set SNAPSHIP_DEBUG=1 (or use -v) for a traceback")
         return 70
 
 

@@ -7,10 +7,10 @@ import asyncio
 import logging
 import signal
 import sys
-from typing import Any
 
+from snapship.cli import options
 from snapship.cli.context import open_repository
-from snapship.cli.output import parse_size, print_json
+from snapship.cli.output import print_json
 from snapship.cli.transfer_commands import parse_labels
 from snapship.engine.pipeline import default_workers
 from snapship.errors import UsageError
@@ -37,19 +37,13 @@ def parse_listen(text: str) -> tuple[str, int]:
         if not sep:
             host, port_text = text, ""
     if not host:
-        raise UsageError(f"--listen {text!r} names no host (use e.g. 127.0.0.1:{DEFAULT_PORT})")
+        raise argparse.ArgumentTypeError(f"{text!r} names no host (use e.g. "
+                                         f"127.0.0.1:{DEFAULT_PORT})")
     if not port_text:
         return host, DEFAULT_PORT
     if not port_text.isdigit() or int(port_text) > 65535:
-        raise UsageError(f"--listen {text!r}: port {port_text!r} is not a number 0-65535")
+        raise argparse.ArgumentTypeError(f"{text!r}: port {port_text!r} is not a number 0-65535")
     return host, int(port_text)
-
-
-def _size_option(text: str, option: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise UsageError(f"{option}: {e}") from None
 
 
 def _committer(repo: Repository, labels: dict[str, str]) -> Committer:
@@ -83,48 +77,49 @@ def build_options(args: argparse.Namespace) -> ServerOptions:
         writable=args.writable,
         tls=tls,
         ssl_context=ssl_context,
-        cache_bytes=_size_option(args.cache_size, "--cache-size"),
-        readahead_bytes=_size_option(args.readahead, "--readahead"),
+        cache_bytes=args.cache_size,
+        readahead_bytes=args.readahead,
         workers=args.workers or default_workers(),
     )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    host, port = parse_listen(args.listen)
-    options = build_options(args)
+    host, port = args.listen
+    server_options = build_options(args)
     labels = parse_labels(args.label)
     repo = open_repository(args)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("snapship nbd: %(message)s"))
     log = logging.getLogger("snapship.nbd")
     log.addHandler(handler)
-    log.setLevel(logging.DEBUG if args.debug else logging.INFO)
-    return asyncio.run(_serve(args, repo, host, port, options, labels))
+    log.setLevel(logging.DEBUG if args.debug or args.verbose else
+                 logging.WARNING if args.quiet else logging.INFO)
+    return asyncio.run(_serve(args, repo, host, port, server_options, labels))
 
 
 async def _serve(args: argparse.Namespace, repo: Repository, host: str, port: int,
-                 options: ServerOptions, labels: dict[str, str]) -> int:  # fmt: skip
+                 opts: ServerOptions, labels: dict[str, str]) -> int:  # fmt: skip
     registry = None
-    if options.writable:
+    if opts.writable:
         registry = OverlayRegistry(args.overlay_dir,
                                    _committer(repo, labels) if args.commit else None)
-    server = NbdServer(ExportNames(repo, read_only=not options.writable), registry, options)
+    server = NbdServer(ExportNames(repo, read_only=not opts.writable), registry, opts)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     try:
         addresses = await server.start(host, port)
-        mode = "read-only" if not options.writable else (
+        mode = "read-only" if not opts.writable else (
             "writable, overlays committed as new versions" if args.commit
             else "writable, overlays discarded")
         listening = [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in addresses]
         if args.json:
-            print_json({"listening": listening, "mode": mode, "tls": options.tls.value,
+            print_json({"listening": listening, "mode": mode, "tls": opts.tls.value,
                         "repository": repo.storage.describe()})
         else:
             print(f"serving {repo.storage.describe()} on {', '.join(listening)} ({mode}, "
-                  f"TLS {options.tls.value})")
+                  f"TLS {opts.tls.value})")
         sys.stdout.flush()
         await stop.wait()
     finally:
@@ -132,15 +127,30 @@ async def _serve(args: argparse.Namespace, repo: Repository, host: str, port: in
     return 0
 
 
-def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentParser) -> None:
-    nbd = sub.add_parser("nbd", help="serve versions over the Network Block Device protocol")
-    nbd_sub = nbd.add_subparsers(dest="nbd_command", required=True, metavar="COMMAND")
-    p = nbd_sub.add_parser(
-        "serve", parents=[common], help="serve every version as an NBD export",
-        description="Export names: VOLUME@VERSION (id, unique prefix or 'latest') and VOLUME "
-        "(its newest version). See docs/nbd.md.",
-    )
+def register(sub: options.SubParsers) -> None:
+    nbd = options.add_command(
+        sub, "nbd", summary="serve versions over the Network Block Device protocol",
+        description="""
+        Serve the repository's versions as NBD exports, for nbdcopy, nbdinfo, qemu-img or
+        the kernel's nbd-client (docs/nbd.md).""",
+        examples=["snapship nbd serve", "nbdinfo --list nbd://127.0.0.1"])
+    nbd_sub = nbd.add_subparsers(dest="nbd_command", required=True, metavar="COMMAND",
+                                 title="commands")
+    p = options.add_command(
+        nbd_sub, "serve", summary="serve every version as an NBD export",
+        description="""
+        Serve every version of the repository as an NBD export, read-only unless --writable.
+        Export names: VOLUME@VERSION (an id, a unique prefix or 'latest') and VOLUME (its
+        newest version). Writes go to a copy-on-write overlay, never into a version; with
+        --commit, an overlay is stored as a new version when its last client disconnects
+        cleanly. SIGTERM, SIGINT or SIGHUP stop it gracefully. See docs/nbd.md.""",
+        examples=["snapship nbd serve",
+                  "nbdcopy nbd://127.0.0.1/root@20261126-0930 root.img",
+                  "snapship nbd serve --listen 0.0.0.0:10809 --tls-cert c.pem --tls-key k.pem",
+                  "snapship nbd serve --writable --commit --label via=nbd"],
+        parents=options.parents(repo=True, key=True))
     p.add_argument("--listen", default=f"127.0.0.1:{DEFAULT_PORT}", metavar="HOST:PORT",
+                   type=parse_listen,
                    help="address to listen on (default: %(default)s; port 0 picks a free one)")
     p.add_argument("--writable", action="store_true",
                    help="accept writes into a copy-on-write overlay (the versions never change)")
@@ -158,12 +168,12 @@ def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentPars
     p.add_argument("--tls", choices=[TlsMode.ALLOW.value, TlsMode.REQUIRE.value],
                    help="with a certificate: 'require' refuses clients that do not start TLS "
                    "(the default), 'allow' lets them choose")
-    p.add_argument("--cache-size", default="256M", metavar="SIZE",
-                   help="memory for decoded chunks (default: %(default)s)")
-    p.add_argument("--readahead", default="8M", metavar="SIZE",
+    p.add_argument("--cache-size", default="256M", metavar="SIZE", type=options.size(0),
+                   help="memory for decoded chunks; 0: none (default: %(default)s)")
+    p.add_argument("--readahead", default="8M", metavar="SIZE", type=options.size(0),
                    help="how far ahead of a sequential reader to fetch (default: %(default)s)")
-    p.add_argument("--workers", type=int, metavar="N",
+    p.add_argument("--workers", type=options.whole(1), metavar="N",
                    help="threads decoding chunks (default: one per CPU)")
     p.add_argument("--debug", action="store_true",
-                   help="log every connection and every refused request")
+                   help="log every connection and every refused request (as -v does)")
     p.set_defaults(func=cmd_serve)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from snapship.cli import known_repos, server_commands
+from snapship.cli import known_repos, options, server_commands
 from snapship.cli.context import open_repository, open_storage, passphrase_source
-from snapship.cli.output import TerminalProgress, human_bytes, parse_size, print_json, warn
+from snapship.cli.output import TerminalProgress, human_bytes, print_json, warn
 from snapship.cli.reports import print_verify
 from snapship.cli.transfer_commands import parse_ref
 from snapship.engine.verify import run_verify
@@ -17,21 +17,38 @@ from snapship.formats.constants import (
     DEFAULT_ZSTD_LEVEL,
     ENCRYPTION_AES_GCM,
     ENCRYPTIONS,
+    MAX_ZSTD_LEVEL,
 )
 from snapship.formats.manifest import Manifest
+from snapship.repository.catalog import Catalog
 from snapship.repository.repo import Repository
+from snapship.storage.base import Storage
+from snapship.storage.local import LocalStorage
 from snapship.types import ZERO_ID
 
 
+def check_init_target(storage: Storage) -> None:
+    """Refuse to create a repository among other data: the location must hold nothing but
+    what an unfinished init leaves (an existing repository is refused by `Repository.create`
+    itself; a new file system's lost+found is no data of anyone's)."""
+    catalog = Catalog(storage)
+    if catalog.exists():
+        return  # Repository.create says it exists
+    foreign = [k for k in catalog.foreign_keys() if not k.startswith("lost+found/")]
+    if foreign:
+        what = "directory" if isinstance(storage, LocalStorage) else "location"
+        raise UsageError(f"{storage.describe()} is not empty and holds no snapship repository "
+                         f"(it has {foreign[0]!r}{' and more' if len(foreign) > 1 else ''}): "
+                         f"give an empty or new {what}")
+
+
 def cmd_init(args: argparse.Namespace) -> int:
-    try:
-        chunk_size = parse_size(args.chunk_size)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    storage = open_storage(args.repo, args)
+    check_init_target(storage)
     repo = Repository.create(
-        open_storage(args.repo, args),
+        storage,
         encryption=args.encryption,
-        chunk_size=chunk_size,
+        chunk_size=args.chunk_size,
         compression_level=args.compression_level,
         passphrase=passphrase_source(args, confirm=True),
     )
@@ -165,27 +182,74 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return print_verify(report.to_json(), json=args.json)
 
 
-def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("init", parents=[common], help="create a repository")
-    p.add_argument("--encryption", choices=ENCRYPTIONS, default=ENCRYPTION_AES_GCM)
-    p.add_argument("--chunk-size", default=str(DEFAULT_CHUNK_SIZE),
+def register(sub: options.SubParsers) -> None:
+    p = options.add_command(
+        sub, "init", summary="create a repository",
+        description="""
+        Create an empty repository at --repo: a directory (made if missing, else it must be
+        empty), an S3 bucket and prefix, or a repository on a snapship server. The chunk size
+        is fixed for the repository's life. With encryption (the default) a random master key
+        is wrapped by the passphrase (--passphrase-file, $SNAPSHIP_PASSPHRASE, or a prompt
+        asked twice): nothing can be restored without it, so keep it safe.""",
+        examples=["snapship init --repo /srv/backup/repo",
+                  "snapship init --repo s3://backups/db1 --chunk-size 4M",
+                  "snapship init --repo https://backup.example:8420/db1 --token-file db1.token",
+                  "snapship init --repo /mnt/trusted/repo --encryption none"],
+        parents=options.parents(repo=True, key=True))
+    p.add_argument("--encryption", choices=ENCRYPTIONS, default=ENCRYPTION_AES_GCM,
+                   help="how chunks and manifests are sealed (default: %(default)s)")
+    p.add_argument("--chunk-size", type=options.chunk_size, default=str(DEFAULT_CHUNK_SIZE),
+                   metavar="SIZE",
                    help="power of two from 64K to 16M (default: %(default)s bytes)")
-    p.add_argument("--compression-level", type=int, default=DEFAULT_ZSTD_LEVEL, metavar="N",
-                   help="zstd level for new chunks, 0 (off) to 19 (default: %(default)s)")
-    p.set_defaults(func=cmd_init)
+    p.add_argument("--compression-level", type=options.whole(0, MAX_ZSTD_LEVEL),
+                   default=DEFAULT_ZSTD_LEVEL, metavar="N",
+                   help=f"zstd level for new chunks, 0 (off) to {MAX_ZSTD_LEVEL} "
+                   "(default: %(default)s)")
+    p.set_defaults(func=cmd_init, quiet_report=True)
 
-    p = sub.add_parser("versions", parents=[common], help="list versions")
-    p.add_argument("--volume", help="only this volume")
+    p = options.add_command(
+        sub, "versions", summary="list versions",
+        description="""
+        List every version of every volume (or of one), oldest first: when it was made, its
+        size, what it added to the repository, whether it is protected, and its labels. A
+        version whose manifest cannot be read, or in which verify found damaged chunks, is
+        listed as DAMAGED.""",
+        examples=["snapship versions", "snapship versions --volume root --json",
+                  "snapship --repo /srv/backup/repo versions"],
+        parents=options.parents(repo=True, key=True))
+    options.completes(p.add_argument("--volume", help="only this volume"), options.complete_volumes)
     p.set_defaults(func=cmd_versions)
 
-    p = sub.add_parser("show", parents=[common], help="details of one version")
-    p.add_argument("version_ref", metavar="VOLUME[@VERSION]")
+    p = options.add_command(
+        sub, "show", summary="details of one version",
+        description="""
+        Details of one version: when and from what it was made, its parent, its size, how
+        much of it is zero, shared or new, what it costs in the repository, and its labels.
+        VOLUME alone means its newest version; VOLUME@VERSION names one (a unique prefix of
+        the id is enough).""",
+        examples=["snapship show root", "snapship show root@20261126-0930 --json"],
+        parents=options.parents(repo=True, key=True))
+    options.completes(p.add_argument("version_ref", metavar="VOLUME[@VERSION]"),
+                      options.complete_version_refs)
     p.set_defaults(func=cmd_show)
 
-    p = sub.add_parser("verify", parents=[common], help="check that every version is restorable")
+    p = options.add_command(
+        sub, "verify", summary="check that every version is restorable",
+        description="""
+        Check that every version can be restored. The fast check makes sure that every chunk
+        a version references exists with the right size; --deep also reads, decrypts and
+        hashes each chunk (with --sample, a random share of them). Versions that use a bad
+        chunk are marked damaged; the next backup that meets such a chunk stores it again, and
+        a later deep verify clears the mark. Exit code 1 when something is wrong.""",
+        examples=["snapship verify", "snapship verify --deep",
+                  "snapship verify --deep --sample 5 --volume root   # a cheap spot check",
+                  "snapship verify --on-server --deep --repo https://backup.example:8420/db1"],
+        parents=options.parents(repo=True, key=True))
     p.add_argument("--deep", action="store_true", help="read, decrypt and hash every chunk")
-    p.add_argument("--sample", type=float, metavar="PERCENT",
-                   help="with --deep: read only a random PERCENT of the chunks")
-    p.add_argument("--volume", help="only versions of this volume")
+    p.add_argument("--sample", type=options.percent, metavar="PERCENT",
+                   help="with --deep: read only a random PERCENT (above 0, at most 100) of "
+                   "the chunks")
+    options.completes(p.add_argument("--volume", help="only versions of this volume"),
+                      options.complete_volumes)
     server_commands.add_on_server_option(p)
     p.set_defaults(func=cmd_verify)

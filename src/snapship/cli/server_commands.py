@@ -10,8 +10,9 @@ import sys
 import threading
 from typing import Any
 
+from snapship.cli import options
 from snapship.cli.context import open_server, open_storage
-from snapship.cli.output import parse_size, print_json
+from snapship.cli.output import print_json, warn
 from snapship.cli.reports import print_gc, print_verify
 from snapship.errors import UsageError
 from snapship.formats import http_api as api
@@ -31,75 +32,38 @@ from snapship.server.tokens import (
 )
 from snapship.storage.http import HttpStorage
 
-_PERIOD_UNITS = {"s": 1, "h": 3600, "d": 86400}
-
-
-def parse_period(text: str, option: str) -> float:
-    """N followed by s, h or d (seconds, hours, days)."""
-    number, unit = text[:-1], text[-1:]
-    if unit not in _PERIOD_UNITS or not number.isdigit() or int(number) == 0:
-        raise UsageError(f"{option} {text!r} is not a period such as 90s, 6h or 7d")
-    return int(number) * _PERIOD_UNITS[unit]
-
 
 def parse_listen(text: str) -> tuple[str, int]:
     """HOST:PORT, [IPV6]:PORT; port 0 picks a free one."""
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise UsageError(f"--listen {text!r} is not HOST:PORT")
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return host, int(port)
 
 
-def _size(text: str, option: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError:
-        raise UsageError(f"{option} {text!r} is not a size (e.g. 256M)") from None
-
-
-def _positive_int(value: int, option: str) -> int:
-    if value <= 0:
-        raise UsageError(f"{option} must be at least 1 (not {value})")
-    return value
-
-
-def _seconds(text: str, option: str) -> float:
-    """A number of seconds, more than zero (e.g. 20 or 2.5)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < float("inf"):
-        raise UsageError(f"{option} {text!r} is not a number of seconds above zero")
-    return value
-
-
 def cmd_server(args: argparse.Namespace) -> int:
-    logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if args.debug else logging.INFO,
+    level = logging.DEBUG if args.debug or args.verbose else (
+        logging.WARNING if args.quiet else logging.INFO)
+    logging.basicConfig(stream=sys.stderr, level=level,
                         format="%(asctime)s snapship server: %(message)s")
     root = os.path.abspath(args.root)
     if not os.path.isdir(root):
         raise UsageError(f"--root {args.root} is not a directory")
-    host, port = parse_listen(args.listen)
+    host, port = args.listen
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UsageError("give both --tls-cert and --tls-key, or neither")
     if not args.tls_cert and not api.is_loopback(host) and not args.insecure_http:
         raise UsageError(f"without TLS, tokens would cross the network in clear: listen on a "
                          f"loopback address, give --tls-cert and --tls-key, or add "
                          f"--insecure-http (not {host})")
-    max_object = _size(args.max_object_size, "--max-object-size")
-    memory = _size(args.body_memory, "--body-memory")
+    max_object = args.max_object_size
+    memory = args.body_memory
     if memory < max_object:
         raise UsageError("--body-memory must be at least --max-object-size")
-    max_connections = _positive_int(args.max_connections, "--max-connections")
-    max_unauthenticated = _positive_int(args.max_unauthenticated, "--max-unauthenticated")
-    header_timeout = _seconds(args.header_timeout, "--header-timeout")
-    idle_timeout = _seconds(args.idle_timeout, "--idle-timeout")
-    schedule = {task: parse_period(period, f"--{task}-every")
-                for task, period in (("gc", args.gc_every), ("verify", args.verify_every))
-                if period}
+    schedule = {task: period for task, period in (("gc", args.gc_every),
+                                                  ("verify", args.verify_every)) if period}
     tokens = TokenFile(args.tokens)
     if not len(tokens.table()):
         logging.getLogger("snapship.server").warning(
@@ -109,12 +73,13 @@ def cmd_server(args: argparse.Namespace) -> int:
     maintenance = ServerMaintenance()
     app = App(repos, tokens.table, max_object_size=max_object, maintenance=maintenance)
     try:
-        server = ApiServer((host, port), app, tls=tls, max_connections=max_connections,
-                           max_unauthenticated=max_unauthenticated, body_memory=memory,
-                           idle_timeout=idle_timeout, header_timeout=header_timeout,
+        server = ApiServer((host, port), app, tls=tls, max_connections=args.max_connections,
+                           max_unauthenticated=args.max_unauthenticated, body_memory=memory,
+                           idle_timeout=args.idle_timeout, header_timeout=args.header_timeout,
                            access_log=args.access_log)
     except OSError as e:
-        raise UsageError(f"cannot listen on {args.listen}: {e.strerror or e}") from None
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise UsageError(f"cannot listen on {where}: {e.strerror or e}") from None
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -124,8 +89,8 @@ def cmd_server(args: argparse.Namespace) -> int:
                 "%s: finishing running requests", signal.Signals(signum).name)
             server.stop_soon()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_signal)
     logging.getLogger("snapship.server").info("serving %s on %s (%d tokens)", root, server.url,
                                               len(tokens.table()))
     scheduler = Scheduler(repos, maintenance, schedule)
@@ -193,7 +158,7 @@ def _server_storage(args: argparse.Namespace) -> HttpStorage:
 def cmd_gc_on_server(args: argparse.Namespace) -> int:
     r = _server_storage(args).maintenance("gc", {})
     for message in r.get("warnings", []):
-        print(f"snapship: warning: {message}", file=sys.stderr)
+        warn(message)
     print_gc(r, json=args.json, where="gc on the server")
     return 0
 
@@ -206,14 +171,23 @@ def cmd_verify_on_server(args: argparse.Namespace) -> int:
     return print_verify(r, json=args.json, where="verify on the server")
 
 
-def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("server", help="serve repositories over HTTP(S) to token holders",
-                       description="Serve the repositories under --root (one directory each) "
-                       "over the HTTP API of docs/http-api.md. Clients use "
-                       "--repo http(s)://HOST:PORT/NAME.")
+def register(sub: options.SubParsers) -> None:
+    p = options.add_command(
+        sub, "server", summary="serve repositories over HTTP(S) to token holders",
+        description="""
+        Serve the repositories under --root (one directory each) over the HTTP API of
+        docs/http-api.md. Clients use --repo http(s)://HOST:PORT/NAME with a token (`snapship
+        token` makes them): read tokens restore, backup tokens add and never delete, admin
+        tokens may do everything. Encryption stays on the clients: the server never sees a
+        passphrase, a key or plaintext. SIGTERM, SIGINT or SIGHUP stop it gracefully, after
+        the running requests.""",
+        examples=["snapship server --root /srv/snapship/repos --tokens /srv/snapship/tokens",
+                  "snapship server --root /srv/snapship/repos --tokens /srv/snapship/tokens \\",
+                  "    --listen 0.0.0.0:8420 --tls-cert cert.pem --tls-key key.pem --gc-every 24h"],
+        parents=options.parents(json=False))
     p.add_argument("--root", required=True, metavar="DIR",
                    help="directory holding one repository per subdirectory")
-    p.add_argument("--listen", default="127.0.0.1:8420", metavar="HOST:PORT",
+    p.add_argument("--listen", default="127.0.0.1:8420", metavar="HOST:PORT", type=parse_listen,
                    help="address to listen on (default: %(default)s; port 0: any free port)")
     p.add_argument("--tokens", required=True, metavar="FILE",
                    help="token file (docs/http-api.md); re-read when it changes")
@@ -221,38 +195,46 @@ def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentPars
     p.add_argument("--tls-key", metavar="FILE", help="private key (PEM) for https")
     p.add_argument("--insecure-http", action="store_true",
                    help="allow plain http on a non-loopback address")
-    p.add_argument("--max-object-size", default="256M", metavar="SIZE",
+    p.add_argument("--max-object-size", default="256M", metavar="SIZE", type=options.size(1),
                    help="largest object a client may put (default: %(default)s)")
-    p.add_argument("--body-memory", default="1G", metavar="SIZE",
+    p.add_argument("--body-memory", default="1G", metavar="SIZE", type=options.size(1),
                    help="request bodies held in memory at once (default: %(default)s)")
-    p.add_argument("--max-connections", type=int, default=64, metavar="N",
+    p.add_argument("--max-connections", type=options.whole(1), default=64, metavar="N",
                    help="connections of token holders served at once; more get 503 "
                    "(default: %(default)s)")
-    p.add_argument("--max-unauthenticated", type=int, default=256, metavar="N",
+    p.add_argument("--max-unauthenticated", type=options.whole(1), default=256, metavar="N",
                    help="connections that have not yet shown a valid token; when full, the "
                    "oldest is dropped (default: %(default)s)")
-    p.add_argument("--header-timeout", default="20", metavar="SECONDS",
+    p.add_argument("--header-timeout", default="20", metavar="SECONDS", type=options.seconds,
                    help="a request's line and headers (and the TLS handshake, on a new "
                    "connection) must arrive within this time (default: %(default)s)")
-    p.add_argument("--idle-timeout", default="120", metavar="SECONDS",
+    p.add_argument("--idle-timeout", default="120", metavar="SECONDS", type=options.seconds,
                    help="close a connection idle this long between requests, or stalled "
                    "this long in a body (default: %(default)s)")
-    p.add_argument("--gc-every", metavar="PERIOD",
+    p.add_argument("--gc-every", metavar="PERIOD", type=options.period,
                    help="run gc on every repository this often (e.g. 24h; s, h or d)")
-    p.add_argument("--verify-every", metavar="PERIOD",
+    p.add_argument("--verify-every", metavar="PERIOD", type=options.period,
                    help="run a keyless verify of every repository this often (e.g. 7d)")
     p.add_argument("--access-log", action="store_true", help="log every request")
-    p.add_argument("--debug", action="store_true", help="log connection-level detail")
+    p.add_argument("--debug", action="store_true",
+                   help="log connection-level detail (as -v does)")
     p.set_defaults(func=cmd_server)
 
-    p = sub.add_parser("token", help="create a token for `snapship server`",
-                       description="Create a random token, append its hash to the token file "
-                       "and print the token (only this once).")
+    p = options.add_command(
+        sub, "token", summary="create a token for `snapship server`",
+        description="""
+        Create a random token, append its hash to the token file and print the token: this is
+        the only time it is shown (the server keeps only the hash). A running server picks
+        the new line up by itself. Roles: read restores; backup adds chunks and versions but
+        can never delete or overwrite anything; admin may also prune, gc and verify.""",
+        examples=["snapship token db1 --role backup --repos db1 --tokens /srv/snapship/tokens",
+                  "snapship token ops --role admin --tokens /srv/snapship/tokens",
+                  "snapship token audit --role read --repos db1,db2 --tokens tokens --json"],
+        parents=options.parents())
     p.add_argument("name", help="the token's name, as the server logs it")
     p.add_argument("--role", required=True, choices=[r.value for r in Role],
                    help="read: restore; backup: add, never delete or overwrite; admin: all")
     p.add_argument("--repos", default="*", metavar="NAME[,NAME...]",
                    help="repositories it may use (default: every one)")
     p.add_argument("--tokens", required=True, metavar="FILE", help="token file to append to")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_token)

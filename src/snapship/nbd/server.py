@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import ssl
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -96,7 +97,10 @@ class NbdServer:
         try:
             listener = await asyncio.start_server(self._accept, host, port, limit=_STREAM_LIMIT)
         except OSError as e:
-            raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+            # asyncio's own text names the address as a Python tuple: the plain reason only.
+            reason = os.strerror(e.errno) if e.errno else str(e)
+            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            raise UsageError(f"cannot listen on {where}: {reason}") from None
         self._listeners.append(listener)
         return [s.getsockname()[:2] for s in listener.sockets]
 

@@ -110,6 +110,17 @@ class Catalog:
     def put_config(self, data: bytes) -> None:
         self.storage.put(L.CONFIG_KEY, data)
 
+    def foreign_keys(self, limit: int = 1000) -> list[str]:
+        """Up to `limit` keys under this location that are no part of a repository (nor of
+        an unfinished `init`, which leaves the key file): what `init` must not mix with."""
+        out = []
+        for key, _size in self.storage.list(""):
+            if L.name_of(key).kind not in (L.Kind.KEY_FILE, L.Kind.CONFIG):
+                out.append(key)
+                if len(out) >= limit:
+                    break
+        return out
+
     # -- versions -------------------------------------------------------------------------
 
     def _pairs(self, prefix: str, volume: str | None) -> list[tuple[str, str]]:

@@ -30,6 +30,7 @@ from snapship.errors import (
     UsageError,
 )
 from snapship.formats import http_api as api
+from snapship.repository import locks
 from snapship.repository.layout import Kind, name_of
 from snapship.server.objects import (
     ExistsWithOtherContent,
@@ -37,7 +38,7 @@ from snapship.server.objects import (
     Repositories,
     RepoStore,
 )
-from snapship.server.policy import Op, Permission, permission
+from snapship.server.policy import Op, Permission, Role, permission
 from snapship.server.routes import ApiError, Route, route, server_key
 from snapship.server.tokens import Principal, TokenTable
 from snapship.server.validate import Rejected, check_upload, require_owner
@@ -116,7 +117,9 @@ class App:
             r = route(method, target)
             repo = r.repo
             if not who.may_use(r.repo):
-                self._deny(who, r, r.key, client, f"may not use repository {r.repo}")
+                self._deny(who, r, r.key, client, f"may not use repository {r.repo}",
+                           public=f"token {who.name} may not use repository {r.repo}: it "
+                           "was made for other repositories (see `snapship token --repos`)")
             if r.op in _BODY_OPS:
                 if body_length is None:
                     raise ApiError(api.LENGTH_REQUIRED, "a request body needs a Content-Length")
@@ -164,12 +167,13 @@ class App:
         return who
 
     def _deny(self, who: Principal, r: Route, key: str | None, client: str, what: str,
-              code: str | None = None) -> NoReturn:
-        """Log the refusal and raise the 403."""
+              code: str | None = None, public: str | None = None) -> NoReturn:
+        """Log the refusal (with the key) and raise the 403; the client reads `public`, a
+        plain sentence, if given, else the same as the log."""
         message = f"token {who.name} (role {who.role.value}) {what}"
         log.warning("denied: %s [op %s, repository %s, key %s, from %s]", message, r.op.value,
                     r.repo, key or "-", client)
-        raise ApiError(code or api.FORBIDDEN, message)
+        raise ApiError(code or api.FORBIDDEN, public or message)
 
     def _check(self, who: Principal, r: Route, key: str | None, client: str,
                dst: str | None = None) -> Permission:
@@ -177,7 +181,8 @@ class App:
         if p is Permission.DENY:
             target = f" {key}" if key else ""
             onto = f" to {dst}" if dst else ""
-            self._deny(who, r, key, client, f"may not {r.op.value}{target}{onto}")
+            self._deny(who, r, key, client, f"may not {r.op.value}{target}{onto}",
+                       public=role_refusal(who, r, key))
         return p
 
     def _dispatch(self, who: Principal, r: Route, read_body: Callable[[], bytes],
@@ -271,6 +276,52 @@ class App:
             raise ApiError(api.BAD_REQUEST, f"limit must be 1 to {api.MAX_LIST_LIMIT}")
         items, nxt = store.list_page(prefix, after, int(raw_limit))
         return _json(api.encode_list_page(items, nxt))
+
+
+_ADMIN_ACTIONS: tuple[tuple[Op, Kind | None, str | None, str], ...] = (
+    # (operation, what the key names or None for any, lock kind, what the client was doing)
+    (Op.DELETE, Kind.MANIFEST, None, "forgetting versions (prune, forget)"),
+    (Op.DELETE, Kind.REFS, None, "forgetting versions (prune, forget)"),
+    (Op.DELETE, Kind.CHUNK, None, "gc"),
+    (Op.DELETE, Kind.FOSSIL, None, "gc"),
+    (Op.RENAME, None, None, "gc"),
+    (Op.PUT, Kind.FOSSIL, None, "gc"),
+    (Op.PUT, Kind.COLLECTION, None, "gc"),
+    (Op.DELETE, Kind.COLLECTION, None, "gc"),
+    (Op.PUT, Kind.LOCK, locks.GC, "gc"),
+    (Op.PUT, Kind.LOCK, locks.PRUNE, "prune (like forget, protect and unprotect)"),
+    (Op.PUT, Kind.TOMBSTONE, None, "clearing stale locks (locks --clear-stale)"),
+    (Op.DELETE, Kind.LOCK, None, "clearing stale locks (locks --clear-stale)"),
+    (Op.PUT, Kind.PROTECTED, None, "protect"),
+    (Op.DELETE, Kind.PROTECTED, None, "unprotect"),
+    (Op.PUT, Kind.DAMAGED, None, "verify (marking damaged versions)"),
+    (Op.DELETE, Kind.DAMAGED, None, "verify (clearing damage marks)"),
+)
+
+
+def role_refusal(who: Principal, r: Route, key: str | None) -> str:
+    """What a client is told when its token's role does not allow an operation: a sentence
+    naming what the role may do and which token the job needs, not storage keys (the
+    server's log keeps those)."""
+    action: str | None = None
+    name = name_of(key) if key else None
+    if r.op is Op.MAINTAIN:
+        action = f"{r.task or 'maintenance'} on the server"
+    else:
+        for op, kind, lock_kind, what in _ADMIN_ACTIONS:
+            if op is r.op and (kind is None or (name is not None and name.kind is kind and (
+                    lock_kind is None or name.lock_kind == lock_kind))):
+                action = what
+                break
+    if who.role is Role.READ:
+        may = "may only read"
+        if action is None:  # what a backup does
+            return f"token {who.name} {may}; backup (and init) needs a backup or admin token"
+    else:
+        may = "may only add backups"
+        if action is None:
+            action = f"{r.op.value} {key}" if key else r.op.value
+    return f"token {who.name} {may}; {action} needs an admin token"
 
 
 @functools.cache

@@ -246,7 +246,8 @@ class HttpStorage(StorageDefaults):
                 f"{self._where}: {what}: the server refused the token" if self._token else
                 f"{self._where}: {what}: the server needs a token: set SNAPSHIP_TOKEN or use "
                 "--token-file")
-        if reply.status == 403:
+        if reply.status == 403:  # the server's sentence says what was refused, and why
+            message = f"{self._where}: {detail}"
             return SetAside(message) if code == api.SET_ASIDE else PermissionDenied(message)
         if reply.status == 409:
             return Busy(message)

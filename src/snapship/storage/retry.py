@@ -20,6 +20,7 @@ from snapship.storage.base import Storage, StorageDefaults
 T = TypeVar("T")
 
 DEFAULT_RETRY_TIME = 60.0
+SLOW_AFTER = 3.0
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,15 @@ class RetryPolicy:
     attempts: int = 0
     """Tries in all, the first included, if the user asked for a limit (S3: AWS_MAX_ATTEMPTS);
     0: as many as the budget allows."""
+    on_slow: Callable[[str, float], None] | None = None
+    """Told once per operation, in the thread that runs it, when the operation has been
+    failing for `slow_after` seconds and is to be tried again: (the last problem, seconds
+    since its first failure). For the caller's display (the CLI says "retrying ..."); it
+    must not raise. The storage modules print nothing themselves."""
+    slow_after: float = SLOW_AFTER
+    cutoff: Callable[[], float | None] | None = None
+    """The caller's deadline (on `Retry.clock`), or None for none: nothing is tried again
+    after it, whatever is left of the budget (the CLI sets it when it is asked to stop)."""
 
     def start(self) -> Retry:
         return Retry(self)
@@ -46,10 +56,11 @@ class Retry:
     rand: Callable[[], float] = random.random
     attempts: int = 0
     first_failure: float | None = field(default=None)
+    told: bool = False
 
-    def again(self) -> bool:
-        """After a transient failure: wait, and say whether to try again (False once the
-        budget is spent; the caller then gives up)."""
+    def again(self, problem: str = "") -> bool:
+        """After a transient failure (`problem`, for `on_slow`): wait, and say whether to try
+        again (False once the budget is spent or the cutoff passed; the caller gives up)."""
         self.attempts += 1
         now = self.clock()
         if self.first_failure is None:
@@ -57,8 +68,15 @@ class Retry:
         if self.policy.attempts and self.attempts >= self.policy.attempts:
             return False
         left = self.first_failure + self.policy.budget - now
+        cutoff = self.policy.cutoff() if self.policy.cutoff is not None else None
+        if cutoff is not None:
+            left = min(left, cutoff - now)
         if left <= 0:
             return False
+        failing = now - self.first_failure
+        if self.policy.on_slow is not None and not self.told and failing >= self.policy.slow_after:
+            self.told = True
+            self.policy.on_slow(problem, failing)
         doublings = min(self.attempts - 1, 60)  # beyond that the cap rules anyway
         ceiling = min(self.policy.max_delay, self.policy.first_delay * 2 ** doublings)
         self.sleep(min(left, self.rand() * ceiling))
@@ -76,7 +94,7 @@ def run(policy: RetryPolicy, fn: Callable[[], T]) -> T:
         try:
             return fn()
         except TransientStorageError as e:
-            if retry.again():
+            if retry.again(str(e)):
                 continue
             if retry.attempts > 1:
                 raise TransientStorageError(f"{e} (gave up after {retry.attempts} attempts in "
@@ -128,7 +146,7 @@ class RetryingStorage(StorageDefaults):
                     yield key, size
                 return
             except TransientStorageError as e:
-                if not retry.again():
+                if not retry.again(str(e)):
                     raise TransientStorageError(f"{e} (gave up after {retry.attempts} "
                                                 f"attempts in {retry.elapsed():.0f} s)"
                                                 ) from None
