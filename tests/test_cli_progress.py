@@ -165,7 +165,16 @@ def test_a_message_clears_the_line_and_the_line_comes_back(monkeypatch: pytest.M
         p.last = 0.0
         p.advance(10)
         p.finish()
-    data = os.read(master, 65536).decode()
+    pieces = []
+    while True:  # the writing side is closed: read until the pty says so (EIO)
+        try:
+            piece = os.read(master, 65536)
+        except OSError:
+            break
+        if not piece:
+            break
+        pieces.append(piece)
+    data = b"".join(pieces).decode()
     os.close(master)
     screen = Screen(data.replace("\n", "\r\n"), 60)
     assert not screen.wrapped

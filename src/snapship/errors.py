@@ -66,7 +66,12 @@ class StorageError(SnapshipError):
 
 
 class TransientStorageError(StorageError):
-    """The storage backend failed in a way that may succeed if retried."""
+    """The storage backend failed in a way that may succeed if retried. `problem` is the
+    failure alone (without the operation and key), for a short "retrying" notice."""
+
+    def __init__(self, message: str, problem: str | None = None) -> None:
+        super().__init__(message)
+        self.problem = problem or message
 
 
 class Busy(SnapshipError):

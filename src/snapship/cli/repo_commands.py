@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from snapship.cli import known_repos, options, server_commands
@@ -23,7 +24,7 @@ from snapship.formats.manifest import Manifest
 from snapship.repository.catalog import Catalog
 from snapship.repository.repo import Repository
 from snapship.storage.base import Storage
-from snapship.storage.local import LocalStorage
+from snapship.storage.local import TMP_PREFIX, LocalStorage
 from snapship.types import ZERO_ID
 
 
@@ -34,7 +35,20 @@ def check_init_target(storage: Storage) -> None:
     catalog = Catalog(storage)
     if catalog.exists():
         return  # Repository.create says it exists
-    foreign = [k for k in catalog.foreign_keys() if not k.startswith("lost+found/")]
+    if isinstance(storage, LocalStorage):  # empty directories count too: list the entries
+        try:
+            entries = sorted(os.listdir(storage.root))
+        except FileNotFoundError:
+            return
+        except NotADirectoryError:
+            raise UsageError(f"cannot create a repository at {storage.describe()}: it is not "
+                             "a directory") from None
+        except OSError as e:
+            raise UsageError(f"cannot read {storage.describe()}: {e.strerror or e}") from None
+        foreign = [e for e in entries if e != "lost+found" and not catalog.left_by_init(e)
+                   and not e.startswith(TMP_PREFIX)]
+    else:
+        foreign = [k for k in catalog.foreign_keys() if not k.startswith("lost+found/")]
     if foreign:
         what = "directory" if isinstance(storage, LocalStorage) else "location"
         raise UsageError(f"{storage.describe()} is not empty and holds no snapship repository "

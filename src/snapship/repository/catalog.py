@@ -110,6 +110,11 @@ class Catalog:
     def put_config(self, data: bytes) -> None:
         self.storage.put(L.CONFIG_KEY, data)
 
+    @staticmethod
+    def left_by_init(top_level_name: str) -> bool:
+        """Whether a top-level name (a directory entry) is one an unfinished `init` leaves."""
+        return top_level_name in (L.CONFIG_KEY, L.KEY_KEY.split("/", 1)[0])
+
     def foreign_keys(self, limit: int = 1000) -> list[str]:
         """Up to `limit` keys under this location that are no part of a repository (nor of
         an unfinished `init`, which leaves the key file): what `init` must not mix with."""

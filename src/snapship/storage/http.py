@@ -207,15 +207,16 @@ class HttpStorage(StorageDefaults):
                 if reused and not stale_retried and isinstance(e, _STALE):
                     stale_retried = True  # the server closed a kept-alive connection
                     continue
-                raise TransientStorageError(f"{self._where}: {what}: "
-                                            f"{_describe_os_error(e)}") from None
+                problem = _describe_os_error(e)
+                raise TransientStorageError(f"{self._where}: {what}: {problem}",
+                                            problem) from None
             if resp.will_close or long:
                 conn.close()
             else:
                 self._pool.put(conn)
             if resp.status in api.RETRY_STATUSES:
-                raise TransientStorageError(f"{self._where}: {what}: " + self._server_message(
-                    resp.status, resp.reason, data))
+                problem = self._server_message(resp.status, resp.reason, data)
+                raise TransientStorageError(f"{self._where}: {what}: {problem}", problem)
             versions = api.api_versions(resp.getheader(api.API_HEADER))
             if versions is None:
                 raise StorageError(f"{self._where}: {what}: HTTP {resp.status} from something "

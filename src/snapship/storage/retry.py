@@ -94,7 +94,7 @@ def run(policy: RetryPolicy, fn: Callable[[], T]) -> T:
         try:
             return fn()
         except TransientStorageError as e:
-            if retry.again(str(e)):
+            if retry.again(e.problem):
                 continue
             if retry.attempts > 1:
                 raise TransientStorageError(f"{e} (gave up after {retry.attempts} attempts in "
@@ -146,7 +146,7 @@ class RetryingStorage(StorageDefaults):
                     yield key, size
                 return
             except TransientStorageError as e:
-                if not retry.again(str(e)):
+                if not retry.again(e.problem):
                     raise TransientStorageError(f"{e} (gave up after {retry.attempts} "
                                                 f"attempts in {retry.elapsed():.0f} s)"
                                                 ) from None

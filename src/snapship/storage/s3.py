@@ -215,7 +215,7 @@ class S3Storage(StorageDefaults):
                 return StorageError(f"cannot {what}: bucket {self.bucket} does not exist at "
                                     f"{endpoint}")
             if code in TRANSIENT_CODES or status in TRANSIENT_STATUS:
-                return TransientStorageError(f"cannot {what}: {detail}")
+                return TransientStorageError(f"cannot {what}: {detail}", detail)
             if code in ACCESS_CODES or status == 403:
                 return StorageError(f"cannot {what}: {detail} (check the AWS credentials and "
                                     "the bucket's permissions, docs/s3.md)")
@@ -224,7 +224,7 @@ class S3Storage(StorageDefaults):
             return StorageError(f"cannot {what}: no usable AWS credentials ({_one_line(e)}); "
                                 "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE")
         if isinstance(e, ConnectionError | HTTPClientError | IncompleteReadError):
-            return TransientStorageError(f"cannot {what}: {_one_line(e)}")
+            return TransientStorageError(f"cannot {what}: {_one_line(e)}", _one_line(e))
         return StorageError(f"cannot {what}: {type(e).__name__}: {_one_line(e)}")
 
 
