@@ -18,7 +18,6 @@ import os
 import threading
 import zlib
 from collections.abc import Iterator
-from stat import S_ISREG
 from typing import BinaryIO
 
 from snapship.errors import ObjectNotFound, StorageError
@@ -101,16 +100,7 @@ class RepoStore:
             raise StorageError(f"cannot stat {path}: {e.strerror or e}") from None
 
     def stat(self, key: str) -> int | None:
-        """The object's size; None if there is no file under that name (a directory that
-        holds other keys is not an object)."""
-        path = self._path(key)
-        try:
-            st = os.stat(path)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        except OSError as e:
-            raise StorageError(f"cannot stat {path}: {e.strerror or e}") from None
-        return st.st_size if S_ISREG(st.st_mode) else None
+        return self.local.stat(key)
 
     def delete(self, key: str) -> None:
         with self._lock(key):
