@@ -238,7 +238,7 @@ def backup(repo: Path, source: Path, volume: str, *labels: str) -> str:
     r = ok(run_cli("backup", "--repo", repo, source, "--volume", volume, *label_args, "--json"))
     info = json.loads(r.stdout)
     assert info["volume"] == volume
-    version: str = info["version"]
+    version: str = info["version_id"]
     return version
 
 
@@ -267,7 +267,7 @@ def version_ids(repo: Path, volume: str | None = None) -> list[tuple[str, str]]:
     """(volume, version) of every version, as `snapship versions --json` lists them."""
     extra = ["--volume", volume] if volume else []
     r = ok(run_cli("versions", "--repo", repo, "--json", *extra))
-    return [(row["volume"], row["version"]) for row in json.loads(r.stdout)]
+    return [(row["volume"], row["version_id"]) for row in json.loads(r.stdout)["versions"]]
 
 
 # -- files, images and loop devices -------------------------------------------------------

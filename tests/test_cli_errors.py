@@ -8,6 +8,7 @@ offset) and that `verify` reports it with the versions it affects.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -228,7 +229,7 @@ def test_init_on_existing_repository(tmp_path: Path) -> None:
     assert_one_line_error(
         run_cli("versions", "--repo", repo, passphrase="wrong"), "wrong passphrase", code=1
     )
-    assert ok(run_cli("versions", "--repo", repo, "--json")).stdout.strip() == "[]"
+    assert json.loads(ok(run_cli("versions", "--repo", repo, "--json")).stdout)["versions"] == []
 
 
 @pytest.mark.parametrize("size", ["3000", "32M", "96K", "0", "32K", "1G", "abc", "64X", ""])
