@@ -188,7 +188,7 @@ def one_round(exe: str, target: str, image: Path, image_sha: str, rundir: Path,
     read_all(image)
     backup, out = snapship(exe, ["backup", "--repo", repo, str(image), "--volume", "disk",
                                  "--json"], backup_env, logs / f"{name}-backup.log", server)
-    version = json.loads(out)["version"]
+    version = json.loads(out)["version_id"]
     restored = rundir / "restored.img"
     restored.unlink(missing_ok=True)
     subprocess.run(["sync"], check=True)

@@ -51,7 +51,7 @@ snapship versions
 snapship show demo@latest
 
 say "restoring both versions and comparing checksums"
-v1=$(snapship versions --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["version"])')
+v1=$(snapship versions --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["versions"][0]["version_id"])')
 snapship restore "demo@$v1" "$WORK/restored-day1.img"
 snapship restore demo "$WORK/restored-day2.img"
 ok=1

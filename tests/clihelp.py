@@ -170,6 +170,24 @@ def assert_one_line_error(r: Result, *fragments: str, code: int | None = None) -
     return line
 
 
+def assert_json_error(r: Result, kind: str, code: int, *fragments: str) -> dict[str, Any]:
+    """The error object an --json command printed: nothing on stdout, stderr's last line the
+    object (and the only line that is JSON), the exit code it names."""
+    assert r.returncode == code, describe(r)
+    assert r.stdout == "", describe(r)
+    lines = r.stderr.strip().splitlines()
+    assert lines, describe(r)
+    assert [line for line in lines[:-1] if line.startswith("{")] == [], describe(r)
+    obj: dict[str, Any] = json.loads(lines[-1])
+    assert obj["version"] == 1, obj
+    assert obj["error"]["kind"] == kind, obj
+    assert obj["error"]["exit_code"] == code, obj
+    assert "\n" not in obj["error"]["message"], obj
+    for fragment in fragments:
+        assert fragment.lower() in obj["error"]["message"].lower(), obj
+    return obj
+
+
 # -- repository operations through the CLI ------------------------------------------------
 
 
@@ -220,7 +238,7 @@ def backup(repo: Path, source: Path, volume: str, *labels: str) -> str:
     r = ok(run_cli("backup", "--repo", repo, source, "--volume", volume, *label_args, "--json"))
     info = json.loads(r.stdout)
     assert info["volume"] == volume
-    version: str = info["version"]
+    version: str = info["version_id"]
     return version
 
 
@@ -249,7 +267,7 @@ def version_ids(repo: Path, volume: str | None = None) -> list[tuple[str, str]]:
     """(volume, version) of every version, as `snapship versions --json` lists them."""
     extra = ["--volume", volume] if volume else []
     r = ok(run_cli("versions", "--repo", repo, "--json", *extra))
-    return [(row["volume"], row["version"]) for row in json.loads(r.stdout)]
+    return [(row["volume"], row["version_id"]) for row in json.loads(r.stdout)["versions"]]
 
 
 # -- files, images and loop devices -------------------------------------------------------

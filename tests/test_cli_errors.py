@@ -8,6 +8,7 @@ offset) and that `verify` reports it with the versions it affects.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -24,6 +25,7 @@ from tests.clihelp import (
     CHUNK,
     PASSPHRASE,
     Args,
+    assert_json_error,
     assert_one_line_error,
     assert_restores,
     assert_verify_ok,
@@ -148,7 +150,10 @@ def test_wrong_passphrase(base_repo_factory: BaseRepoFactory, tmp_path: Path) ->
     for args in commands:
         (tmp_path / "src.img").write_bytes(b"x" * 1000)
         r = run_cli(*args, passphrase="not the passphrase")
-        assert_one_line_error(r, "wrong passphrase", code=1)
+        if "--json" in args:  # the error object (docs/json.md)
+            assert_json_error(r, "auth", 1, "wrong passphrase")
+        else:
+            assert_one_line_error(r, "wrong passphrase", code=1)
         assert r.stdout == ""
     pw_file = tmp_path / "pw"
     pw_file.write_text("also wrong\n")
@@ -201,7 +206,7 @@ def test_unknown_version_and_volume(base_repo_factory: BaseRepoFactory, tmp_path
     r = run_cli("restore", "--repo", base.path, "disk@nope", target)
     assert_one_line_error(r, "volume disk has no version nope", code=1)
     r = run_cli("show", "--repo", base.path, "disk@nope", "--json")
-    assert_one_line_error(r, "volume disk has no version nope", code=1)
+    assert_json_error(r, "not-found", 1, "volume disk has no version nope")
     r = run_cli("restore", "--repo", base.path, "nosuchvolume", target)
     assert_one_line_error(r, "volume nosuchvolume has no versions", code=1)
     r = run_cli("show", "--repo", base.path, "nosuchvolume@" + base.v1)
@@ -224,7 +229,7 @@ def test_init_on_existing_repository(tmp_path: Path) -> None:
     assert_one_line_error(
         run_cli("versions", "--repo", repo, passphrase="wrong"), "wrong passphrase", code=1
     )
-    assert ok(run_cli("versions", "--repo", repo, "--json")).stdout.strip() == "[]"
+    assert json.loads(ok(run_cli("versions", "--repo", repo, "--json")).stdout)["versions"] == []
 
 
 @pytest.mark.parametrize("size", ["3000", "32M", "96K", "0", "32K", "1G", "abc", "64X", ""])

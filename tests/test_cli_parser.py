@@ -191,21 +191,21 @@ def test_global_options_before_the_command(repo_with_a_version: Path, tmp_path: 
         ["--repo", repo, "--json", "versions"], ["--json", "--repo", repo, "versions"],
         ["--repo", repo, "versions", "--json"], ["versions", "--repo", repo, "--json"]]
     for argv in orders:
-        rows = json.loads(ok(run_cli(*argv)).stdout)
+        rows = json.loads(ok(run_cli(*argv)).stdout)["versions"]
         assert [r["volume"] for r in rows] == ["d"], argv
     # Given before the command, an option is not overwritten by the command's own default
     # (the environment's, for --repo), and one given after the command wins.
     elsewhere = tmp_path / "nothing-here"
     rows = json.loads(ok(run_env("--repo", repo, "versions", "--json",
-                                 SNAPSHIP_REPO=str(elsewhere))).stdout)
+                                 SNAPSHIP_REPO=str(elsewhere))).stdout)["versions"]
     assert len(rows) == 1
     assert len(json.loads(ok(run_cli("--repo", elsewhere, "versions", "--repo", repo,
-                                     "--json")).stdout)) == 1
+                                     "--json")).stdout)["versions"]) == 1
     # The passphrase file, before the command.
     (tmp_path / "pass").write_text(PASSPHRASE + "\n")
     r = run_cli("--passphrase-file", tmp_path / "pass", "--repo", repo, "--json", "versions",
                 passphrase=None)
-    assert len(json.loads(ok(r).stdout)) == 1
+    assert len(json.loads(ok(r).stdout)["versions"]) == 1
     # `token` had a --json of its own whose default overwrote one given before it.
     r = ok(run_cli("--json", "token", "t1", "--role", "read", "--tokens", tmp_path / "tok"))
     assert json.loads(r.stdout)["name"] == "t1"
@@ -216,7 +216,7 @@ def test_a_global_option_a_command_has_no_use_for_is_ignored_before_it(
     """Before the command, it is like its environment variable; after it, it is refused."""
     r = ok(run_cli("--passphrase-file", tmp_path / "absent", "--repo", repo_with_a_version,
                    "locks", "--json"))
-    assert json.loads(r.stdout) == []
+    assert json.loads(r.stdout)["locks"] == []
     r = run_cli("locks", "--passphrase-file", tmp_path / "absent", "--repo",
                 repo_with_a_version)
     assert_one_line_error(r, "unrecognized arguments: --passphrase-file", code=2)

@@ -100,7 +100,7 @@ def test_concurrent_backups_of_two_volumes(tmp_path: Path, encryption: str) -> N
         ["backup", "--repo", repo, tmp_path / "a.img", "--volume", "alpha", "--json"],
         ["backup", "--repo", repo, tmp_path / "b.img", "--volume", "beta", "--json"],
     )
-    va, vb = str(res_a["version"]), str(res_b["version"])
+    va, vb = str(res_a["version_id"]), str(res_b["version_id"])
     assert version_ids(repo) == [("alpha", va), ("beta", vb)]
 
     # Each distinct chunk is stored exactly once, whoever won the race for it.
@@ -126,7 +126,7 @@ def test_concurrent_backups_of_the_same_volume(tmp_path: Path) -> None:
         ["backup", "--repo", repo, tmp_path / "a.img", "--volume", "disk", "--json"],
         ["backup", "--repo", repo, tmp_path / "b.img", "--volume", "disk", "--json"],
     )
-    va, vb = str(res_a["version"]), str(res_b["version"])
+    va, vb = str(res_a["version_id"]), str(res_b["version_id"])
     assert va != vb
     assert sorted(v for _, v in version_ids(repo, "disk")) == sorted([v0, va, vb])
     assert len(chunk_files(repo)) == distinct_nonzero_chunks(base, a, b)

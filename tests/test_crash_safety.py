@@ -99,7 +99,7 @@ def test_sigkilled_backups_leave_the_repository_valid(tmp_path: Path) -> None:
         assert len(new_versions) <= 1, new_versions
         if proc.returncode == 0:
             # It finished before the kill: its version is complete and listed.
-            assert new_versions == [json.loads(out)["version"]], (out, err)
+            assert new_versions == [json.loads(out)["version_id"]], (out, err)
         else:
             assert proc.returncode == -signal.SIGKILL, (proc.returncode, err)
         if new_versions:
@@ -158,7 +158,7 @@ def test_torn_leftover_chunk_is_not_trusted_by_the_next_backup(tmp_path: Path, d
     if r.returncode != 0:  # refusing is acceptable, crashing is not
         assert_one_line_error(r)
         return
-    version = json.loads(r.stdout)["version"]
+    version = json.loads(r.stdout)["version_id"]
     assert_verify_ok(repo, deep=False)
     assert_verify_ok(repo, deep=True)
     assert_restores(repo, f"disk@{version}", tmp_path / "out.img", sha)

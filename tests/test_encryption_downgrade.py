@@ -219,7 +219,7 @@ def test_parallel_commands_all_get_recorded(tmp_path: Path) -> None:
     for proc in procs:
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0 and err == "", err
-        ids.add(json.loads(out)["id"])
+        ids.add(json.loads(out)["repository_id"])
     assert set(json.loads((state / KNOWN_FILE).read_text())["repositories"]) == ids
     assert sorted(p.name for p in state.iterdir()) == [KNOWN_FILE, KNOWN_FILE + ".lock"]
 

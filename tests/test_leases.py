@@ -106,7 +106,7 @@ def test_backup_paused_past_its_lease_re_checks_and_restores(tmp_path: Path) -> 
             proc.kill()
     assert proc.returncode == 0, f"exit {proc.returncode}: {err}"
     assert "registering again and re-checking every chunk" in err, err
-    version = json.loads(out)["version"]
+    version = json.loads(out)["version_id"]
     assert_restores(repo, f"disk@{version}", tmp_path / "restored.img", sha)
     assert_verify_ok(repo, deep=True)
 
@@ -127,7 +127,7 @@ def test_backup_in_its_own_pid_namespace_is_not_taken_for_dead(tmp_path: Path) -
                  "the backup to get past the reused chunks")
         assert proc.poll() is None, "the backup finished before it could be paused"
         os.kill(inner, signal.SIGSTOP)  # hold it still while gc runs beside it
-        locks = json.loads(ok(run_cli("locks", "--repo", repo, "--json")).stdout)
+        locks = json.loads(ok(run_cli("locks", "--repo", repo, "--json")).stdout)["locks"]
         assert [(lk["kind"], lk["pid"], lk["alive"]) for lk in locks] == [("writer", 1, True)]
         stored = {p.name for p in chunk_files(repo)} - before
         gc = ok(run_cli("gc", "--repo", repo, "--json"))
@@ -142,7 +142,7 @@ def test_backup_in_its_own_pid_namespace_is_not_taken_for_dead(tmp_path: Path) -
             proc.kill()
     assert proc.returncode == 0, f"exit {proc.returncode}: {err}"
     assert stored, "the backup stored nothing before gc ran"
-    version = json.loads(out)["version"]
+    version = json.loads(out)["version_id"]
     assert_restores(repo, f"disk@{version}", tmp_path / "restored.img", sha)
     report = json.loads(ok(run_cli("gc", "--repo", repo, "--json")).stdout)
     assert report["finished"] and report["restored"] >= len(stored), report

@@ -39,7 +39,8 @@ SEED = 20261126
 
 def labelled_versions(repo: Path) -> list[tuple[str, str, str]]:
     r = ok(run_cli("versions", "--repo", repo, "--json"))
-    return [(row["volume"], row["version"], row["labels"]["sha"]) for row in json.loads(r.stdout)]
+    return [(row["volume"], row["version_id"], row["labels"]["sha"])
+            for row in json.loads(r.stdout)["versions"]]
 
 
 def assert_every_version_restores(repo: Path, tmp_path: Path) -> int:

@@ -66,7 +66,7 @@ def assert_verify_ok(url: str, deep: bool = True) -> dict[str, Any]:
 
 def versions(url: str) -> list[str]:
     r = ok(run_cli("versions", "--repo", url, "--json"))
-    return [row["version"] for row in json.loads(r.stdout)]
+    return [row["version_id"] for row in json.loads(r.stdout)["versions"]]
 
 
 def assert_every_object_whole(bucket: Bucket, url: str) -> int:
@@ -118,8 +118,8 @@ def test_init_backup_incremental_restore_verify(s3_bucket: Bucket, tmp_path: Pat
     s = second["stats"]
     assert (s["mode"], s["chunks_read"], s["chunks_new"]) == ("incremental", 4, 4)
 
-    assert versions(url) == [first["version"], second["version"]]
-    assert_restores(url, f"disk@{first['version']}", tmp_path / "out.img", sha1)
+    assert versions(url) == [first["version_id"], second["version_id"]]
+    assert_restores(url, f"disk@{first['version_id']}", tmp_path / "out.img", sha1)
     assert_restores(url, "disk", tmp_path / "out.img", sha2)
     assert assert_verify_ok(url, deep=False)["versions"] == 2
     assert assert_verify_ok(url)["bytes_checked"] > 0
@@ -127,7 +127,7 @@ def test_init_backup_incremental_restore_verify(s3_bucket: Bucket, tmp_path: Pat
 
     keys = s3_bucket.keys()
     assert {"hosts/db1/config", "hosts/db1/keys/repokey",
-            f"hosts/db1/versions/disk/{second['version']}"} <= set(keys)
+            f"hosts/db1/versions/disk/{second['version_id']}"} <= set(keys)
     assert sum(k.startswith("hosts/db1/chunks/") for k in keys) == 36
     assert not any(k.startswith("hosts/db1/locks/") for k in keys)  # every lock was dropped
     assert all(k.startswith("hosts/db1/") for k in keys)
@@ -144,7 +144,7 @@ def test_prune_and_gc_free_space_and_keep_the_survivors(s3_bucket: Bucket, tmp_p
         for i in rng.sample(range(32), 4):
             data[i * CHUNK : (i + 1) * CHUNK] = rng.randbytes(CHUNK)
         sha = write_image(img, data)
-        history.append((backup(url, img)["version"], sha))
+        history.append((backup(url, img)["version_id"], sha))
     before = count_chunks(s3_bucket)
     ok(run_cli("prune", "--repo", url, "--keep-last", "2", passphrase=None))
     assert versions(url) == [v for v, _ in history[2:]]
@@ -162,7 +162,7 @@ def test_gc_beside_a_running_backup_loses_nothing(s3_bucket: Bucket, tmp_path: P
     url = make_repo(s3_bucket.url())
     img = tmp_path / "disk.img"
     _, sha_old = random_image(img, 16, seed=3)
-    old = backup(url, img)["version"]
+    old = backup(url, img)["version_id"]
     ok(run_cli("forget", "--repo", url, f"disk@{old}", "--allow-newest", passphrase=None))
     big = tmp_path / "big.img"
     _, sha_big = random_image(big, 400, seed=4)
@@ -173,7 +173,7 @@ def test_gc_beside_a_running_backup_loses_nothing(s3_bucket: Bucket, tmp_path: P
     out, err = runner.communicate(timeout=300)
     assert runner.returncode == 0, err
     assert gc.returncode == 0, describe(gc)
-    version = json.loads(out)["version"]
+    version = json.loads(out)["version_id"]
     ok(run_cli("gc", "--repo", url, passphrase=None))  # finishes a collection that waited
     assert_restores(url, f"big@{version}", tmp_path / "out.img", sha_big)
     assert_verify_ok(url)
@@ -233,7 +233,7 @@ def test_a_backup_that_cannot_finish_fails_cleanly_and_loses_nothing(
     url = make_repo(s3_bucket.url())
     img = tmp_path / "disk.img"
     data, sha1 = random_image(img, 48, seed=6)
-    v1 = backup(url, img)["version"]
+    v1 = backup(url, img)["version_id"]
     rng = random.Random(7)
     for i in range(0, 48, 2):  # day 2: half the chunks change
         data[i * CHUNK : (i + 1) * CHUNK] = rng.randbytes(CHUNK)

@@ -88,7 +88,7 @@ def test_backup_incremental_restore_verify_through_the_server(served: Served,
     assert stats2["mode"] == "incremental" and 0 < stats2["chunks_read"] <= 12
 
     # Restores and verify need only a read token.
-    for version, sha in ((first["version"], sha1), (second["version"], sha2)):
+    for version, sha in ((first["version_id"], sha1), (second["version_id"], sha2)):
         out_img = tmp_path / f"restored-{version}.img"
         r = cli("restore", "--repo", url, f"disk@{version}", out_img, token=files["restorer"])
         assert r.returncode == 0, describe(r)
@@ -97,8 +97,8 @@ def test_backup_incremental_restore_verify_through_the_server(served: Served,
     assert report["ok"] is True and report["versions"] == 2
     rows = run_cli_env("versions", "--repo", url, "--json",
                        env={"SNAPSHIP_TOKEN": tokens["restorer"]})
-    assert [r["version"] for r in json.loads(rows.stdout)] == [first["version"],
-                                                              second["version"]]
+    assert [r["version_id"] for r in json.loads(rows.stdout)["versions"]] == [first["version_id"],
+                                                              second["version_id"]]
     # What the server holds is an ordinary local repository, complete and whole.
     local = ok_json("verify", "--repo", server.root / "db1", "--deep")
     assert local["ok"] is True and local["versions"] == 2

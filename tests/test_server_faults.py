@@ -96,7 +96,7 @@ def test_connections_cut_mid_upload_and_mid_download(served: Served, tmp_path: P
         assert stats(report)["chunks_new"] == 256 - 29
         # No upload was cut short on the server's side into a visible object.
         assert not [p for p in (server.root / "db").rglob(f"{TMP_PREFIX}*")]
-        version = str(report["version"])
+        version = str(report["version_id"])
         assert_restores(proxy.url("db"), version, tokens["restorer"], tmp_path / "out.img", sha)
         assert proxy.faults.drops > drops_up  # the restore was cut too, and rode through it
     assert_repository_whole(server, tokens["restorer"])
@@ -110,7 +110,7 @@ def test_bursts_of_503_are_ridden_out(served: Served, tmp_path: Path) -> None:
         report = backup(proxy.url("db"), img, env_for(tokens["db1-backup"]))
         errors_up = proxy.faults.errors
         assert errors_up >= 12, proxy.faults
-        assert_restores(proxy.url("db"), str(report["version"]), tokens["restorer"],
+        assert_restores(proxy.url("db"), str(report["version_id"]), tokens["restorer"],
                         tmp_path / "out.img", sha)
         assert proxy.faults.errors > errors_up
     assert_repository_whole(server, tokens["restorer"])
@@ -128,7 +128,7 @@ def test_a_server_that_only_answers_503_fails_the_backup_in_one_line(
         r = run_cli_env("backup", "--repo", proxy.url("db"), img, "--volume", "disk",
                         env=env_for(tokens["db1-backup"], retry_time=1.5))
         assert_one_line_error(r, proxy.url("db"), "gave up after", "503")
-    assert_restores(server.url("db"), str(first["version"]), tokens["restorer"],
+    assert_restores(server.url("db"), str(first["version_id"]), tokens["restorer"],
                     tmp_path / "out.img", sha)
     assert_repository_whole(server, tokens["restorer"])
 
@@ -165,9 +165,9 @@ def test_server_killed_and_restarted_mid_backup(served: Served, tmp_path: Path) 
     assert proc.returncode == 0, err
     v1 = json.loads(out)
     assert stats(v1)["chunks_new"] + stats(v1)["chunks_existing"] == 1024
-    assert_restores(server.url("db"), str(v0["version"]), tokens["restorer"],
+    assert_restores(server.url("db"), str(v0["version_id"]), tokens["restorer"],
                     tmp_path / "v0.img", sha0)
-    assert_restores(server.url("db"), v1["version"], tokens["restorer"], tmp_path / "v1.img",
+    assert_restores(server.url("db"), v1["version_id"], tokens["restorer"], tmp_path / "v1.img",
                     sha1)
     assert_repository_whole(server, tokens["restorer"])
 
@@ -198,12 +198,12 @@ def test_server_gone_fails_cleanly_and_the_rerun_sends_only_what_is_missing(
     assert "locks/" not in lines[0], "the failed chunk upload must be reported, not the lock"
 
     server.restart()
-    assert_restores(server.url("db"), str(v0["version"]), tokens["restorer"],
+    assert_restores(server.url("db"), str(v0["version_id"]), tokens["restorer"],
                     tmp_path / "v0.img", sha0)
     v1 = backup(server.url("db"), img, env_for(tokens["db1-backup"]))
     s = stats(v1)
     assert s["chunks_existing"] == stored  # nothing stored is sent again
     assert s["chunks_new"] == 1024 - stored
-    assert_restores(server.url("db"), str(v1["version"]), tokens["restorer"],
+    assert_restores(server.url("db"), str(v1["version_id"]), tokens["restorer"],
                     tmp_path / "v1.img", sha1)
     assert_repository_whole(server, tokens["restorer"])

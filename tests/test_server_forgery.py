@@ -92,7 +92,7 @@ def paused_backup(server: ServerProc, files: dict[str, Path], repo: str, img: Pa
 def backup(server: ServerProc, files: dict[str, Path], repo: str, img: Path) -> str:
     r = ok(cli("backup", "--repo", server.url(repo), img, "--volume", "disk", "--json",
                token=files["db1-backup"]))
-    version: str = json.loads(r.stdout)["version"]
+    version: str = json.loads(r.stdout)["version_id"]
     return version
 
 
@@ -100,7 +100,7 @@ def finish(proc: subprocess.Popen[str]) -> str:
     proc.send_signal(signal.SIGCONT)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, f"exit {proc.returncode}: {err}"
-    version: str = json.loads(out)["version"]
+    version: str = json.loads(out)["version_id"]
     return version
 
 
@@ -236,7 +236,7 @@ def test_a_planted_lock_goes_stale_by_the_servers_clock(served: Served) -> None:
     assert any("removed the stale writer lock" in w for w in report["warnings"]), report  # type: ignore[attr-defined]
     assert attacker.stat(key) is None
     locks = json.loads(ok(cli("locks", "--repo", server.url("db"), "--json",
-                              token=files["ops"])).stdout)
+                              token=files["ops"])).stdout)["locks"]
     assert locks == []
 
 
@@ -276,7 +276,7 @@ def test_junk_from_a_backup_token_is_refused_and_breaks_nothing(served: Served,
         assert attacker.stat(key) is None or key == "config", key
     # Everything still works.
     assert json.loads(ok(cli("locks", "--repo", server.url("db"), "--json",
-                             token=files["ops"])).stdout) == []
+                             token=files["ops"])).stdout)["locks"] == []
     assert gc_on_server(server, files, "db")["finished"]
     write_image(img, image_bytes(32 * CHUNK, seed=11))
     v2 = backup(server, files, "db", img)

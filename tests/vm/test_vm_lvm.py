@@ -36,7 +36,7 @@ bk() {{
 restore_all() {{
   for f in /scratch/*.backup.json; do
     name=$(basename $f .backup.json)
-    v=$($PYTHON -c 'import json,sys; print(json.load(open(sys.argv[1]))["version"])' $f)
+    v=$($PYTHON -c 'import json,sys; print(json.load(open(sys.argv[1]))["version_id"])' $f)
     S restore vol@$v /tmp/repo/out.img > /dev/null
     $G sha /tmp/repo/out.img > /scratch/$name.restored
     rm /tmp/repo/out.img
@@ -110,8 +110,8 @@ bk r8                                          # after the failure: incremental,
 umount /tmp/fs
 restore_all
 # cow export: over a device holding r8, a snapshot target must read exactly as r2
-new=$($PYTHON -c 'import json; print(json.load(open("/scratch/r8.backup.json"))["version"])')
-old=$($PYTHON -c 'import json; print(json.load(open("/scratch/r2.backup.json"))["version"])')
+new=$($PYTHON -c 'import json; print(json.load(open("/scratch/r8.backup.json"))["version_id"])')
+old=$($PYTHON -c 'import json; print(json.load(open("/scratch/r2.backup.json"))["version_id"])')
 S restore vol@$new /tmp/repo/new.img > /dev/null
 S cow export vol@$new vol@$old /tmp/repo/cow.img --json > /scratch/export.json
 L1=$(losetup -f --show /tmp/repo/new.img)

@@ -46,7 +46,7 @@ dd if=/dev/urandom of=/tmp/fs/file bs=1M count=6 status=none conv=notrunc
 sha256sum < /tmp/fs/file > /scratch/v2.sha
 umount /tmp/fs
 S backup /dev/vda --volume xfs --json > /scratch/v2.json
-V1=$(sed -n 's/^  "version": "\(.*\)",*$/\1/p' /scratch/v1.json)
+V1=$(sed -n 's/^  "version_id": "\(.*\)",*$/\1/p' /scratch/v1.json)
 
 serve
 nbd-client -N "xfs@${V1:0:19}" 127.0.0.1 10809 /dev/nbd0 > /scratch/attach1.out 2>&1
@@ -89,8 +89,8 @@ def test_kernel_nbd_client_mounts_versions_and_commits_writes(tmp_path: Path) ->
     def read(name: str) -> str:
         return (s / name).read_text().strip()
 
-    v1 = json.loads(read("v1.json"))["version"]
-    v2 = json.loads(read("v2.json"))["version"]
+    v1 = json.loads(read("v1.json"))["version_id"]
+    v2 = json.loads(read("v2.json"))["version_id"]
     listing = read("list.txt")
     assert f"xfs@{v1}" in listing and f"xfs@{v2}" in listing, listing
     assert read("ro") == "1" and int(read("size")) == 320 << 20

@@ -28,6 +28,8 @@ TAG = "snapship"
 class LvmError(SnapshipError):
     """An lvm2 or dmsetup command failed."""
 
+    kind = "lvm"
+
 
 def run(argv: Sequence[str]) -> str:
     try:

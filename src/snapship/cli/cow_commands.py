@@ -10,7 +10,8 @@ from typing import Any
 from snapship.changes import cow
 from snapship.cli import options
 from snapship.cli.context import open_repository
-from snapship.cli.output import human_bytes, print_json
+from snapship.cli.output import human_bytes
+from snapship.cli.reports import emit, ref
 from snapship.cli.transfer_commands import parse_ref
 from snapship.devices import UncachedReader
 from snapship.engine.cow_export import export_cow
@@ -27,26 +28,30 @@ def cmd_cow_inspect(args: argparse.Namespace) -> int:
         "path": args.path,
         "store_size": store_size,
         "valid": table.header.valid,
-        "version": table.header.version,
+        "header_version": table.header.version,
         "chunk_size": table.header.chunk_size,
         "areas": table.areas,
         "exceptions": len(table.exceptions),
         "changed_bytes": changed,
         "changed_ranges": [[r.start, r.end] for r in ranges],
     }
-    if args.json:
-        print_json(info)
-        return 0
-    print(f"COW store    {args.path} ({human_bytes(store_size)})")
-    print(f"header       valid, version {table.header.version}, "
-          f"chunk {human_bytes(table.header.chunk_size)}")
-    print(f"table        {len(table.exceptions)} exceptions in {table.areas} area(s)")
-    print(f"changed      {human_bytes(changed)} of the origin in {len(ranges)} range(s)")
-    for r in ranges[: args.limit]:
-        print(f"  {r.start:>16} .. {r.end:<16} {human_bytes(r.length)}")
-    if len(ranges) > args.limit:
-        print(f"  ... {len(ranges) - args.limit} more (--limit, or --json for all)")
+    emit("cow inspect", info, lambda r: describe_inspect(r, args.limit), json=args.json)
     return 0
+
+
+def describe_inspect(r: dict[str, Any], limit: int) -> list[str]:
+    ranges = r["changed_ranges"]
+    lines = [f"COW store    {r['path']} ({human_bytes(r['store_size'])})",
+             f"header       valid, version {r['header_version']}, "
+             f"chunk {human_bytes(r['chunk_size'])}",
+             f"table        {r['exceptions']} exceptions in {r['areas']} area(s)",
+             f"changed      {human_bytes(r['changed_bytes'])} of the origin in {len(ranges)} "
+             "range(s)"]
+    lines += [f"  {start:>16} .. {end:<16} {human_bytes(end - start)}"
+              for start, end in ranges[:limit]]
+    if len(ranges) > limit:
+        lines.append(f"  ... {len(ranges) - limit} more (--limit, or --json for all)")
+    return lines
 
 
 def cmd_cow_export(args: argparse.Namespace) -> int:
@@ -69,22 +74,22 @@ def cmd_cow_export(args: argparse.Namespace) -> int:
     sectors = new.size // 512
     table = f"0 {sectors} snapshot <device holding {new.volume}@{new.version}> " \
             f"<loop device of {args.output}> P {chunk // 512}"
-    info = {
+    emit("cow export", {
         "output": args.output,
-        "new": f"{new.volume}@{new.version}",
-        "old": f"{old.volume}@{old.version}",
+        "new": ref(new.volume, new.version),
+        "old": ref(old.volume, old.version),
         "chunk_size": chunk,
         "exceptions": stats.exceptions,
         "store_bytes": stats.store_bytes,
         "dmsetup_table": table,
-    }
-    if args.json:
-        print_json(info)
-    else:
-        print(f"wrote {args.output}: {stats.exceptions} exceptions of {human_bytes(chunk)} "
-              f"({human_bytes(stats.store_bytes)}) that turn {info['new']} into {info['old']}")
-        print(f"dmsetup table: {table}")
+    }, describe_export, json=args.json)
     return 0
+
+
+def describe_export(r: dict[str, Any]) -> list[str]:
+    return [f"wrote {r['output']}: {r['exceptions']} exceptions of {human_bytes(r['chunk_size'])} "
+            f"({human_bytes(r['store_bytes'])}) that turn {r['new']} into {r['old']}",
+            f"dmsetup table: {r['dmsetup_table']}"]
 
 
 def register(sub: options.SubParsers) -> None:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+from collections.abc import Iterable
 from dataclasses import asdict
+from typing import Any
 
-from snapship.cli import known_repos, options, server_commands
+from snapship.cli import known_repos, options, reports, server_commands
 from snapship.cli.context import open_storage, passphrase_configured, passphrase_source, vouch_for
-from snapship.cli.output import human_bytes, print_json, warn
-from snapship.cli.reports import print_gc
+from snapship.cli.output import warn
+from snapship.cli.reports import emit, ref
 from snapship.cli.transfer_commands import parse_ref
 from snapship.engine.gc import run_gc
 from snapship.engine.prune import Policy, forget_versions, parse_duration, run_prune
@@ -45,60 +47,49 @@ def cmd_prune(args: argparse.Namespace) -> int:
     catalog = open_keyless(args)
     report = run_prune(catalog, policy, volume=args.volume, dry_run=args.dry_run,
                        tz=_local_tz() or dt.UTC, warn=warn)
-    if args.json:
-        print_json({
-            "dry_run": args.dry_run,
-            "volumes": {vol: [{"version": d.version, "keep": d.keep, "reasons": d.reasons}
-                              for d in ds] for vol, ds in report.decisions.items()},
-            "forgotten": report.forgotten,
-            "chunks_freeable": report.chunks_freeable,
-            "bytes_freeable": report.bytes_freeable,
-        })
-        return 0
-    forget = 0
-    for vol, decisions in report.decisions.items():
-        for d in decisions:
-            if d.keep:
-                print(f"keep    {vol}@{d.version}  ({', '.join(d.reasons)})")
-            else:
-                forget += 1
-                print(f"forget  {vol}@{d.version}")
-    verb = "would forget" if args.dry_run else "forgot"
-    print(f"{verb} {forget} version(s); gc will free {human_bytes(report.bytes_freeable)} "
-          f"in {report.chunks_freeable} chunks" + ("" if args.dry_run else
-                                                   " (run `snapship gc`)"))
+    emit("prune", {
+        "dry_run": args.dry_run,
+        "volumes": {vol: [{"version_id": d.version, "ref": ref(vol, d.version), "keep": d.keep,
+                           "reasons": d.reasons} for d in ds]
+                    for vol, ds in report.decisions.items()},
+        "forgotten": [ref(vol, d.version) for vol, ds in report.decisions.items() for d in ds
+                      if not d.keep],
+        "chunks_freeable": report.chunks_freeable,
+        "bytes_freeable": report.bytes_freeable,
+    }, reports.describe_prune, json=args.json)
     return 0
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
-    for ref in args.version_refs:
-        if "@" not in ref:
-            raise UsageError(f"{ref}: name the version to forget (VOLUME@VERSION)")
+    for name in args.version_refs:
+        if "@" not in name:
+            raise UsageError(f"{name}: name the version to forget (VOLUME@VERSION)")
     catalog = open_keyless(args)
-    targets = [catalog.resolve(parse_ref(r)) for r in args.version_refs]
+    targets = _unique(catalog.resolve(parse_ref(r)) for r in args.version_refs)
     chunks, nbytes = forget_versions(catalog, targets, allow_newest=args.allow_newest,
                                      warn=warn)
-    if args.json:
-        print_json({"forgotten": [f"{v}@{n}" for v, n in targets], "chunks_freeable": chunks,
-                    "bytes_freeable": nbytes})
-    else:
-        for vol, ver in targets:
-            print(f"forgot {vol}@{ver}")
-        print(f"gc will free {human_bytes(nbytes)} in {chunks} chunks (run `snapship gc`)")
+    emit("forget", {"forgotten": [ref(v, n) for v, n in targets], "chunks_freeable": chunks,
+                    "bytes_freeable": nbytes}, reports.describe_forget, json=args.json)
     return 0
+
+
+def _unique(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The versions named, each once, in the order first named (`disk` and `disk@latest`
+    are one)."""
+    return list(dict.fromkeys(pairs))
 
 
 def cmd_protect(args: argparse.Namespace) -> int:
     catalog = open_keyless(args)
     on = args.command == "protect"
     with catalog.exclusive(locks.PRUNE, args.command, warn):
-        for ref in args.version_refs:
-            vol, ver = catalog.resolve(parse_ref(ref))
+        targets = _unique(catalog.resolve(parse_ref(r)) for r in args.version_refs)
+        for vol, ver in targets:
             catalog.set_protected(vol, ver, on, args.note if on else "")
-            if not args.json:
-                print(f"{'protected' if on else 'unprotected'} {vol}@{ver}")
-    if args.json:
-        print_json({"protected" if on else "unprotected": args.version_refs})
+    names = [ref(vol, ver) for vol, ver in targets]
+    body: dict[str, Any] = {"protected": names, "note": args.note} if on else \
+        {"unprotected": names}
+    emit(args.command, body, reports.describe_protect, json=args.json)
     return 0
 
 
@@ -124,32 +115,25 @@ def cmd_gc(args: argparse.Namespace) -> int:
         warn(message)
 
     r = run_gc(catalog, repo=_key_if_at_hand(args, catalog), warn=note)
-    print_gc({**asdict(r), "warnings": warnings}, json=args.json)
+    reports.print_gc({**asdict(r), "warnings": warnings}, json=args.json)
     return 0
 
 
 def cmd_locks(args: argparse.Namespace) -> int:
     catalog = open_keyless(args)
     found = catalog.list_locks(warn=None if args.clear_stale else warn)
+    cleared: list[locks.LockInfo] = []
     if args.clear_stale:
-        found = catalog.clear_stale(found, warn)
-    rows = [{"kind": i.kind, "session": i.session, "command": i.command, "pid": i.pid,
-             "machine": i.machine.split("/", 1)[0], "started": i.started,
-             "alive": i.is_alive(), **({"problem": i.problem} if i.problem else {})}
-            for i in found]
-    if args.json:
-        print_json(rows)
-    else:
-        for row in rows:
-            if "problem" in row:
-                print(f"{row['kind']:6} {row['session']}  UNREADABLE: {row['problem']}"
-                      + ("" if row["alive"] else " (--clear-stale removes it)"))
-                continue
-            state = "" if row["alive"] else "  STALE (--clear-stale removes it)"
-            print(f"{row['kind']:6} {row['command']}  pid {row['pid']} on {row['machine']} "
-                  f"since {row['started']}{state}")
-        if not rows:
-            print("no locks")
+        live = catalog.clear_stale(found, warn)
+        cleared = [i for i in found if i not in live]
+        found = live
+
+    def rows(infos: list[locks.LockInfo]) -> list[dict[str, Any]]:
+        return [reports.lock_row(i.kind, i.session, i.command, i.pid, i.machine, i.started,
+                                 i.is_alive(), i.problem) for i in infos]
+
+    emit("locks", {"locks": rows(found), "cleared": rows(cleared)}, reports.describe_locks,
+         json=args.json)
     return 0
 
 

@@ -11,7 +11,7 @@ import sys
 import time
 import traceback
 from collections.abc import Iterator
-from typing import NoReturn
+from typing import ClassVar, NoReturn
 
 from snapship import __version__
 from snapship.cli import (
@@ -46,10 +46,51 @@ examples:
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line, like every other error (argparse prints the usage first)."""
+    """Usage errors as one line, like every other error (argparse prints the usage first);
+    the error object of docs/json.md when --json is on the command line (`main` says)."""
+
+    json_errors: ClassVar[bool] = False
+    argv: ClassVar[list[str]] = []
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"snapship: error: {message} (see '{self.prog} --help')\n")
+        text = f"{message} (see '{self.prog} --help')"
+        if not self.json_errors:
+            self.exit(2, f"snapship: error: {text}\n")
+        command = self.prog.removeprefix("snapship").strip() or _command_in(self, self.argv)
+        self.exit(2, output.error_json("usage", text, 2, command) + "\n")
+
+
+def _wants_json(argv: list[str]) -> bool:
+    """Whether --json (or an abbreviation argparse would take for it) is an option here."""
+    for arg in argv:
+        if arg == "--":
+            return False
+        if len(arg) >= 3 and "--json".startswith(arg):
+            return True
+    return False
+
+
+def _command_in(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    """The command a command line names, as far as a parser that failed can tell: the first
+    word that is a command (and a subcommand of it); None if there is none."""
+    words: list[str] = []
+    for arg in argv:
+        choices = _commands(parser)
+        if not choices:
+            break
+        if arg in choices:
+            words.append(arg)
+            parser = choices[arg]
+        elif words:
+            break
+    return " ".join(words) or None
+
+
+def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,18 +139,36 @@ def _report_to(args: argparse.Namespace) -> Iterator[None]:
         yield
 
 
+def _fail(kind: str, text: str, code: int, command: str | None, prefix: str = "") -> int:
+    """Say what stopped the command, in one line on stderr: `snapship: PREFIX TEXT` for
+    people, the error object of docs/json.md under --json. Returns the exit code."""
+    if output.settings.json:
+        output.message(output.error_json(kind, text, code, command))
+    else:
+        output.message(f"snapship: {prefix}{text}")
+    return code
+
+
+def _command_name(args: argparse.Namespace) -> str:
+    sub = getattr(args, f"{args.command}_command", None)
+    return f"{args.command} {sub}" if sub else str(args.command)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     if "_ARGCOMPLETE" in os.environ:  # a shell asks for completions: only then the import
         from snapship.cli.completion import complete
 
         complete(parser)
+    _Parser.argv = sys.argv[1:] if argv is None else list(argv)
+    _Parser.json_errors = _wants_json(_Parser.argv)
     args = parser.parse_args(argv)
     if args.quiet and args.verbose:
         parser.error("-q (--quiet) and -v (--verbose) exclude each other")
     _configure(args)
     log = logging.getLogger("snapship.cli")
     log.debug("snapship %s: %s", __version__, " ".join(sys.argv[1:] if argv is None else argv))
+    command = _command_name(args)
     started = time.monotonic()
     try:
         with terminate_raises(), _report_to(args):
@@ -118,22 +177,22 @@ def main(argv: list[str] | None = None) -> int:
                   code)
         return code
     except SnapshipError as e:
-        output.message(f"snapship: error: {e}")
-        return e.exit_code
+        return _fail(e.kind, str(e), e.exit_code, command, "error: ")
     except KeyboardInterrupt:
-        output.message("snapship: interrupted")
-        return 130
+        return _fail("interrupted", "interrupted", 130, command)
     except Terminated as e:
-        output.message("snapship: terminated")
-        return 128 + e.signum
+        return _fail("terminated", "terminated", 128 + e.signum, command)
     except BrokenPipeError:
         return 141
     except Exception as e:  # a bug: say so in one line, trace only on request
-        output.message(f"snapship: internal error: {type(e).__name__}: {e}")
         if os.environ.get("SNAPSHIP_DEBUG") or args.verbose:
             traceback.print_exc()
+            hint = ""
         else:
-            output.message("snapship: set SNAPSHIP_DEBUG=1 (or use -v) for a traceback")
+            hint = "snapship: set SNAPSHIP_DEBUG=1 (or use -v) for a traceback"
+        _fail("internal", f"internal error: {type(e).__name__}: {e}", 70, command)
+        if hint and not output.settings.json:
+            output.message(hint)
         return 70
 
 

@@ -7,10 +7,11 @@ import asyncio
 import logging
 import signal
 import sys
+from typing import Any
 
 from snapship.cli import options
 from snapship.cli.context import open_repository
-from snapship.cli.output import print_json
+from snapship.cli.reports import emit
 from snapship.cli.transfer_commands import parse_labels
 from snapship.engine.pipeline import default_workers
 from snapship.errors import UsageError
@@ -110,21 +111,24 @@ async def _serve(args: argparse.Namespace, repo: Repository, host: str, port: in
         loop.add_signal_handler(sig, stop.set)
     try:
         addresses = await server.start(host, port)
-        mode = "read-only" if not opts.writable else (
-            "writable, overlays committed as new versions" if args.commit
-            else "writable, overlays discarded")
         listening = [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in addresses]
-        if args.json:
-            print_json({"listening": listening, "mode": mode, "tls": opts.tls.value,
-                        "repository": repo.storage.describe()})
-        else:
-            print(f"serving {repo.storage.describe()} on {', '.join(listening)} ({mode}, "
-                  f"TLS {opts.tls.value})")
+        emit("nbd serve", {"repository": repo.storage.describe(), "listening": listening,
+                           "writable": opts.writable, "commit": bool(args.commit),
+                           "tls": opts.tls.value}, describe_serving, json=args.json,
+             one_line=True)
         sys.stdout.flush()
         await stop.wait()
     finally:
         await server.close()
     return 0
+
+
+def describe_serving(r: dict[str, Any]) -> list[str]:
+    mode = "read-only" if not r["writable"] else (
+        "writable, overlays committed as new versions" if r["commit"]
+        else "writable, overlays discarded")
+    return [f"serving {r['repository']} on {', '.join(r['listening'])} ({mode}, "
+            f"TLS {r['tls']})"]
 
 
 def register(sub: options.SubParsers) -> None:

@@ -73,7 +73,8 @@ CA_HELP = ("https repositories: trust the CA certificates in FILE (default: $SNA
            "else the system's)")
 PASSPHRASE_FILE_HELP = ("read the passphrase from FILE (default: $SNAPSHIP_PASSPHRASE, else a "
                         "prompt)")
-JSON_HELP = "machine-readable output on stdout (no progress display)"
+JSON_HELP = ("one JSON object on stdout, errors as one on stderr (no progress display; "
+             "docs/json.md)")
 QUIET_HELP = ("no progress display and no report of what was done; warnings and errors still "
               "go to stderr")
 VERBOSE_HELP = "more detail on stderr: retries, timings, tracebacks of internal errors"

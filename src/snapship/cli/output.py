@@ -52,9 +52,20 @@ def warn(text: str) -> None:
     message(f"snapship: warning: {text}")
 
 
-def print_json(obj: Any) -> None:
-    json.dump(obj, sys.stdout, indent=2, sort_keys=True)
+JSON_VERSION = 1
+"""The version of the --json contract (docs/json.md): every object printed carries it."""
+
+
+def print_json(obj: Any, *, one_line: bool = False) -> None:
+    json.dump(obj, sys.stdout, indent=None if one_line else 2, sort_keys=True)
     sys.stdout.write("\n")
+
+
+def error_json(kind: str, message: str, exit_code: int, command: str | None) -> str:
+    """The error object of docs/json.md, as one line."""
+    return json.dumps({"version": JSON_VERSION, "command": command,
+                       "error": {"kind": kind, "message": " ".join(message.splitlines()),
+                                 "exit_code": exit_code}}, sort_keys=True)
 
 
 def is_terminal(stream: TextIO) -> bool:

@@ -6,13 +6,13 @@ import argparse
 import os
 from typing import Any
 
-from snapship.cli import known_repos, options, server_commands
+from snapship.cli import known_repos, options, reports, server_commands
 from snapship.cli.context import open_repository, open_storage, passphrase_source
-from snapship.cli.output import TerminalProgress, human_bytes, print_json, warn
-from snapship.cli.reports import print_verify
+from snapship.cli.output import TerminalProgress, warn
+from snapship.cli.reports import emit
 from snapship.cli.transfer_commands import parse_ref
 from snapship.engine.verify import run_verify
-from snapship.errors import SnapshipError, UsageError
+from snapship.errors import NotFound, SnapshipError, UsageError
 from snapship.formats.constants import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_ZSTD_LEVEL,
@@ -20,12 +20,10 @@ from snapship.formats.constants import (
     ENCRYPTIONS,
     MAX_ZSTD_LEVEL,
 )
-from snapship.formats.manifest import Manifest
 from snapship.repository.catalog import Catalog
 from snapship.repository.repo import Repository
 from snapship.storage.base import Storage
 from snapship.storage.local import TMP_PREFIX, LocalStorage
-from snapship.types import ZERO_ID
 
 
 def check_init_target(storage: Storage) -> None:
@@ -68,118 +66,46 @@ def cmd_init(args: argparse.Namespace) -> int:
     )
     # This machine knows it from now on: a config edited later to say otherwise is refused.
     known_repos.remember(repo.config, repo.storage.describe())
-    info = {
+    emit("init", {
         "repository": repo.storage.describe(),
-        "id": repo.config.repo_id,
+        "repository_id": repo.config.repo_id,
         "chunk_size": repo.chunk_size,
         "encryption": repo.config.encryption,
         "compression_level": repo.config.compression_level,
-    }
-    if args.json:
-        print_json(info)
-    else:
-        print(
-            f"created repository {info['repository']} (chunk size "
-            f"{human_bytes(repo.chunk_size)}, encryption {repo.config.encryption})"
-        )
+    }, reports.describe_init, json=args.json)
     return 0
 
 
-def version_summary(m: Manifest) -> dict[str, Any]:
-    """What `show` reports: sizes, what the version costs in the repository, and its ratios."""
-    unique = m.unique_chunks()
-    nonzero = sum(1 for i in range(m.count) if m.chunk(i) != ZERO_ID)
-    data_bytes = sum(m.chunk_span(i)[1] for i in range(m.count) if m.chunk(i) != ZERO_ID)
-    s = m.stats
-    return {
-        "volume": m.volume,
-        "version": m.version,
-        "created": m.created,
-        "source": m.source,
-        "parent": m.parent,
-        "labels": m.labels,
-        "size": m.size,
-        "chunk_size": m.chunk_size,
-        "chunks": m.count,
-        "zero_chunks": m.count - nonzero,
-        "unique_chunks": len(unique),
-        "data_bytes": data_bytes,
-        "stored_bytes": sum(unique.values()),
-        "new_bytes_stored": s.get("bytes_new_stored", 0),
-        "dedup_ratio": round(nonzero / len(unique), 3) if unique else 1.0,
-        # Manifest decoding checked the types of these; older writers may have left some out.
-        "compression_ratio": round(s.get("bytes_new", 0) / s["bytes_new_stored"], 3)
-        if s.get("bytes_new_stored")
-        else None,
-        "duration": s.get("duration"),
-        "stats": s,
-    }
-
-
 def cmd_versions(args: argparse.Namespace) -> int:
-    """Lists every version; a damaged manifest is listed as such (exit 1), not fatal."""
+    """Lists every version with its marks; a manifest that cannot be read is listed as such
+    (with the date its id gives), not fatal. Damage is reported, not an error: exit 0."""
     repo = open_repository(args)
     rows: list[dict[str, Any]] = []
-    marks = repo.catalog.damaged()
+    damage = repo.catalog.damaged()
     shielded = repo.catalog.protected()
     for volume, version in repo.list_versions(args.volume):
+        m, problem = None, None
         try:
-            row = version_summary(repo.load_manifest(volume, version))
+            m = repo.load_manifest(volume, version)
+        except NotFound:
+            continue  # forgotten meanwhile
         except SnapshipError as e:
-            row = {"volume": volume, "version": version, "error": str(e)}
-        mark = marks.get((volume, version))
-        if mark is not None and "error" not in row:
-            row["error"] = f"verify found {len(mark.chunks)} damaged chunk(s)"
-        row["protected"] = (volume, version) in shielded
-        rows.append(row)
-    damaged = any("error" in r for r in rows)
-    if args.json:
-        print_json(rows)
-        return 1 if damaged else 0
-    if not rows:
-        print("no versions")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['volume']}@{r['version']}  DAMAGED: {r['error']}")
-            continue
-        labels = ",".join(f"{k}={v}" for k, v in sorted(r["labels"].items()))
-        print(
-            f"{r['volume']}@{r['version']}  {r['created']}  {human_bytes(r['size']):>10}  "
-            f"+{human_bytes(r['new_bytes_stored']):>10} new  "
-            + ("protected  " if r["protected"] else "") + labels
-        )
-    return 1 if damaged else 0
+            problem = str(e)
+        note = (repo.catalog.protection_note(volume, version)
+                if (volume, version) in shielded else None)
+        rows.append(reports.version_row(volume, version, m, problem,
+                                        damage.get((volume, version)), note))
+    emit("versions", {"versions": rows}, reports.describe_versions, json=args.json)
+    return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     repo = open_repository(args)
     volume, version = repo.resolve(parse_ref(args.version_ref))
-    info = version_summary(repo.load_manifest(volume, version))
-    if args.json:
-        print_json(info)
-        return 0
-    s = info["stats"]
-    comp = info["compression_ratio"]
-    lines = [
-        f"version      {volume}@{version}",
-        f"created      {info['created']}  ({s.get('mode')}, {info['duration']} s)",
-        f"source       {info['source']}",
-        f"parent       {info['parent'] or '-'}",
-        f"size         {human_bytes(info['size'])} ({info['size']} bytes), "
-        f"{info['chunks']} chunks of {human_bytes(info['chunk_size'])}",
-        f"data         {human_bytes(info['data_bytes'])} non-zero, "
-        f"{info['zero_chunks']} zero chunks (not stored)",
-        f"stored       {human_bytes(info['stored_bytes'])} in {info['unique_chunks']} "
-        "unique chunks",
-        f"new          {human_bytes(info['new_bytes_stored'])} added by this version "
-        f"({s.get('chunks_new', 0)} chunks)",
-        f"dedup        {info['dedup_ratio']}x within the version; compression of new data "
-        + (f"{comp}x" if comp else "-"),
-        f"read         {human_bytes(s.get('bytes_read', 0))} in {s.get('chunks_read')} chunks",
-    ]
-    if info["labels"]:
-        lines.append("labels       " + ", ".join(f"{k}={v}" for k, v in info["labels"].items()))
-    print("\n".join(lines))
+    m = repo.load_manifest(volume, version)
+    info = reports.version_detail(m, repo.catalog.damage_mark(volume, version),
+                                  repo.catalog.protection_note(volume, version))
+    emit("show", info, reports.describe_version, json=args.json)
     return 0
 
 
@@ -193,7 +119,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
                         volume=args.volume, progress=TerminalProgress("verify"))
     if report.marks_error:
         warn(f"damage marks not updated: {report.marks_error}")
-    return print_verify(report.to_json(), json=args.json)
+    return reports.print_verify(report.to_json(), json=args.json)
 
 
 def register(sub: options.SubParsers) -> None:
@@ -225,9 +151,10 @@ def register(sub: options.SubParsers) -> None:
         sub, "versions", summary="list versions",
         description="""
         List every version of every volume (or of one), oldest first: when it was made, its
-        size, what it added to the repository, whether it is protected, and its labels. A
-        version whose manifest cannot be read, or in which verify found damaged chunks, is
-        listed as DAMAGED.""",
+        size, what it added to the repository, whether it is protected (and why), and its
+        labels. A version in which verify found damaged chunks is listed as DAMAGED, one
+        whose manifest cannot be read as UNREADABLE (with the date its id says); neither is
+        an error (exit 0: `snapship verify` exits 1 for damage).""",
         examples=["snapship versions", "snapship versions --volume root --json",
                   "snapship --repo /srv/backup/repo versions"],
         parents=options.parents(repo=True, key=True))
@@ -238,7 +165,8 @@ def register(sub: options.SubParsers) -> None:
         sub, "show", summary="details of one version",
         description="""
         Details of one version: when and from what it was made, its parent, its size, how
-        much of it is zero, shared or new, what it costs in the repository, and its labels.
+        much of it is zero, shared or new, what it costs in the repository, whether it is
+        protected (with the note given to `protect`) or marked damaged, and its labels.
         VOLUME alone means its newest version; VOLUME@VERSION names one (a unique prefix of
         the id is enough).""",
         examples=["snapship show root", "snapship show root@20261126-0930 --json"],

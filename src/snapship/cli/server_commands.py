@@ -12,8 +12,8 @@ from typing import Any
 
 from snapship.cli import options
 from snapship.cli.context import open_server, open_storage
-from snapship.cli.output import print_json, warn
-from snapship.cli.reports import print_gc, print_verify
+from snapship.cli.output import warn
+from snapship.cli.reports import emit, print_gc, print_verify
 from snapship.errors import UsageError
 from snapship.formats import http_api as api
 from snapship.formats.manifest import check_name
@@ -133,11 +133,9 @@ def cmd_token(args: argparse.Namespace) -> int:
             f.write(line)
     except OSError as e:
         raise UsageError(f"cannot write token file {path}: {e.strerror or e}") from None
-    if args.json:
-        print_json({"name": name, "role": role.value, "repositories": args.repos,
-                    "token": token})
-    else:
-        print(token)
+    emit("token", {"name": name, "role": role.value,
+                   "repositories": None if repos is None else sorted(repos), "token": token},
+         lambda r: [r["token"]], json=args.json)
     return 0
 
 
@@ -159,7 +157,7 @@ def cmd_gc_on_server(args: argparse.Namespace) -> int:
     r = _server_storage(args).maintenance("gc", {})
     for message in r.get("warnings", []):
         warn(message)
-    print_gc(r, json=args.json, where="gc on the server")
+    print_gc(r, json=args.json, on_server=True)
     return 0
 
 
@@ -168,7 +166,7 @@ def cmd_verify_on_server(args: argparse.Namespace) -> int:
         raise UsageError("--on-server verifies every version completely: drop --sample and "
                          "--volume")
     r = _server_storage(args).maintenance("verify", {"deep": bool(args.deep)})
-    return print_verify(r, json=args.json, where="verify on the server")
+    return print_verify(r, json=args.json, on_server=True)
 
 
 def register(sub: options.SubParsers) -> None:

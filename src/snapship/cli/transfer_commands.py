@@ -14,7 +14,8 @@ from snapship.changes.lvm import Lvm
 from snapship.changes.range_file import MAX_FILE_SIZE, parse_ranges
 from snapship.cli import options
 from snapship.cli.context import open_repository
-from snapship.cli.output import TerminalProgress, human_bytes, print_json, warn
+from snapship.cli.output import TerminalProgress, warn
+from snapship.cli.reports import describe_backup, describe_restore, emit, ref, version_detail
 from snapship.devices import Source, remove_unfinished
 from snapship.engine.backup import BackupPlan, Prepared, run_backup
 from snapship.engine.restore import run_restore
@@ -171,17 +172,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def report_backup(args: argparse.Namespace, m: Manifest) -> None:
-    s = m.stats
-    if args.json:
-        print_json({"volume": m.volume, "version": m.version, "size": m.size, "stats": s,
-                    "labels": m.labels})
-    else:
-        rate = m.size / s["duration"] if s["duration"] else 0.0
-        print(
-            f"{m.volume}@{m.version}: {human_bytes(m.size)} backed up in {s['duration']:.1f} s "
-            f"({human_bytes(rate)}/s); read {human_bytes(s['bytes_read'])}, "
-            f"{s['chunks_new']} new chunks ({human_bytes(s['bytes_new_stored'])} stored)"
-        )
+    """The new version as `show` describes it (it has no marks yet), and a line for people."""
+    emit("backup", version_detail(m, None, None), describe_backup, json=args.json)
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -193,25 +185,16 @@ def cmd_restore(args: argparse.Namespace) -> int:
         stats = run_restore(repo, m, args.target, progress=TerminalProgress(f"restore {volume}"))
     finally:
         remove_unfinished()  # also one an exception struck before it could abort
-    if args.json:
-        print_json(
-            {
-                "volume": volume,
-                "version": version,
-                "target": args.target,
-                "size": stats.size,
-                "chunks_written": stats.chunks_written,
-                "chunks_zero": stats.chunks_zero,
-                "duration": round(stats.duration, 3),
-            }
-        )
-    else:
-        rate = stats.size / stats.duration if stats.duration else 0.0
-        print(
-            f"restored {volume}@{version} to {args.target}: {human_bytes(stats.size)} in "
-            f"{stats.duration:.1f} s ({human_bytes(rate)}/s)",
-            file=sys.stdout,
-        )
+    emit("restore", {
+        "volume": volume,
+        "version_id": version,
+        "ref": ref(volume, version),
+        "target": args.target,
+        "size": stats.size,
+        "chunks_written": stats.chunks_written,
+        "chunks_zero": stats.chunks_zero,
+        "duration": round(stats.duration, 3),
+    }, describe_restore, json=args.json)
     return 0
 
 

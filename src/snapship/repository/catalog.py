@@ -228,16 +228,22 @@ class Catalog:
         """Versions verify found damaged, with the chunk ids it named."""
         out = {}
         for vol, ver in self._pairs(L.DAMAGED_PREFIX, None):
-            key = L.damaged_key(vol, ver)
-            try:
-                d = load_object(self.storage.get(key), key, MAX_MARKER_JSON)
-                out[(vol, ver)] = DamageMark([str(c) for c in d["chunks"]], bool(d["deep"]))
-            except ObjectNotFound:
-                continue
-            except (FormatError, KeyError, TypeError):
-                # Unreadable: still damaged, by chunks unknown; only a deep verify clears it.
-                out[(vol, ver)] = DamageMark([], True)
+            mark = self.damage_mark(vol, ver)
+            if mark is not None:
+                out[(vol, ver)] = mark
         return out
+
+    def damage_mark(self, volume: str, version: str) -> DamageMark | None:
+        """The damage verify found in `volume@version`; None if it is not marked."""
+        key = L.damaged_key(volume, version)
+        try:
+            d = load_object(self.storage.get(key), key, MAX_MARKER_JSON)
+            return DamageMark([str(c) for c in d["chunks"]], bool(d["deep"]))
+        except ObjectNotFound:
+            return None
+        except (FormatError, KeyError, TypeError):
+            # Unreadable: still damaged, by chunks unknown; only a deep verify clears it.
+            return DamageMark([], True)
 
     def mark_damaged(self, volume: str, version: str, chunks: list[str] | None,
                      deep: bool = False) -> None:

@@ -291,6 +291,8 @@ class LeaseLost(SnapshipError):
     """A lock holder went without a confirmed heartbeat for too long, or found its lock
     removed: another process may have taken it for abandoned."""
 
+    kind = "lease-lost"
+
 
 class Lock:
     """A lock this process holds; use as a context manager. Heartbeats until released."""
