@@ -155,6 +155,14 @@ def _command_name(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    finally:  # a process runs one command, but tests and embedders call main in-process
+        output.configure()
+        _Parser.json_errors = False
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     if "_ARGCOMPLETE" in os.environ:  # a shell asks for completions: only then the import
         from snapship.cli.completion import complete
