@@ -47,8 +47,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 
+# Spread over every core, a test file per worker (files share fixtures and servers); the VM
+# files are collected first (tests/conftest.py) so the longest work starts first.
 unit: $(STAMP) apt-test vm-assets
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n auto --dist loadfile
 
 test: lint unit
 

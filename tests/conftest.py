@@ -22,6 +22,13 @@ from tests.clihelp import use_state_dir
 settings.register_profile("snapship", deadline=None)
 settings.load_profile("snapship")
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The VM tests first: each boots a kernel under emulation for minutes, so in a parallel run
+    (`make unit`) the host tests fill the other workers around them instead of the VM tests
+    trailing at the end."""
+    items.sort(key=lambda item: not item.nodeid.startswith("tests/vm/"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _hermetic_state_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Every CLI call of the session, and the test helpers, keep the known-repositories file
