@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from snapship.cli.output import JSON_VERSION, human_bytes, print_json
-from snapship.engine import gc, verify
 from snapship.engine.prune import version_time
 from snapship.errors import FormatError, UsageError
 from snapship.formats.manifest import Manifest
@@ -259,6 +258,8 @@ def describe_locks(r: Report) -> list[str]:
 
 def print_gc(r: Report, *, json: bool, on_server: bool = False) -> None:
     """A gc report (local, or a server's reply: only the fields of docs/json.md)."""
+    from snapship.engine import gc  # the engines: only for the commands that report them
+
     names = [f.name for f in dataclasses.fields(gc.GcReport)] + ["warnings"]
     where = "gc on the server" if on_server else "gc"
     emit("gc", {"on_server": on_server, **_fields(r, names, "gc report")},
@@ -268,6 +269,8 @@ def print_gc(r: Report, *, json: bool, on_server: bool = False) -> None:
 def print_verify(r: Report, *, json: bool, on_server: bool = False) -> int:
     """Print the report (local, or a server's reply); the exit code it means (0 ok, 1 damage
     found)."""
+    from snapship.engine import verify
+
     names = list(verify.VerifyReport().to_json())
     where = "verify on the server" if on_server else "verify"
     body = _fields(r, names, "verify report")
