@@ -87,7 +87,7 @@ def put_zero_version(repo: Repository, volume: str, version: str, parent: str | 
         repo.put_summary(summary_codec.from_manifest(m, (0, 0), len(blob)))
 
 
-class _UnsyncedStorage(LocalStorage):
+class UnsyncedStorage(LocalStorage):
     """Puts without fsync: the fixture writes 3,000 objects, durability is no concern."""
 
     def put(self, key: str, data: bytes | bytearray) -> None:
@@ -103,7 +103,7 @@ class _UnsyncedStorage(LocalStorage):
 def big_repo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, list[str]]]:
     path = tmp_path_factory.mktemp("scale") / "repo"
     init_repo_fast_kdf(path, chunk_size=CHUNK)
-    repo = Repository.open(_UnsyncedStorage(str(path)), lambda: PASSPHRASE.encode())
+    repo = Repository.open(UnsyncedStorage(str(path)), lambda: PASSPHRASE.encode())
     ids, sizes = bytes(32 * COUNT), array("I", bytes(4 * COUNT))
     start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     versions: list[str] = []
