@@ -19,6 +19,7 @@ from snapship.crypto import Keys
 from snapship.errors import Corrupt, FormatError, UsageError
 from snapship.formats import envelope, refs
 from snapship.formats import manifest as mf
+from snapship.formats import summary as summary_codec
 from snapship.formats.config import RepoConfig, decode_config, encode_config
 from snapship.formats.constants import KIND_CHUNK, KIND_MANIFEST, KIND_REFS
 from snapship.types import ZERO_ID
@@ -333,3 +334,36 @@ def test_manifest_stats_may_leave_fields_out_and_keep_unknown_ones() -> None:
     m = mf.Manifest("v", "1", 0, 65536, "t", "s", None, b"", array("I"),
                     stats={"future": [1, {"a": None}], "duration": 2})
     assert mf.decode(mf.encode(m), "m") == m
+
+
+# -- version summaries ---------------------------------------------------------------------
+
+
+def _summary_manifest() -> mf.Manifest:
+    cs = 64 * 1024
+    ids = b"".join([b"\x01" * 32, ZERO_ID, b"\x02" * 32, b"\x01" * 32])
+    return mf.Manifest("disk", "20261201-000000.000-abcd", 3 * cs + 100, cs,
+                       "2026-12-01T00:00:00.000Z", "/dev/x", None, ids,
+                       array("I", [500, 0, 600, 500]), {"k": "v"}, {"bytes_new_stored": 3})
+
+
+def test_a_summary_counts_what_show_reports_and_round_trips() -> None:
+    m = _summary_manifest()
+    s = summary_codec.from_manifest(m, manifest_bytes=777)
+    assert (s.chunks, s.zero_chunks, s.unique_chunks, s.stored_bytes, s.data_bytes,
+            s.manifest_bytes) == (4, 1, 2, 1100, 2 * 64 * 1024 + 100, 777)
+    assert summary_codec.from_manifest(m, (2, 1100), 777) == s
+    assert summary_codec.decode(summary_codec.encode(s), "it") == s
+
+
+@pytest.mark.parametrize("change", [
+    {"summary": 2}, {"summary": None}, {"size": -1}, {"size": "1"}, {"chunks": 5},
+    {"zero_chunks": 5}, {"unique_chunks": 4}, {"data_bytes": 1 << 40}, {"labels": {"k": 1}},
+    {"stats": {"duration": -1}}, {"volume": "../x"}, {"parent": 7}, {"chunk_size": 1000},
+    {"stored_bytes": 0},
+], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_a_summary_that_is_not_exactly_version_1_is_refused(change: dict[str, object]) -> None:
+    d = json.loads(summary_codec.encode(summary_codec.from_manifest(_summary_manifest())))
+    d.update(change)
+    with pytest.raises(FormatError, match=r"^it "):
+        summary_codec.decode(json.dumps(d).encode(), "it")

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from snapship.formats import envelope
-from snapship.formats.constants import KIND_MANIFEST, MANIFEST_MAGIC
+from snapship.formats.constants import KIND_MANIFEST, KIND_SUMMARY, MANIFEST_MAGIC
 from tests.clihelp import (
     CHUNK,
     CLI,
@@ -128,8 +128,8 @@ def test_changed_ranges_from_a_pipe_still_works(repo_with_base: tuple[Path, Path
 
 
 def rewrite_stats(repo: Path, volume: str, version: str, **changes: Any) -> None:
-    """Re-seal a manifest of an unencrypted repository with some stats fields changed: a
-    correct checksum, so only decoding can tell."""
+    """Re-seal a manifest of an unencrypted repository, and its summary, with some stats
+    fields changed: correct checksums, so only decoding can tell."""
     key = f"versions/{volume}/{version}"
     path = repo / key
     body = envelope.open_sealed(KIND_MANIFEST, key.encode(), path.read_bytes(), None, 1 << 30,
@@ -140,6 +140,14 @@ def rewrite_stats(repo: Path, volume: str, version: str, **changes: Any) -> None
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     new = struct.pack("<4sHHI", MANIFEST_MAGIC, 1, 0, len(text)) + text + body[12 + header_len :]
     path.write_bytes(envelope.seal(KIND_MANIFEST, key.encode(), new, None))
+    # The version's summary says what its manifest says (a forger rewrites both).
+    skey = f"summaries/{volume}/{version}"
+    spath = repo / skey
+    summary = json.loads(envelope.open_sealed(KIND_SUMMARY, skey.encode(), spath.read_bytes(),
+                                              None, 1 << 30, skey))
+    summary["stats"].update(changes)
+    spath.write_bytes(envelope.seal(KIND_SUMMARY, skey.encode(), json.dumps(summary).encode(),
+                                    None))
 
 
 @pytest.mark.parametrize("change", [{"bytes_read": None}, {"bytes_new_stored": "12"},

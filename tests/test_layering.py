@@ -18,14 +18,15 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "snapship"
 ABOVE = sorted([*SRC.glob("cli/*.py"), *SRC.glob("engine/*.py"), *SRC.glob("server/*.py"),
                 *SRC.glob("nbd/*.py"), *SRC.glob("changes/*.py"), SRC / "devices.py"])
 KEY_NAMES = {"CONFIG_KEY", "KEY_KEY", "CHUNK_PREFIX", "FOSSIL_PREFIX", "VERSION_PREFIX",
-             "REFS_PREFIX", "LOCK_PREFIX", "TOMBSTONE_PREFIX", "COLLECTION_KEY",
-             "PROTECTED_PREFIX", "DAMAGED_PREFIX", "chunk_key", "fossil_key", "manifest_key",
-             "refs_key", "lock_key", "tombstone_key", "protected_key", "damaged_key"}
+             "REFS_PREFIX", "SUMMARY_PREFIX", "LOCK_PREFIX", "TOMBSTONE_PREFIX",
+             "COLLECTION_KEY", "PROTECTED_PREFIX", "DAMAGED_PREFIX", "chunk_key", "fossil_key",
+             "manifest_key", "refs_key", "summary_key", "lock_key", "tombstone_key",
+             "protected_key", "damaged_key"}
 ENVELOPE_NAMES = {"OBJECT_MAGIC", "OBJECT_VERSION", "OBJECT_HEADER_LEN", "KIND_CHUNK",
-                  "KIND_MANIFEST", "KIND_REFS", "FLAG_ZSTD", "FLAG_ENCRYPTED", "KNOWN_FLAGS",
-                  "NONCE_LEN", "TAG_LEN", "CHECKSUM_LEN"}
-KEY_LITERAL = re.compile(r"^(chunks|fossils|versions|refs|locks|gc|protected|damaged|keys)/"
-                         r"|^config$")
+                  "KIND_MANIFEST", "KIND_REFS", "KIND_SUMMARY", "FLAG_ZSTD", "FLAG_ENCRYPTED",
+                  "KNOWN_FLAGS", "NONCE_LEN", "TAG_LEN", "CHECKSUM_LEN"}
+KEY_LITERAL = re.compile(r"^(chunks|fossils|versions|refs|summaries|locks|gc|protected|damaged"
+                         r"|keys)/|^config$")
 
 
 def offences(path: Path) -> list[str]:

@@ -260,6 +260,8 @@ def junk_objects() -> dict[str, bytes]:
         "versions/disk/20261201-000000.000-abcf": forged_like(300),  # no reference list
         "versions/disk/99991231-235959.999-ffff": forged_like(300),  # sorts last forever
         "versions/disk/not-a-version-id": forged_like(300),
+        "summaries/disk/20261201-000000.000-abd0": b"SNPO\x01\x04\x02\x00" + os.urandom(300),
+        "summaries/disk/not-a-version-id": b"SNPO\x01\x04\x02\x00" + os.urandom(300),
         "chunks/ab/" + "cd" * 32: forged_like(300),  # the wrong fan-out directory
         "chunks/ab/" + "ab" * 32: b"SNPO\x01\x02\x02\x00" + os.urandom(300),  # a manifest
         "chunks/ab/" + "ab" * 31 + "ac": forged_like(20),  # too short to be a chunk
@@ -281,6 +283,15 @@ def test_junk_from_a_backup_token_is_refused_and_breaks_nothing(served: Served,
             attacker.put(key, data)
         assert "\n" not in str(exc.value)
         assert attacker.stat(key) is None or key == "config", key
+    # What `versions` shows cannot be replaced: neither by another kind of object, nor by a
+    # summary sealed without the key.
+    rows = json.loads(ok(cli("versions", "--repo", server.url("db"), "--json",
+                             token=files["db1-backup"])).stdout)["versions"]
+    for forged in (forged_like(300), b"SNPO\x01\x04\x02\x00" + os.urandom(300)):
+        with pytest.raises((StorageError, PermissionDenied)):
+            attacker.put(f"summaries/disk/{v1}", forged)
+    assert json.loads(ok(cli("versions", "--repo", server.url("db"), "--json",
+                             token=files["db1-backup"])).stdout)["versions"] == rows
     # Everything still works.
     assert json.loads(ok(cli("locks", "--repo", server.url("db"), "--json",
                              token=files["ops"])).stdout)["locks"] == []

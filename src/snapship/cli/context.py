@@ -12,6 +12,7 @@ import os
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from snapship.cli import known_repos, output
 from snapship.cli.signals import retry_cutoff
@@ -19,9 +20,11 @@ from snapship.engine.pipeline import default_workers
 from snapship.errors import AuthFailed, UsageError
 from snapship.repository.repo import PassphraseSource, Repository
 from snapship.storage.base import Storage
-from snapship.storage.http import HttpStorage, check_token_text
 from snapship.storage.local import LocalStorage
 from snapship.storage.retry import DEFAULT_RETRY_TIME, RetryingStorage, RetryPolicy
+
+if TYPE_CHECKING:  # http.client and ssl: imported by the commands that reach a server
+    from snapship.storage.http import HttpStorage
 
 log = logging.getLogger("snapship.cli")
 
@@ -88,6 +91,8 @@ def open_storage(spec: str | None, args: argparse.Namespace | None = None) -> St
 def open_server(spec: str, args: argparse.Namespace | None) -> HttpStorage:
     """A `snapship server` repository, for what only a server does (maintenance); its
     token and CA from `args` or the environment."""
+    from snapship.storage.http import HttpStorage
+
     return HttpStorage(
         spec,
         token=server_token(args),
@@ -99,6 +104,8 @@ def open_server(spec: str, args: argparse.Namespace | None) -> HttpStorage:
 
 def server_token(args: argparse.Namespace | None) -> str | None:
     """--token-file, else SNAPSHIP_TOKEN, else none (the server will say it needs one)."""
+    from snapship.storage.http import check_token_text
+
     path = getattr(args, "token_file", None)
     if path:
         try:

@@ -30,7 +30,6 @@ from pathlib import Path
 from snapship.cli.output import warn
 from snapship.errors import Corrupt
 from snapship.formats.config import RepoConfig
-from snapship.repository.repo import now_iso
 
 STATE_ENV = "SNAPSHIP_STATE_DIR"
 FILE_NAME = "known-repositories.json"
@@ -153,6 +152,8 @@ def remember(cfg: RepoConfig, location: str, path: Path | None = None) -> None:
             if cfg.repo_id in entries:
                 _compare(entries[cfg.repo_id], cfg, location, path)
                 return
+            from snapship.repository.repo import now_iso  # the key's code: only to record
+
             entries[cfg.repo_id] = Known(cfg.encryption, cfg.chunk_size, location, now_iso())
             obj = {"format": FORMAT, "version": VERSION,
                    "repositories": {k: asdict(v) for k, v in sorted(entries.items())}}

@@ -10,19 +10,22 @@ import argparse
 import datetime as dt
 from collections.abc import Iterable
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from snapship.cli import known_repos, options, reports, server_commands
 from snapship.cli.context import open_storage, passphrase_configured, passphrase_source, vouch_for
 from snapship.cli.output import warn
 from snapship.cli.reports import emit, ref
-from snapship.cli.transfer_commands import parse_ref
-from snapship.engine.gc import run_gc
 from snapship.engine.prune import Policy, forget_versions, parse_duration, run_prune
 from snapship.errors import AuthFailed, UsageError
 from snapship.repository import locks
 from snapship.repository.catalog import Catalog
-from snapship.repository.repo import Repository
+
+if TYPE_CHECKING:
+    from snapship.repository.repo import Repository
+
+# gc's engine, the key's code (repo.py) and backup's module (parse_ref) are imported by the
+# commands that use them: `locks` and `prune` start without them.
 
 
 def open_keyless(args: argparse.Namespace) -> Catalog:
@@ -61,6 +64,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
+    from snapship.cli.transfer_commands import parse_ref
+
     for name in args.version_refs:
         if "@" not in name:
             raise UsageError(f"{name}: name the version to forget (VOLUME@VERSION)")
@@ -80,6 +85,8 @@ def _unique(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
 
 
 def cmd_protect(args: argparse.Namespace) -> int:
+    from snapship.cli.transfer_commands import parse_ref
+
     catalog = open_keyless(args)
     on = args.command == "protect"
     with catalog.exclusive(locks.PRUNE, args.command, warn):
@@ -96,6 +103,8 @@ def cmd_protect(args: argparse.Namespace) -> int:
 def _key_if_at_hand(args: argparse.Namespace, catalog: Catalog) -> Repository | None:
     """The repository with its key, if that needs no prompt: gc can then rebuild a missing
     reference list instead of stopping."""
+    from snapship.repository.repo import Repository
+
     if passphrase_configured(args):
         return vouch_for(Repository.open(catalog.storage, passphrase_source(args)), args)
     try:  # the storage already open, not a second backend (and connection pool) of its own
@@ -107,6 +116,8 @@ def _key_if_at_hand(args: argparse.Namespace, catalog: Catalog) -> Repository | 
 def cmd_gc(args: argparse.Namespace) -> int:
     if args.on_server:
         return server_commands.cmd_gc_on_server(args)
+    from snapship.engine.gc import run_gc
+
     catalog = open_keyless(args)
     warnings: list[str] = []
 

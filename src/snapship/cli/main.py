@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import logging
 import os
 import sys
@@ -14,16 +15,7 @@ from collections.abc import Iterator
 from typing import ClassVar, NoReturn
 
 from snapship import __version__
-from snapship.cli import (
-    cow_commands,
-    lifecycle_commands,
-    nbd_commands,
-    options,
-    output,
-    repo_commands,
-    server_commands,
-    transfer_commands,
-)
+from snapship.cli import options, output
 from snapship.cli.signals import Terminated, terminate_raises
 from snapship.errors import SnapshipError
 
@@ -93,19 +85,71 @@ def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentPar
     return {}
 
 
-def build_parser() -> argparse.ArgumentParser:
+COMMAND_MODULES = ("repo_commands", "transfer_commands", "lifecycle_commands", "cow_commands",
+                   "server_commands", "nbd_commands")
+"""Modules under snapship.cli with a `register(subparsers)`, in the order of `--help`."""
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "init": ("repo_commands", "create a repository"),
+    "versions": ("repo_commands", "list versions"),
+    "show": ("repo_commands", "details of one version"),
+    "verify": ("repo_commands", "check that every version is restorable"),
+    "backup": ("transfer_commands", "back up a file or block device"),
+    "restore": ("transfer_commands", "restore a version to a file or device"),
+    "prune": ("lifecycle_commands", "forget versions no retention rule keeps"),
+    "forget": ("lifecycle_commands", "forget named versions"),
+    "protect": ("lifecycle_commands", "keep versions whatever prune's rules say"),
+    "unprotect": ("lifecycle_commands", "let prune forget versions again"),
+    "gc": ("lifecycle_commands", "delete chunks no version uses (safe beside running backups)"),
+    "locks": ("lifecycle_commands", "list running operations' locks"),
+    "cow": ("cow_commands", "dm-snapshot COW stores: inspect one, export one"),
+    "server": ("server_commands", "serve repositories over HTTP(S) to token holders"),
+    "token": ("server_commands", "create a token for `snapship server`"),
+    "nbd": ("nbd_commands", "serve versions over the Network Block Device protocol"),
+}
+"""Each command: the module that registers it and its line in `snapship --help`. The lazy
+parser shows these lines and imports a command's module only once the command is named, so
+`snapship --help` and a light command never load the engine, the servers or their libraries
+(tests/test_startup.py checks that this table matches what the modules register)."""
+
+
+class _LazySubParsers(argparse._SubParsersAction):  # type: ignore[type-arg]
+    """Subcommands that are placeholders until named: then their module registers them."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:  # fmt: skip
+        assert isinstance(values, list) and values
+        realize(self, COMMANDS[values[0]][0])
+        super().__call__(parser, namespace, values, option_string)
+
+
+def realize(sub: argparse._SubParsersAction, module: str) -> None:  # type: ignore[type-arg]
+    """Replace the placeholders of `module`'s commands by what the module registers."""
+    names = {name for name, (mod, _) in COMMANDS.items() if mod == module}
+    if not any(getattr(sub.choices.get(n), "placeholder", False) for n in names):
+        return
+    for name in names:
+        sub.choices.pop(name, None)
+    sub._choices_actions = [a for a in sub._choices_actions if a.dest not in names]
+    importlib.import_module(f"snapship.cli.{module}").register(sub)
+
+
+def build_parser(*, lazy: bool = False) -> argparse.ArgumentParser:
+    """The whole parser; `lazy`: each command's module is imported only when it is named."""
     parser = _Parser(prog="snapship", description=DESCRIPTION, epilog=EXAMPLES,
                      formatter_class=options.HelpFormatter)
     parser.add_argument("--version", action="version", version=f"snapship {__version__}")
     options.add_global_options(parser, repo=True, key=True, top=True)
+    if lazy:
+        parser.register("action", "parsers", _LazySubParsers)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 title="commands", parser_class=_Parser)
-    repo_commands.register(sub)
-    transfer_commands.register(sub)
-    lifecycle_commands.register(sub)
-    cow_commands.register(sub)
-    server_commands.register(sub)
-    nbd_commands.register(sub)
+    if not lazy:
+        for module in COMMAND_MODULES:
+            importlib.import_module(f"snapship.cli.{module}").register(sub)
+        return parser
+    for name, (_, summary) in COMMANDS.items():
+        sub.add_parser(name, help=summary).placeholder = True  # type: ignore[attr-defined]
     return parser
 
 
@@ -163,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    parser = build_parser()
-    if "_ARGCOMPLETE" in os.environ:  # a shell asks for completions: only then the import
+    completing = "_ARGCOMPLETE" in os.environ
+    parser = build_parser(lazy=not completing)
+    if completing:  # a shell asks for completions: only then the import
         from snapship.cli.completion import complete
 
         complete(parser)

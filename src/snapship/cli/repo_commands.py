@@ -77,24 +77,33 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
-    """Lists every version with its marks; a manifest that cannot be read is listed as such
-    (with the date its id gives), not fatal. Damage is reported, not an error: exit 0."""
+    """Lists every version with its marks, from the versions' summaries (a few hundred bytes
+    each); a version without one is read from its manifest, and the listing says how many
+    were. A manifest that cannot be read, or whose stored size is not the one its summary
+    recorded, is listed as such (with the date its id gives), not fatal. Damage is reported,
+    not an error: exit 0."""
     repo = open_repository(args)
     rows: list[dict[str, Any]] = []
     damage = repo.catalog.damaged()
     shielded = repo.catalog.protected()
-    for volume, version in repo.list_versions(args.volume):
-        m, problem = None, None
+    from_manifests = 0
+    for (volume, version), stored in repo.catalog.manifest_sizes(args.volume).items():
+        s, problem = None, None
         try:
-            m = repo.load_manifest(volume, version)
+            s, read_manifest = repo.summary(volume, version, stored, warn)
+            from_manifests += read_manifest
         except NotFound:
             continue  # forgotten meanwhile
         except SnapshipError as e:
             problem = str(e)
         note = (repo.catalog.protection_note(volume, version)
                 if (volume, version) in shielded else None)
-        rows.append(reports.version_row(volume, version, m, problem,
+        rows.append(reports.version_row(volume, version, s, problem,
                                         damage.get((volume, version)), note))
+    if from_manifests:
+        warn(f"{from_manifests} version(s) have no readable summary (written before summaries "
+             "existed, or interrupted just before it): listed from their manifests, which is "
+             "slow for large volumes")
     emit("versions", {"versions": rows}, reports.describe_versions, json=args.json)
     return 0
 
@@ -102,8 +111,8 @@ def cmd_versions(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     repo = open_repository(args)
     volume, version = repo.resolve(parse_ref(args.version_ref))
-    m = repo.load_manifest(volume, version)
-    info = reports.version_detail(m, repo.catalog.damage_mark(volume, version),
+    s, _ = repo.summary(volume, version, warn=warn)
+    info = reports.version_detail(s, repo.catalog.damage_mark(volume, version),
                                   repo.catalog.protection_note(volume, version))
     emit("show", info, reports.describe_version, json=args.json)
     return 0

@@ -21,12 +21,12 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from snapship.cli.output import JSON_VERSION, human_bytes, print_json
-from snapship.engine import gc, verify
 from snapship.engine.prune import version_time
 from snapship.errors import FormatError, UsageError
+from snapship.formats import summary as summary_codec
 from snapship.formats.manifest import Manifest
+from snapship.formats.summary import Summary
 from snapship.repository.catalog import DamageMark
-from snapship.types import ZERO_ID
 
 Report = dict[str, Any]
 Describe = Callable[[Report], Iterable[str]]
@@ -71,9 +71,10 @@ def marks(damage: DamageMark | None, note: str | None) -> Report:
                                                      "deep": damage.deep}}
 
 
-def version_row(volume: str, version: str, m: Manifest | None, unreadable: str | None,
-                damage: DamageMark | None, note: str | None) -> Report:
-    """One row of `versions`: `m` is its manifest, or None with why it cannot be read."""
+def version_row(volume: str, version: str, m: Summary | Manifest | None,
+                unreadable: str | None, damage: DamageMark | None, note: str | None) -> Report:
+    """One row of `versions`: `m` is its summary (or manifest), or None with why it cannot
+    be read."""
     return {
         "volume": volume,
         "version_id": version,
@@ -89,23 +90,24 @@ def version_row(volume: str, version: str, m: Manifest | None, unreadable: str |
     }
 
 
-def version_detail(m: Manifest, damage: DamageMark | None, note: str | None) -> Report:
+def version_detail(m: Summary | Manifest, damage: DamageMark | None, note: str | None
+                   ) -> Report:
     """What `show` (and `backup`, of the version it made) reports: the row, sizes, what the
     version costs in the repository, its ratios and the statistics of its backup."""
-    unique = m.unique_chunks()
-    nonzero = sum(1 for i in range(m.count) if m.chunk(i) != ZERO_ID)
-    data_bytes = sum(m.chunk_span(i)[1] for i in range(m.count) if m.chunk(i) != ZERO_ID)
+    if isinstance(m, Manifest):
+        m = summary_codec.from_manifest(m)
+    nonzero = m.chunks - m.zero_chunks
     s = m.stats
     return {
         **version_row(m.volume, m.version, m, None, damage, note),
         "chunk_size": m.chunk_size,
-        "chunks": m.count,
-        "zero_chunks": m.count - nonzero,
-        "unique_chunks": len(unique),
-        "data_bytes": data_bytes,
-        "stored_bytes": sum(unique.values()),
-        "dedup_ratio": round(nonzero / len(unique), 3) if unique else 1.0,
-        # Manifest decoding checked the types of these; older writers may have left some out.
+        "chunks": m.chunks,
+        "zero_chunks": m.zero_chunks,
+        "unique_chunks": m.unique_chunks,
+        "data_bytes": m.data_bytes,
+        "stored_bytes": m.stored_bytes,
+        "dedup_ratio": round(nonzero / m.unique_chunks, 3) if m.unique_chunks else 1.0,
+        # Decoding checked the types of these; older writers may have left some out.
         "compression_ratio": round(s.get("bytes_new", 0) / s["bytes_new_stored"], 3)
         if s.get("bytes_new_stored")
         else None,
@@ -259,6 +261,8 @@ def describe_locks(r: Report) -> list[str]:
 
 def print_gc(r: Report, *, json: bool, on_server: bool = False) -> None:
     """A gc report (local, or a server's reply: only the fields of docs/json.md)."""
+    from snapship.engine import gc  # the engines: only for the commands that report them
+
     names = [f.name for f in dataclasses.fields(gc.GcReport)] + ["warnings"]
     where = "gc on the server" if on_server else "gc"
     emit("gc", {"on_server": on_server, **_fields(r, names, "gc report")},
@@ -268,6 +272,8 @@ def print_gc(r: Report, *, json: bool, on_server: bool = False) -> None:
 def print_verify(r: Report, *, json: bool, on_server: bool = False) -> int:
     """Print the report (local, or a server's reply); the exit code it means (0 ok, 1 damage
     found)."""
+    from snapship.engine import verify
+
     names = list(verify.VerifyReport().to_json())
     where = "verify on the server" if on_server else "verify"
     body = _fields(r, names, "verify report")

@@ -8,29 +8,22 @@ import os
 import signal
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from snapship.cli import options
 from snapship.cli.context import open_server, open_storage
 from snapship.cli.output import warn
 from snapship.cli.reports import emit, print_gc, print_verify
 from snapship.errors import UsageError
-from snapship.formats import http_api as api
 from snapship.formats.manifest import check_name
-from snapship.server.app import App
-from snapship.server.httpd import ApiServer, tls_context
-from snapship.server.maintenance import Scheduler, ServerMaintenance
-from snapship.server.objects import Repositories
 from snapship.server.policy import Role
-from snapship.server.tokens import (
-    HEADER,
-    TokenFile,
-    hash_token,
-    new_token,
-    parse_tokens,
-    token_line,
-)
-from snapship.storage.http import HttpStorage
+
+if TYPE_CHECKING:
+    from snapship.storage.http import HttpStorage
+
+# The server's stack (h11, ssl, the app, maintenance) and the token file's code are imported
+# by the commands that use them: other commands register --on-server from here, and must not
+# pay for them at start-up.
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -44,6 +37,13 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
+    from snapship.formats import http_api as api
+    from snapship.server.app import App
+    from snapship.server.httpd import ApiServer, tls_context
+    from snapship.server.maintenance import Scheduler, ServerMaintenance
+    from snapship.server.objects import Repositories
+    from snapship.server.tokens import TokenFile
+
     level = logging.DEBUG if args.debug or args.verbose else (
         logging.WARNING if args.quiet else logging.INFO)
     logging.basicConfig(stream=sys.stderr, level=level,
@@ -103,6 +103,8 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 def cmd_token(args: argparse.Namespace) -> int:
     """Create a token: append its hash to the token file, print the token once."""
+    from snapship.server.tokens import HEADER, hash_token, new_token, parse_tokens, token_line
+
     name = args.name
     role = Role(args.role)
     repos = None if args.repos == "*" else frozenset(

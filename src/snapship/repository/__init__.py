@@ -1,5 +1,6 @@
-"""The repository: chunks, manifests and keys on top of a storage backend; owns write order."""
+"""The repository: chunks, manifests and keys on top of a storage backend; owns write order.
 
-from snapship.repository.repo import Repository
-
-__all__ = ["Repository"]
+`repo.Repository` is the repository with its key, `catalog.Catalog` the one without. Nothing
+is imported here: a keyless command (prune, locks) must not load the key's code with the
+package.
+"""

@@ -24,6 +24,7 @@ from snapship.formats.constants import (
     KIND_CHUNK,
     KIND_MANIFEST,
     KIND_REFS,
+    KIND_SUMMARY,
     MAX_MARKER_JSON,
     NONCE_LEN,
     OBJECT_HEADER_LEN,
@@ -140,6 +141,16 @@ class Catalog:
         """(volume, version) pairs, sorted by volume then age."""
         return self._pairs(L.VERSION_PREFIX, volume)
 
+    def manifest_sizes(self, volume: str | None = None) -> dict[tuple[str, str], int]:
+        """The stored size of each version's manifest, from one listing, sorted as
+        `versions`."""
+        out = {}
+        for key, size in self.storage.list(L.volume_prefix(L.VERSION_PREFIX, volume)):
+            parts = key[len(L.VERSION_PREFIX) :].split("/")
+            if len(parts) == 2:
+                out[(parts[0], parts[1])] = size
+        return dict(sorted(out.items()))
+
     def resolve(self, ref: VersionRef) -> tuple[str, str]:
         """Turn `volume@version` into an existing version; accepts a unique id prefix."""
         versions = [v for _, v in self.versions(ref.volume)]
@@ -167,6 +178,10 @@ class Catalog:
         except ObjectNotFound:
             raise NotFound(f"volume {volume} has no version {version}") from None
 
+    def manifest_size(self, volume: str, version: str) -> int | None:
+        """The manifest's stored size; None if the version does not exist."""
+        return self.storage.stat(L.manifest_key(volume, version))
+
     def has_manifest(self, volume: str, version: str) -> bool:
         return self.storage.stat(L.manifest_key(volume, version)) is not None
 
@@ -175,11 +190,30 @@ class Catalog:
 
     def delete_version(self, volume: str, version: str) -> None:
         """The manifest first: a crash in between leaves a reference list without a version,
-        which only keeps chunks alive until gc drops it, never a version without one."""
+        which only keeps chunks alive until gc drops it, never a version without one. A
+        summary left behind is never read: listings go by manifests."""
         self.storage.delete(L.manifest_key(volume, version))
         self.storage.flush()
         self.storage.delete(L.refs_key(volume, version))
+        self.storage.delete(L.summary_key(volume, version))
         self.storage.delete(L.damaged_key(volume, version))
+
+    # -- version summaries ----------------------------------------------------------------
+
+    def summary_name(self, volume: str, version: str) -> bytes:
+        """What a summary's envelope authenticates as its name."""
+        return L.summary_key(volume, version).encode()
+
+    def summary_blob(self, volume: str, version: str) -> bytes:
+        """The stored summary (`ObjectNotFound` if the version has none)."""
+        return self.storage.get(L.summary_key(volume, version))
+
+    def put_summary_blob(self, volume: str, version: str, blob: bytes | bytearray) -> None:
+        self.storage.put(L.summary_key(volume, version), blob)
+
+    def inspect_summary(self, blob: bytes, config: RepoConfig) -> str | None:
+        """What is wrong with a summary's envelope as far as it shows without the key."""
+        return envelope.inspect(blob, KIND_SUMMARY, config.encrypted)
 
     # -- reference lists ------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ CHUNK_PREFIX = "chunks/"
 FOSSIL_PREFIX = "fossils/"
 VERSION_PREFIX = "versions/"
 REFS_PREFIX = "refs/"
+SUMMARY_PREFIX = "summaries/"
 LOCK_PREFIX = "locks/"
 TOMBSTONE_PREFIX = f"{LOCK_PREFIX}stale/"
 COLLECTION_KEY = "gc/collection"
@@ -41,6 +42,7 @@ class Kind(enum.Enum):
     FOSSIL = "fossil"
     MANIFEST = "manifest"
     REFS = "reference list"
+    SUMMARY = "version summary"
     LOCK = "lock"
     TOMBSTONE = "tombstone"
     COLLECTION = "collection"
@@ -84,6 +86,10 @@ def refs_key(volume: str, version: str) -> str:
     return _key(REFS_PREFIX, volume, version)
 
 
+def summary_key(volume: str, version: str) -> str:
+    return _key(SUMMARY_PREFIX, volume, version)
+
+
 def protected_key(volume: str, version: str) -> str:
     return _key(PROTECTED_PREFIX, volume, version)
 
@@ -119,6 +125,7 @@ def name_of(key: str) -> Name:
                 return Name(kind, cid=bytes.fromhex(m.group(2)))
             return Name(Kind.OTHER)
     for prefix, kind in ((VERSION_PREFIX, Kind.MANIFEST), (REFS_PREFIX, Kind.REFS),
+                         (SUMMARY_PREFIX, Kind.SUMMARY),
                          (PROTECTED_PREFIX, Kind.PROTECTED), (DAMAGED_PREFIX, Kind.DAMAGED)):
         if key.startswith(prefix):
             v = _VERSION_KEY.fullmatch(key[len(prefix) :])

@@ -28,6 +28,7 @@ from snapship.errors import (
 from snapship.formats import envelope
 from snapship.formats import manifest as manifest_codec
 from snapship.formats import refs as refs_codec
+from snapship.formats import summary as summary_codec
 from snapship.formats.config import (
     KeyFile,
     RepoConfig,
@@ -43,11 +44,13 @@ from snapship.formats.constants import (
     ENCRYPTIONS,
     KIND_CHUNK,
     KIND_MANIFEST,
+    KIND_SUMMARY,
     MAX_CHUNK_SIZE,
     MAX_ZSTD_LEVEL,
     MIN_CHUNK_SIZE,
 )
 from snapship.formats.manifest import Manifest
+from snapship.formats.summary import Summary
 from snapship.repository.catalog import Catalog
 from snapship.repository.layout import KEY_KEY
 from snapship.repository.locks import LeaseLost
@@ -218,19 +221,73 @@ class Repository:
     def save_manifest(self, m: Manifest, session: WriterSession) -> None:
         """The reference list, a flush (now every chunk and the list are durable), the
         manifest, a flush: a durable version always has durable chunks and references.
-        The caller has confirmed the session's lease just before (engine/backup.py)."""
+        Then its summary, made durable by the flush: the version exists without it (the
+        manifest is what makes it), and a version whose summary is missing or unreadable is
+        listed from its manifest. The caller has confirmed the session's lease just before
+        (engine/backup.py)."""
         if not session.lock.lease_intact():
             raise LeaseLost(f"{session.command}: {session.lapse()}; the version was not "
                             "written")
-        self.put_refs(m, session)
+        refs = self.put_refs(m, session)
         name = self.catalog.manifest_name(m.volume, m.version)
         blob = envelope.seal(KIND_MANIFEST, name, manifest_codec.encode(m), self._aead)
+        summary = summary_codec.from_manifest(m, (refs.count, sum(refs.sizes)), len(blob))
         self.catalog.flush()
         self.catalog.put_manifest_blob(m.volume, m.version, blob)
         self.catalog.flush()
+        self.put_summary(summary)
+        self.catalog.flush()
 
-    def put_refs(self, m: Manifest, session: WriterSession) -> None:
-        self.catalog.put_refs(refs_codec.from_manifest(m, session.id))
+    def put_refs(self, m: Manifest, session: WriterSession) -> refs_codec.Refs:
+        r = refs_codec.from_manifest(m, session.id)
+        self.catalog.put_refs(r)
+        return r
+
+    def put_summary(self, s: Summary) -> None:
+        name = self.catalog.summary_name(s.volume, s.version)
+        self.catalog.put_summary_blob(s.volume, s.version,
+                                      envelope.seal(KIND_SUMMARY, name, summary_codec.encode(s),
+                                                    self._aead))
+
+    def load_summary(self, volume: str, version: str) -> Summary:
+        """The version's summary: `ObjectNotFound` if it has none (written before snapship
+        wrote summaries, or lost before its flush), `Corrupt` if it is damaged or forged."""
+        blob = self.catalog.summary_blob(volume, version)
+        what = f"summary of {volume}@{version}"
+        body = envelope.open_sealed(KIND_SUMMARY, self.catalog.summary_name(volume, version),
+                                    blob, self._aead, summary_codec.MAX_SUMMARY_JSON, what)
+        s = summary_codec.decode(body, what)
+        if (s.volume, s.version) != (volume, version):
+            raise Corrupt(f"{what} names itself {s.volume}@{s.version}")
+        if s.chunk_size != self.chunk_size:
+            raise Corrupt(f"{what} has chunk size {s.chunk_size}, repository {self.chunk_size}")
+        return s
+
+    def summary(self, volume: str, version: str, manifest_size: int | None = None,
+                warn: Callable[[str], None] | None = None) -> tuple[Summary, bool]:
+        """The version's summary and whether it was read from the manifest instead: for a
+        version without one, whose summary cannot be read (said through `warn`), or whose
+        manifest is not the size its summary recorded (`manifest_size`, from a listing, else
+        asked of the storage), so a truncated or replaced manifest is found without reading
+        it. The manifest is the version: its errors (`NotFound`, `Corrupt`) are raised (and
+        then no word of the summary: one error is enough)."""
+        damaged: Corrupt | None = None
+        try:
+            s = self.load_summary(volume, version)
+            if manifest_size is None:
+                manifest_size = self.catalog.manifest_size(volume, version)
+            if manifest_size is None:
+                raise NotFound(f"volume {volume} has no version {version}")
+            if not s.manifest_bytes or s.manifest_bytes == manifest_size:
+                return s, False
+        except ObjectNotFound:
+            pass
+        except Corrupt as e:  # FormatError included
+            damaged = e
+        m = self.load_manifest(volume, version)
+        if damaged is not None and warn is not None:
+            warn(f"{damaged}: read its manifest instead")
+        return summary_codec.from_manifest(m), True
 
     def has_refs(self, m: Manifest) -> bool:
         return self.catalog.has_refs(m.volume, m.version)

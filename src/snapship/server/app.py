@@ -282,6 +282,7 @@ _ADMIN_ACTIONS: tuple[tuple[Op, Kind | None, str | None, str], ...] = (
     # (operation, what the key names or None for any, lock kind, what the client was doing)
     (Op.DELETE, Kind.MANIFEST, None, "forgetting versions (prune, forget)"),
     (Op.DELETE, Kind.REFS, None, "forgetting versions (prune, forget)"),
+    (Op.DELETE, Kind.SUMMARY, None, "forgetting versions (prune, forget)"),
     (Op.DELETE, Kind.CHUNK, None, "gc"),
     (Op.DELETE, Kind.FOSSIL, None, "gc"),
     (Op.RENAME, None, None, "gc"),

@@ -45,7 +45,8 @@ class Permission(enum.Enum):
 
 
 READ_OPS = frozenset({Op.INFO, Op.GET, Op.HEAD, Op.LIST, Op.MISSING})
-BACKUP_CREATES = frozenset({Kind.CHUNK, Kind.REFS, Kind.MANIFEST, Kind.CONFIG, Kind.KEY_FILE})
+BACKUP_CREATES = frozenset({Kind.CHUNK, Kind.REFS, Kind.MANIFEST, Kind.SUMMARY, Kind.CONFIG,
+                            Kind.KEY_FILE})
 """What a backup token may create: what a backup (and `init`) writes."""
 
 

@@ -6,10 +6,10 @@ restores. So every object a backup token puts is checked as far as the server ca
 repository key, and refused (400) if it is not what a backup writes: a chunk must be a
 well-formed envelope of a plausible size under its id (in an unencrypted repository: its
 checksum and content hash too), a reference list must decode and name itself, a manifest
-must come after its reference list with a version id that is not far in the future, the
-config and key file must parse. Locks, from any token, get the server's clock as their
-heartbeat and the token's name as their owner: only that token (or an admin) may replace or
-delete them afterwards.
+must come after its reference list with a version id that is not far in the future, a
+version summary after its manifest, the config and key file must parse. Locks, from any
+token, get the server's clock as their heartbeat and the token's name as their owner: only
+that token (or an admin) may replace or delete them afterwards.
 
 A chunk that gc has set aside (a fossil) may only come back as the same bytes: then the
 fossil itself is put back. Anything else under its name is refused, so a forged upload can
@@ -115,6 +115,19 @@ def check_manifest(catalog: Catalog, name: Name, data: bytes) -> Upload:
     return Upload(data)
 
 
+def check_summary(catalog: Catalog, name: Name, data: bytes) -> Upload:
+    """A summary only for a version that exists (the manifest first: a backup writes it
+    after), sealed as this repository seals objects. Its content is the key holder's to
+    check: encrypted, a forged one fails its tag and readers fall back to the manifest."""
+    assert name.volume is not None and name.version is not None
+    if not catalog.has_manifest(name.volume, name.version):
+        raise Rejected("the version has no manifest: a summary comes after it")
+    problem = catalog.inspect_summary(data, _config(catalog))
+    if problem is not None:
+        raise Rejected(f"not a version summary of this repository: {problem}")
+    return Upload(data)
+
+
 def check_lock(store: RepoStore, who: Principal, key: str, data: bytes, now: float) -> Upload:
     """A lock gets the server's clock and its owner's name; a lock held by another token may
     not be replaced by a backup token."""
@@ -160,6 +173,8 @@ def check_upload(store: RepoStore, who: Principal, key: str, data: bytes, now: f
         return check_refs(name, data)
     if name.kind is Kind.MANIFEST:
         return check_manifest(catalog, name, data)
+    if name.kind is Kind.SUMMARY:
+        return check_summary(catalog, name, data)
     try:
         if name.kind is Kind.CONFIG:
             decode_config(data)
