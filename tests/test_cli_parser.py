@@ -70,10 +70,12 @@ def value_options(parser: argparse.ArgumentParser) -> Iterator[argparse.Action]:
 COMMANDS = {" ".join(path) for path, _ in every_command()}
 EXPECTED_COMMANDS = {"init", "versions", "show", "verify", "backup", "restore", "prune",
                      "forget", "protect", "unprotect", "gc", "locks", "cow inspect",
-                     "cow export", "server", "token", "nbd serve"}
+                     "cow export", "server", "token", "nbd serve", "key list", "key add",
+                     "key passwd", "key remove"}
 
 # Options whose value is free text (a path, a name, a command line): nothing to check here.
-TEXT = {"--repo", "--token-file", "--ca", "--passphrase-file", "--volume", "--label",
+TEXT = {"--repo", "--token-file", "--ca", "--passphrase-file", "--passphrase-command",
+        "--new-passphrase-file", "--new-passphrase-command", "--volume", "--label",
         "--changed-ranges", "--pre-snapshot", "--post-snapshot", "--note", "--root", "--tokens",
         "--tls-cert", "--tls-key", "--overlay-dir", "--tls-client-ca", "--repos"}
 WHOLE_1 = ["0", "-1", "-5", "x", "1.5", ""]
@@ -250,7 +252,7 @@ def test_verbose_says_more_on_stderr(repo_with_a_version: Path) -> None:
 # -- which command offers which option ------------------------------------------------------
 
 USES_THE_KEY = {"init", "versions", "show", "verify", "backup", "restore", "gc", "cow export",
-                "nbd serve"}
+                "nbd serve", "key list", "key add", "key passwd", "key remove"}
 NO_REPOSITORY = {"cow inspect", "server", "token"}
 
 

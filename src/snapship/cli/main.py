@@ -16,6 +16,7 @@ from typing import ClassVar, NoReturn
 from snapship import __version__
 from snapship.cli import (
     cow_commands,
+    key_commands,
     lifecycle_commands,
     nbd_commands,
     options,
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 title="commands", parser_class=_Parser)
     repo_commands.register(sub)
+    key_commands.register(sub)
     transfer_commands.register(sub)
     lifecycle_commands.register(sub)
     cow_commands.register(sub)

@@ -71,8 +71,11 @@ TOKEN_FILE_HELP = ("server repositories: read the token from FILE (default: the 
                    "$SNAPSHIP_TOKEN)")
 CA_HELP = ("https repositories: trust the CA certificates in FILE (default: $SNAPSHIP_CA, "
            "else the system's)")
-PASSPHRASE_FILE_HELP = ("read the passphrase from FILE (default: $SNAPSHIP_PASSPHRASE, else a "
+PASSPHRASE_FILE_HELP = ("read the passphrase from FILE (default: --passphrase-command, else "
+                        "the file $SNAPSHIP_PASSPHRASE_FILE, else $SNAPSHIP_PASSPHRASE, else a "
                         "prompt)")
+PASSPHRASE_COMMAND_HELP = ("run CMD (split into words like a shell, not run by one) and take "
+                           "the first line it prints as the passphrase")
 JSON_HELP = ("one JSON object on stdout, errors as one on stderr (no progress display; "
              "docs/json.md)")
 QUIET_HELP = ("no progress display and no report of what was done; warnings and errors still "
@@ -100,6 +103,8 @@ def add_global_options(parser: argparse.ArgumentParser, *, repo: bool = False,
     if key:
         group.add_argument("--passphrase-file", metavar="FILE", default=default(None),
                            help=PASSPHRASE_FILE_HELP)
+        group.add_argument("--passphrase-command", metavar="CMD", default=default(None),
+                           help=PASSPHRASE_COMMAND_HELP)
     if json:
         group.add_argument("--json", action="store_true", default=default(False),
                            help=JSON_HELP)
