@@ -20,6 +20,7 @@ from snapship.cli.signals import retry_cutoff
 from snapship.engine.pipeline import default_workers
 from snapship.errors import AuthFailed, UsageError
 from snapship.repository.repo import PassphraseSource, Repository
+from snapship.storage import ratelimit
 from snapship.storage.base import Storage
 from snapship.storage.http import HttpStorage, check_token_text
 from snapship.storage.local import LocalStorage
@@ -67,6 +68,20 @@ def open_storage(spec: str | None, args: argparse.Namespace | None = None) -> St
     the environment)."""
     if not spec:
         raise UsageError("no repository given: use --repo PATH or set SNAPSHIP_REPO")
+    if spec.startswith(("http://", "https://", "s3://")):
+        # Outside the retries (S3's are built in): a request sent again is not counted again.
+        return ratelimit.limited(_open_remote(spec, args),
+                                 upload=getattr(args, "limit_upload", None),
+                                 download=getattr(args, "limit_download", None))
+    if spec.startswith("file://"):
+        spec = spec[len("file://") :]
+    elif "://" in spec:
+        raise UsageError(f"unsupported repository location {spec!r}: give a directory path, "
+                         "an s3:// or an http(s):// URL")
+    return LocalStorage(spec)
+
+
+def _open_remote(spec: str, args: argparse.Namespace | None) -> Storage:
     if spec.startswith(("http://", "https://")):
         return RetryingStorage(open_server(spec, args), _retry_policy(spec))
     if spec.startswith("s3://"):
@@ -79,12 +94,7 @@ def open_storage(spec: str | None, args: argparse.Namespace | None = None) -> St
         workers = max(default_workers(), PARALLELISM)
         return S3Storage.open(spec, ClientOptions(max_connections=max(64, 4 * workers)),
                               retry=_retry_policy(spec), list_lag=s3_list_lag())
-    if spec.startswith("file://"):
-        spec = spec[len("file://") :]
-    elif "://" in spec:
-        raise UsageError(f"unsupported repository location {spec!r}: give a directory path, "
-                         "an s3:// or an http(s):// URL")
-    return LocalStorage(spec)
+    raise UsageError(f"unsupported repository location {spec!r}")
 
 
 def open_server(spec: str, args: argparse.Namespace | None) -> HttpStorage:

@@ -69,6 +69,9 @@ REPO_HELP = ("repository: a directory, s3://BUCKET[/PREFIX], or http(s)://HOST:P
              "a snapship server (default: $SNAPSHIP_REPO)")
 TOKEN_FILE_HELP = ("server repositories: read the token from FILE (default: the token in "
                    "$SNAPSHIP_TOKEN)")
+LIMIT_HELP = ("remote repositories (a server, S3): hold {what} to RATE bytes per second "
+              "(K, M, G: 1024-based), for every request of the command together (default: no "
+              "limit)")
 CA_HELP = ("https repositories: trust the CA certificates in FILE (default: $SNAPSHIP_CA, "
            "else the system's)")
 PASSPHRASE_FILE_HELP = ("read the passphrase from FILE (default: --passphrase-command, else "
@@ -100,6 +103,14 @@ def add_global_options(parser: argparse.ArgumentParser, *, repo: bool = False,
         group.add_argument("--token-file", metavar="FILE", default=default(None),
                            help=TOKEN_FILE_HELP)
         group.add_argument("--ca", metavar="FILE", default=default(None), help=CA_HELP)
+        if not top:
+            # After the command only: on the top-level parser, argparse would take `--limit`
+            # (cow inspect's own option) for an abbreviation of these and refuse it.
+            limits = parser.add_argument_group("bandwidth limits")
+            limits.add_argument("--limit-upload", metavar="RATE", type=size(1), default=None,
+                                help=LIMIT_HELP.format(what="uploads"))
+            limits.add_argument("--limit-download", metavar="RATE", type=size(1),
+                                default=None, help=LIMIT_HELP.format(what="downloads"))
     if key:
         group.add_argument("--passphrase-file", metavar="FILE", default=default(None),
                            help=PASSPHRASE_FILE_HELP)
