@@ -228,6 +228,21 @@ def prompt(question: str, confirm: bool) -> bytes:
     return first.encode()
 
 
+def source_args(args: argparse.Namespace, location: str) -> argparse.Namespace:
+    """The options for a second repository a command reads from (`copy --from`, `init
+    --copy-key-from`): its own `--from-token-file` and `--from-passphrase-file/-command`
+    where given, else the same credentials as the main repository's."""
+    src = argparse.Namespace(**vars(args))
+    src.repo = location
+    if getattr(args, "from_token_file", None):
+        src.token_file = args.from_token_file
+    if getattr(args, "from_passphrase_file", None) or \
+            getattr(args, "from_passphrase_command", None):
+        src.passphrase_file = getattr(args, "from_passphrase_file", None)
+        src.passphrase_command = getattr(args, "from_passphrase_command", None)
+    return src
+
+
 def open_repository(args: argparse.Namespace) -> Repository:
     repo = vouch_for(Repository.open(open_storage(args.repo, args), passphrase_source(args)),
                      args)

@@ -15,6 +15,7 @@ from typing import ClassVar, NoReturn
 
 from snapship import __version__
 from snapship.cli import (
+    copy_commands,
     cow_commands,
     key_commands,
     lifecycle_commands,
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 title="commands", parser_class=_Parser)
     repo_commands.register(sub)
     key_commands.register(sub)
+    copy_commands.register(sub)
     transfer_commands.register(sub)
     lifecycle_commands.register(sub)
     cow_commands.register(sub)

@@ -133,6 +133,18 @@ def parents(*, repo: bool = False, key: bool = False, json: bool = True
     return [p]
 
 
+def add_source_options(parser: argparse.ArgumentParser, what: str) -> None:
+    group = parser.add_argument_group(f"the {what}")
+    group.add_argument("--from-token-file", metavar="FILE",
+                       help=f"server repositories: the {what}'s token (default: the same as "
+                       "for --repo)")
+    group.add_argument("--from-passphrase-file", metavar="FILE",
+                       help=f"read the {what}'s passphrase from FILE (default: the same as "
+                       "for --repo)")
+    group.add_argument("--from-passphrase-command", metavar="CMD",
+                       help=f"take the {what}'s passphrase from the first line CMD prints")
+
+
 # -- value types: a bad value is a usage error naming its option -------------------------
 
 

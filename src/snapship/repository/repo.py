@@ -103,7 +103,11 @@ class Repository:
         passphrase: PassphraseSource | None = None,
         kdf: ScryptParams | None = None,
         key_label: str = "",
+        master: bytes | None = None,
     ) -> Repository:
+        """`master`: the master secret of another repository, to share its keys (chunk ids,
+        encryption: `init --copy-key-from`, so `copy` moves chunks between the two as they
+        are); a new random one if None."""
         if encryption not in ENCRYPTIONS:
             raise UsageError(f"unknown encryption {encryption!r}; use {' or '.join(ENCRYPTIONS)}")
         cs = chunk_size
@@ -124,10 +128,12 @@ class Repository:
         keys: Keys | None = None
         mac: bytes | None = None
         key_id: str | None = None
+        if master is not None and encryption == ENCRYPTION_NONE:
+            raise UsageError("an unencrypted repository has no key to share")
         if encryption != ENCRYPTION_NONE:
             if passphrase is None:
                 raise UsageError("an encrypted repository needs a passphrase")
-            keys = Keys.generate()
+            keys = Keys(master) if master is not None else Keys.generate()
             key_id = keyring.new_key_id()
             catalog.put_key_file(key_id, keyring.make_key_file(
                 cfg.repo_id, keys.master, passphrase(), key_id=key_id, label=key_label,
