@@ -72,11 +72,13 @@ NO_REPOSITORY = {"cow inspect", "server", "token"}
 EXPECTED_COMMANDS = {"init", "versions", "show", "verify", "backup", "restore", "prune",
                      "forget", "protect", "unprotect", "gc", "locks", "cow inspect",
                      "cow export", "server", "token", "nbd serve", "key list", "key add",
-                     "key passwd", "key remove"}
+                     "key passwd", "key remove", "copy"}
 
 # Options whose value is free text (a path, a name, a command line): nothing to check here.
 TEXT = {"--repo", "--token-file", "--ca", "--passphrase-file", "--passphrase-command",
-        "--new-passphrase-file", "--new-passphrase-command", "--volume", "--label",
+        "--new-passphrase-file", "--new-passphrase-command", "--from", "--to",
+        "--from-token-file", "--from-passphrase-file", "--from-passphrase-command",
+        "--copy-key-from", "--volume", "--label",
         "--changed-ranges", "--pre-snapshot", "--post-snapshot", "--note", "--root", "--tokens",
         "--tls-cert", "--tls-key", "--overlay-dir", "--tls-client-ca", "--repos"}
 WHOLE_1 = ["0", "-1", "-5", "x", "1.5", ""]
@@ -255,7 +257,7 @@ def test_verbose_says_more_on_stderr(repo_with_a_version: Path) -> None:
 # -- which command offers which option ------------------------------------------------------
 
 USES_THE_KEY = {"init", "versions", "show", "verify", "backup", "restore", "gc", "cow export",
-                "nbd serve", "key list", "key add", "key passwd", "key remove"}
+                "nbd serve", "key list", "key add", "key passwd", "key remove", "copy"}
 
 
 def options_of(parser: argparse.ArgumentParser) -> set[str]:

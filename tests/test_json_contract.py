@@ -252,6 +252,10 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> Outputs:
     out.run("key remove", "--repo", keyed, first, "--passphrase-file", tmp / "third.pass",
             passphrase=None)
     assert added["key_id"] != first
+    copied = tmp / "copied"
+    init_repo_fast_kdf(copied)
+    assert out.run("copy", "--from", repo, "--to", copied, "disk")["copied"]
+    assert out.run("copy", "--from", repo, "--to", copied)["chunks_sent"] > 0
     out.run("token", "t1", "--role", "backup", "--repos", "db2,db1", "--tokens", tmp / "tok")
     out.run("token", "t2", "--role", "admin", "--tokens", tmp / "tok")
 

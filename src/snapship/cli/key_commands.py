@@ -21,6 +21,7 @@ from snapship.cli.context import (
     run_passphrase_command,
 )
 from snapship.cli.reports import Report, emit
+from snapship.errors import UsageError
 from snapship.repository.repo import Repository
 
 
@@ -50,6 +51,8 @@ def _rows(repo: Repository) -> list[dict[str, Any]]:
 
 def cmd_key_list(args: argparse.Namespace) -> int:
     repo = open_repository(args)
+    if repo.keys is None:
+        raise UsageError(f"{repo.storage.describe()} is not encrypted: it has no keys")
     emit("key list", {"repository": repo.storage.describe(), "keys": _rows(repo)},
          describe_key_list, json=args.json)
     return 0
