@@ -12,7 +12,12 @@ from typing import Any
 
 import pytest
 
+from snapship.crypto import ScryptParams
 from snapship.errors import PermissionDenied
+from snapship.repository.repo import Repository
+from snapship.storage.base import Storage
+from snapship.storage.local import LocalStorage
+from snapship.storage.s3 import S3Storage
 from tests.clihelp import (
     CHUNK,
     CLI,
@@ -23,6 +28,7 @@ from tests.clihelp import (
     image_bytes,
     init_repo_fast_kdf,
     ok,
+    remember_repository,
     run_cli,
     sha256_file,
     wait_for,
@@ -90,6 +96,20 @@ def init(repo: Any, *extra: Any, env: dict[str, str] | None = None) -> None:
     ok(cli("init", "--repo", repo, "--chunk-size", "64K", *extra, "-q", env=env))
 
 
+def create_fast(storage: Storage, key_from: Storage | None) -> None:
+    """As `init` (with `--copy-key-from` when `key_from`), with a cheap scrypt cost, so the
+    many commands of a test do not each pay the real one (`init --copy-key-from` itself runs
+    for real in the local tests)."""
+    master = None
+    if key_from is not None:
+        keys = Repository.open(key_from, lambda: PASSPHRASE.encode()).keys
+        assert keys is not None
+        master = keys.master
+    remember_repository(Repository.create(storage, chunk_size=CHUNK, kdf=ScryptParams(n=1 << 10),
+                                          passphrase=lambda: PASSPHRASE.encode(),
+                                          master=master))
+
+
 # -- local to local ---------------------------------------------------------------------------
 
 
@@ -146,7 +166,8 @@ def test_local_to_server_to_s3(tmp_path: Path, s3_bucket: Bucket, mode: str) -> 
         url = server.url("offsite")
         backup_env = {"SNAPSHIP_TOKEN": tokens["db1-backup"]}
         # Everything at the server with a backup token: init, copy.
-        init(url, *(("--copy-key-from", src) if mode == "raw" else ()), env=backup_env)
+        at_server = http_storage(server, "offsite", tokens["db1-backup"])
+        create_fast(at_server, LocalStorage(str(src)) if mode == "raw" else None)
         first = copy(src, url, env=backup_env)
         assert first["mode"] == mode and sorted(first["copied"]) == sorted(shas)
         assert copy(src, url, env=backup_env)["chunks_sent"] == 0
@@ -171,10 +192,11 @@ def test_local_to_server_to_s3(tmp_path: Path, s3_bucket: Bucket, mode: str) -> 
         # Server -> S3: the source's token from --from-token-file.
         s3 = s3_bucket.url("offsite")
         from_token = ("--from-token-file", files["restorer"])
-        init(s3, *(("--copy-key-from", url, *from_token) if mode == "raw" else ()))
+        create_fast(S3Storage.open(s3), at_server if mode == "raw" else None)
         second = copy(url, s3, extra=from_token)
         assert second["mode"] == mode and sorted(second["copied"]) == sorted(shas)
         assert copy(url, s3, extra=from_token)["chunks_sent"] == 0
+        at_server.close()
     assert_restores_all(s3, shas, tmp_path)
 
 

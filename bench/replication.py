@@ -11,7 +11,7 @@ then times, each in a fresh process:
   decompressed, hashed, compressed and encrypted again);
 - `again`: the same copy a second time (nothing to send: the versions are there).
 
-    python3 bench/copy.py [--size-mib 256]
+    python3 bench/replication.py [--size-mib 256]
 
 Absolute times depend on the load of the machine; the ratio of the two modes is the figure.
 """
@@ -27,13 +27,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "snapship.cli.main"]
 CHUNK = 1 << 20
 
 
-def run(*args: str, env: dict[str, str]) -> tuple[float, dict[str, object]]:
+def run(*args: str, env: dict[str, str]) -> tuple[float, dict[str, Any]]:
     started = time.monotonic()
     done = subprocess.run([*CLI, *args, "--json"], env=env, capture_output=True, text=True,
                           check=False)
