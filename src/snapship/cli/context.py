@@ -218,7 +218,8 @@ def passphrase_source(args: argparse.Namespace, confirm: bool = False) -> Passph
 def prompt(question: str, confirm: bool) -> bytes:
     if not sys.stdin.isatty():
         raise AuthFailed(
-            "a passphrase is needed: set SNAPSHIP_PASSPHRASE or use --passphrase-file"
+            "a passphrase is needed: set SNAPSHIP_PASSPHRASE or SNAPSHIP_PASSPHRASE_FILE, or "
+            "use --passphrase-file or --passphrase-command"
         )
     first = getpass.getpass(question)
     if confirm and getpass.getpass("Repeat passphrase: ") != first:
