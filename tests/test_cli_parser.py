@@ -68,12 +68,17 @@ def value_options(parser: argparse.ArgumentParser) -> Iterator[argparse.Action]:
 
 
 COMMANDS = {" ".join(path) for path, _ in every_command()}
+NO_REPOSITORY = {"cow inspect", "server", "token"}
 EXPECTED_COMMANDS = {"init", "versions", "show", "verify", "backup", "restore", "prune",
                      "forget", "protect", "unprotect", "gc", "locks", "cow inspect",
-                     "cow export", "server", "token", "nbd serve"}
+                     "cow export", "server", "token", "nbd serve", "key list", "key add",
+                     "key passwd", "key remove", "copy"}
 
 # Options whose value is free text (a path, a name, a command line): nothing to check here.
-TEXT = {"--repo", "--token-file", "--ca", "--passphrase-file", "--volume", "--label",
+TEXT = {"--repo", "--token-file", "--ca", "--passphrase-file", "--passphrase-command",
+        "--new-passphrase-file", "--new-passphrase-command", "--from", "--to",
+        "--from-token-file", "--from-passphrase-file", "--from-passphrase-command",
+        "--copy-key-from", "--volume", "--label",
         "--changed-ranges", "--pre-snapshot", "--post-snapshot", "--note", "--root", "--tokens",
         "--tls-cert", "--tls-key", "--overlay-dir", "--tls-client-ca", "--repos"}
 WHOLE_1 = ["0", "-1", "-5", "x", "1.5", ""]
@@ -81,8 +86,10 @@ SIZE_1 = ["0", "-1", "x", "1.5M", "4X", ""]
 SIZE_0 = ["-1", "x", "4X", ""]
 SECONDS = ["0", "-1", "inf", "nan", "x", ""]
 PERIOD = ["0h", "-1h", "5", "x", "2w", ""]
+LIMITS = ("--limit-upload", "--limit-download")
 # (command, option) -> values that must each be a usage error naming the option.
 BAD_VALUES = {
+    **{(c, o): SIZE_1 for c in EXPECTED_COMMANDS - NO_REPOSITORY for o in LIMITS},
     ("init", "--chunk-size"): ["0", "-1", "3000", "32K", "32M", "x", ""],
     ("init", "--compression-level"): ["-1", "20", "x", "1.5"],
     ("verify", "--sample"): ["0", "-5", "101", "nan", "inf", "x", ""],
@@ -250,8 +257,7 @@ def test_verbose_says_more_on_stderr(repo_with_a_version: Path) -> None:
 # -- which command offers which option ------------------------------------------------------
 
 USES_THE_KEY = {"init", "versions", "show", "verify", "backup", "restore", "gc", "cow export",
-                "nbd serve"}
-NO_REPOSITORY = {"cow inspect", "server", "token"}
+                "nbd serve", "key list", "key add", "key passwd", "key remove", "copy"}
 
 
 def options_of(parser: argparse.ArgumentParser) -> set[str]:

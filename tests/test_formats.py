@@ -155,7 +155,7 @@ def test_config_roundtrip_and_rejections() -> None:
     mac = KEYS.mac(cfg.signed_part())
     assert decode_config(encode_config(cfg, mac)) == (cfg, mac)
     for change, message in [
-        ({"version": 2}, "format version 2"),
+        ({"version": 3}, "format version 3"),
         ({"format": "other"}, "not a snapship repository"),
         ({"chunk_size": 3000}, "invalid chunk size"),
         ({"encryption": "rot13"}, "unknown encryption"),

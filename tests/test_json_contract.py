@@ -237,6 +237,25 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> Outputs:
     store = tmp / "snap.cow"
     store.write_bytes(build_store(8, {10: b"a", 11: b"b", 500: b"c"}))
     out.run("cow inspect", store, "--limit", "1")
+    keyed = tmp / "keyed"
+    init_repo_fast_kdf(keyed)
+    (tmp / "second.pass").write_text("second passphrase\n")
+    (tmp / "third.pass").write_text("third passphrase\n")
+    added = out.run("key add", "--repo", keyed, "--label", "escrow", "--new-passphrase-file",
+                    tmp / "second.pass")
+    out.run("key list", "--repo", keyed)
+    out.run("key passwd", "--repo", keyed, "--passphrase-file", tmp / "second.pass",
+            "--new-passphrase-file", tmp / "third.pass", passphrase=None)
+    first = next(k["id"] for k in out.run("key list", "--repo", keyed, "--passphrase-file",
+                                          tmp / "third.pass", passphrase=None)["keys"]
+                 if not k["current"])
+    out.run("key remove", "--repo", keyed, first, "--passphrase-file", tmp / "third.pass",
+            passphrase=None)
+    assert added["key_id"] != first
+    copied = tmp / "copied"
+    init_repo_fast_kdf(copied)
+    assert out.run("copy", "--from", repo, "--to", copied, "disk")["copied"]
+    assert out.run("copy", "--from", repo, "--to", copied)["chunks_sent"] > 0
     out.run("token", "t1", "--role", "backup", "--repos", "db2,db1", "--tokens", tmp / "tok")
     out.run("token", "t2", "--role", "admin", "--tokens", tmp / "tok")
 

@@ -126,8 +126,8 @@ def test_init_backup_incremental_restore_verify(s3_bucket: Bucket, tmp_path: Pat
     ok(run_cli("show", "--repo", url, "disk"))
 
     keys = s3_bucket.keys()
-    assert {"hosts/db1/config", "hosts/db1/keys/repokey",
-            f"hosts/db1/versions/disk/{second['version_id']}"} <= set(keys)
+    assert {"hosts/db1/config", f"hosts/db1/versions/disk/{second['version_id']}"} <= set(keys)
+    assert sum(k.startswith("hosts/db1/keys/") for k in keys) == 1
     assert sum(k.startswith("hosts/db1/chunks/") for k in keys) == 36
     assert not any(k.startswith("hosts/db1/locks/") for k in keys)  # every lock was dropped
     assert all(k.startswith("hosts/db1/") for k in keys)

@@ -38,6 +38,10 @@ GC_LOCK = "locks/gc-1"
         (Op.PUT, "keys/repokey", None, D, C, A),
         (Op.PUT, "refs/v/1", None, D, C, A),
         (Op.PUT, "keys/other", None, D, D, A),
+        # A layout-2 key file: created by a backup token only at init (server/validate.py
+        # refuses it once the config exists); deleted by an admin only.
+        (Op.PUT, "keys/0123456789abcdef", None, D, C, A),
+        (Op.DELETE, "keys/0123456789abcdef", None, D, D, A),
         (Op.PUT, "gc/collection", None, D, D, A),
         (Op.PUT, "fossils/ab/abcd", None, D, D, A),
         (Op.PUT, "protected/v/1", None, D, D, A),

@@ -1,6 +1,7 @@
 """The storage contract (storage/base.py), run against every backend: memory, a local
 directory, a snapship server, S3 (SeaweedFS), and a flaky backend behind the retrying wrapper
-(storage/retry.py), which must keep the contract for what it wraps."""
+(storage/retry.py), which must keep the contract for what it wraps, and the server behind the
+bandwidth limiter (storage/ratelimit.py, at a fast limit), which must too."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from snapship.errors import ObjectNotFound, StorageError, TransientStorageError,
 from snapship.storage.base import Capabilities, Storage
 from snapship.storage.local import LocalStorage
 from snapship.storage.memory import MemoryStorage
+from snapship.storage.ratelimit import RateLimitedStorage, TokenBucket
 from snapship.storage.retry import RetryingStorage, RetryPolicy
 from snapship.storage.s3 import S3Storage
 from tests.seaweed import Bucket
@@ -78,7 +80,7 @@ class Flaky(MemoryStorage):
             yield item
 
 
-BACKENDS = ["memory", "local", "http", "s3", "retrying-flaky"]
+BACKENDS = ["memory", "local", "http", "s3", "retrying-flaky", "rate-limited-http"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -90,11 +92,15 @@ def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]
                                                    max_delay=0.001))
     elif request.param == "local":
         yield LocalStorage(str(tmp_path / "store"))
-    elif request.param == "http":
+    elif request.param in ("http", "rate-limited-http"):
         server, tokens = request.getfixturevalue("http_server")
         # A fresh repository per test, through the admin token (the contract includes delete).
         s = http_storage(server, "t" + uuid.uuid4().hex[:12], tokens["ops"])
-        yield s
+        if request.param == "http":
+            yield s
+        else:
+            yield RateLimitedStorage(s, upload=TokenBucket(64 << 20),
+                                     download=TokenBucket(64 << 20))
         s.close()
     else:
         bucket: Bucket = request.getfixturevalue("s3_bucket")

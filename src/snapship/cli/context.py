@@ -9,6 +9,8 @@ import argparse
 import getpass
 import logging
 import os
+import shlex
+import subprocess
 import sys
 import threading
 import time
@@ -19,6 +21,7 @@ from snapship.cli.signals import retry_cutoff
 from snapship.engine.pipeline import default_workers
 from snapship.errors import AuthFailed, UsageError
 from snapship.repository.repo import PassphraseSource, Repository
+from snapship.storage import ratelimit
 from snapship.storage.base import Storage
 from snapship.storage.local import LocalStorage
 from snapship.storage.retry import DEFAULT_RETRY_TIME, RetryingStorage, RetryPolicy
@@ -68,6 +71,20 @@ def open_storage(spec: str | None, args: argparse.Namespace | None = None) -> St
     the environment)."""
     if not spec:
         raise UsageError("no repository given: use --repo PATH or set SNAPSHIP_REPO")
+    if spec.startswith(("http://", "https://", "s3://")):
+        # Outside the retries (S3's are built in): a request sent again is not counted again.
+        return ratelimit.limited(_open_remote(spec, args),
+                                 upload=getattr(args, "limit_upload", None),
+                                 download=getattr(args, "limit_download", None))
+    if spec.startswith("file://"):
+        spec = spec[len("file://") :]
+    elif "://" in spec:
+        raise UsageError(f"unsupported repository location {spec!r}: give a directory path, "
+                         "an s3:// or an http(s):// URL")
+    return LocalStorage(spec)
+
+
+def _open_remote(spec: str, args: argparse.Namespace | None) -> Storage:
     if spec.startswith(("http://", "https://")):
         return RetryingStorage(open_server(spec, args), _retry_policy(spec))
     if spec.startswith("s3://"):
@@ -80,12 +97,7 @@ def open_storage(spec: str | None, args: argparse.Namespace | None = None) -> St
         workers = max(default_workers(), PARALLELISM)
         return S3Storage.open(spec, ClientOptions(max_connections=max(64, 4 * workers)),
                               retry=_retry_policy(spec), list_lag=s3_list_lag())
-    if spec.startswith("file://"):
-        spec = spec[len("file://") :]
-    elif "://" in spec:
-        raise UsageError(f"unsupported repository location {spec!r}: give a directory path, "
-                         "an s3:// or an http(s):// URL")
-    return LocalStorage(spec)
+    raise UsageError(f"unsupported repository location {spec!r}")
 
 
 def open_server(spec: str, args: argparse.Namespace | None) -> HttpStorage:
@@ -142,12 +154,52 @@ def s3_list_lag() -> float:
 
 
 def passphrase_configured(args: argparse.Namespace) -> bool:
-    """A passphrase given without a prompt: --passphrase-file or SNAPSHIP_PASSPHRASE."""
-    return bool(getattr(args, "passphrase_file", None) or os.environ.get("SNAPSHIP_PASSPHRASE"))
+    """A passphrase given without a prompt: --passphrase-file, --passphrase-command,
+    SNAPSHIP_PASSPHRASE_FILE or SNAPSHIP_PASSPHRASE."""
+    return bool(getattr(args, "passphrase_file", None)
+                or getattr(args, "passphrase_command", None)
+                or os.environ.get("SNAPSHIP_PASSPHRASE_FILE")
+                or os.environ.get("SNAPSHIP_PASSPHRASE"))
+
+
+def read_passphrase_file(path: str, what: str = "passphrase file") -> bytes:
+    """The first line of `path`, without its line end; never empty."""
+    try:
+        with open(path, "rb") as f:
+            value = f.readline().rstrip(b"\r\n")
+    except OSError as e:
+        raise UsageError(f"cannot read {what} {path}: {e.strerror}") from None
+    if not value:
+        raise UsageError(f"{what} {path} is empty")
+    return value
+
+
+def run_passphrase_command(command: str, what: str = "--passphrase-command") -> bytes:
+    """The first line a command prints (split as a shell would, but run without one: the
+    words are the user's, not something to expand again). Its stderr and terminal are the
+    user's, so a command that asks (pass, a secret agent) can."""
+    try:
+        argv = shlex.split(command)
+    except ValueError as e:
+        raise UsageError(f"{what} {command!r} cannot be split into words: {e}") from None
+    if not argv:
+        raise UsageError(f"{what} is empty")
+    try:
+        done = subprocess.run(argv, stdout=subprocess.PIPE, check=False)
+    except OSError as e:
+        raise UsageError(f"{what} {argv[0]!r} cannot be run: {e.strerror or e}") from None
+    if done.returncode != 0:
+        raise AuthFailed(f"{what} {argv[0]!r} failed (exit status {done.returncode}); no "
+                         "passphrase")
+    value = done.stdout.split(b"\n", 1)[0].rstrip(b"\r")
+    if not value:
+        raise UsageError(f"{what} {argv[0]!r} printed no passphrase")
+    return value
 
 
 def passphrase_source(args: argparse.Namespace, confirm: bool = False) -> PassphraseSource:
-    """Where the passphrase comes from: --passphrase-file, SNAPSHIP_PASSPHRASE, or a prompt.
+    """Where the passphrase comes from, first found: --passphrase-file, --passphrase-command,
+    SNAPSHIP_PASSPHRASE_FILE, SNAPSHIP_PASSPHRASE, or a prompt.
 
     Returned as a callable so unencrypted repositories never ask for one.
     """
@@ -155,29 +207,48 @@ def passphrase_source(args: argparse.Namespace, confirm: bool = False) -> Passph
     def get() -> bytes:
         path = getattr(args, "passphrase_file", None)
         if path:
-            try:
-                with open(path, "rb") as f:
-                    value = f.readline().rstrip(b"\r\n")
-            except OSError as e:
-                raise UsageError(f"cannot read passphrase file {path}: {e.strerror}") from None
-            if not value:
-                raise UsageError(f"passphrase file {path} is empty")
-            return value
+            return read_passphrase_file(path)
+        command = getattr(args, "passphrase_command", None)
+        if command:
+            return run_passphrase_command(command)
+        env_path = os.environ.get("SNAPSHIP_PASSPHRASE_FILE")
+        if env_path:
+            return read_passphrase_file(env_path, "SNAPSHIP_PASSPHRASE_FILE")
         env = os.environ.get("SNAPSHIP_PASSPHRASE")
         if env:
             return env.encode()
-        if not sys.stdin.isatty():
-            raise AuthFailed(
-                "a passphrase is needed: set SNAPSHIP_PASSPHRASE or use --passphrase-file"
-            )
-        first = getpass.getpass("Repository passphrase: ")
-        if confirm and getpass.getpass("Repeat passphrase: ") != first:
-            raise UsageError("the passphrases do not match")
-        if not first:
-            raise UsageError("an empty passphrase is not allowed")
-        return first.encode()
+        return prompt("Repository passphrase: ", confirm)
 
     return get
+
+
+def prompt(question: str, confirm: bool) -> bytes:
+    if not sys.stdin.isatty():
+        raise AuthFailed(
+            "a passphrase is needed: set SNAPSHIP_PASSPHRASE or SNAPSHIP_PASSPHRASE_FILE, or "
+            "use --passphrase-file or --passphrase-command"
+        )
+    first = getpass.getpass(question)
+    if confirm and getpass.getpass("Repeat passphrase: ") != first:
+        raise UsageError("the passphrases do not match")
+    if not first:
+        raise UsageError("an empty passphrase is not allowed")
+    return first.encode()
+
+
+def source_args(args: argparse.Namespace, location: str) -> argparse.Namespace:
+    """The options for a second repository a command reads from (`copy --from`, `init
+    --copy-key-from`): its own `--from-token-file` and `--from-passphrase-file/-command`
+    where given, else the same credentials as the main repository's."""
+    src = argparse.Namespace(**vars(args))
+    src.repo = location
+    if getattr(args, "from_token_file", None):
+        src.token_file = args.from_token_file
+    if getattr(args, "from_passphrase_file", None) or \
+            getattr(args, "from_passphrase_command", None):
+        src.passphrase_file = getattr(args, "from_passphrase_file", None)
+        src.passphrase_command = getattr(args, "from_passphrase_command", None)
+    return src
 
 
 def open_repository(args: argparse.Namespace) -> Repository:

@@ -117,7 +117,8 @@ def vouch(cfg: RepoConfig, location: str, *, passphrase_configured: bool) -> Non
             f"repository {location} says it is not encrypted, but a passphrase is configured "
             "and this machine has not met the repository before: its config may have been "
             "altered to switch encryption off. If it really is unencrypted, run one command on "
-            "it without SNAPSHIP_PASSPHRASE or --passphrase-file; it is then remembered as such"
+            "it without SNAPSHIP_PASSPHRASE, SNAPSHIP_PASSPHRASE_FILE, --passphrase-file or "
+            "--passphrase-command; it is then remembered as such"
         )
     if path is None:
         warn(f"{unavailable}; a later change of this repository's config will not be noticed")

@@ -85,8 +85,8 @@ def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentPar
     return {}
 
 
-COMMAND_MODULES = ("repo_commands", "transfer_commands", "lifecycle_commands", "cow_commands",
-                   "server_commands", "nbd_commands")
+COMMAND_MODULES = ("repo_commands", "key_commands", "copy_commands", "transfer_commands",
+                   "lifecycle_commands", "cow_commands", "server_commands", "nbd_commands")
 """Modules under snapship.cli with a `register(subparsers)`, in the order of `--help`."""
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -94,6 +94,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "versions": ("repo_commands", "list versions"),
     "show": ("repo_commands", "details of one version"),
     "verify": ("repo_commands", "check that every version is restorable"),
+    "key": ("key_commands", "list, add, remove and change the passphrases of a repository"),
+    "copy": ("copy_commands", "copy versions to another repository"),
     "backup": ("transfer_commands", "back up a file or block device"),
     "restore": ("transfer_commands", "restore a version to a file or device"),
     "prune": ("lifecycle_commands", "forget versions no retention rule keeps"),

@@ -69,10 +69,16 @@ REPO_HELP = ("repository: a directory, s3://BUCKET[/PREFIX], or http(s)://HOST:P
              "a snapship server (default: $SNAPSHIP_REPO)")
 TOKEN_FILE_HELP = ("server repositories: read the token from FILE (default: the token in "
                    "$SNAPSHIP_TOKEN)")
+LIMIT_HELP = ("remote repositories (a server, S3): hold {what} to RATE bytes per second "
+              "(K, M, G: 1024-based), for every request of the command together (default: no "
+              "limit)")
 CA_HELP = ("https repositories: trust the CA certificates in FILE (default: $SNAPSHIP_CA, "
            "else the system's)")
-PASSPHRASE_FILE_HELP = ("read the passphrase from FILE (default: $SNAPSHIP_PASSPHRASE, else a "
+PASSPHRASE_FILE_HELP = ("read the passphrase from FILE (default: --passphrase-command, else "
+                        "the file $SNAPSHIP_PASSPHRASE_FILE, else $SNAPSHIP_PASSPHRASE, else a "
                         "prompt)")
+PASSPHRASE_COMMAND_HELP = ("run CMD (split into words like a shell, not run by one) and take "
+                           "the first line it prints as the passphrase")
 JSON_HELP = ("one JSON object on stdout, errors as one on stderr (no progress display; "
              "docs/json.md)")
 QUIET_HELP = ("no progress display and no report of what was done; warnings and errors still "
@@ -97,9 +103,19 @@ def add_global_options(parser: argparse.ArgumentParser, *, repo: bool = False,
         group.add_argument("--token-file", metavar="FILE", default=default(None),
                            help=TOKEN_FILE_HELP)
         group.add_argument("--ca", metavar="FILE", default=default(None), help=CA_HELP)
+        if not top:
+            # After the command only: on the top-level parser, argparse would take `--limit`
+            # (cow inspect's own option) for an abbreviation of these and refuse it.
+            limits = parser.add_argument_group("bandwidth limits")
+            limits.add_argument("--limit-upload", metavar="RATE", type=size(1), default=None,
+                                help=LIMIT_HELP.format(what="uploads"))
+            limits.add_argument("--limit-download", metavar="RATE", type=size(1),
+                                default=None, help=LIMIT_HELP.format(what="downloads"))
     if key:
         group.add_argument("--passphrase-file", metavar="FILE", default=default(None),
                            help=PASSPHRASE_FILE_HELP)
+        group.add_argument("--passphrase-command", metavar="CMD", default=default(None),
+                           help=PASSPHRASE_COMMAND_HELP)
     if json:
         group.add_argument("--json", action="store_true", default=default(False),
                            help=JSON_HELP)
@@ -115,6 +131,18 @@ def parents(*, repo: bool = False, key: bool = False, json: bool = True
     p = argparse.ArgumentParser(add_help=False)
     add_global_options(p, repo=repo, key=key, json=json)
     return [p]
+
+
+def add_source_options(parser: argparse.ArgumentParser, what: str) -> None:
+    group = parser.add_argument_group(f"the {what}")
+    group.add_argument("--from-token-file", metavar="FILE",
+                       help=f"server repositories: the {what}'s token (default: the same as "
+                       "for --repo)")
+    group.add_argument("--from-passphrase-file", metavar="FILE",
+                       help=f"read the {what}'s passphrase from FILE (default: the same as "
+                       "for --repo)")
+    group.add_argument("--from-passphrase-command", metavar="CMD",
+                       help=f"take the {what}'s passphrase from the first line CMD prints")
 
 
 # -- value types: a bad value is a usage error naming its option -------------------------

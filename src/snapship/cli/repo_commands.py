@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from snapship.cli import known_repos, options, reports, server_commands
-from snapship.cli.context import open_repository, open_storage, passphrase_source
+from snapship.cli.context import open_repository, open_storage, passphrase_source, source_args
 from snapship.cli.output import TerminalProgress, warn
 from snapship.cli.reports import emit
 from snapship.cli.transfer_commands import parse_ref
@@ -24,6 +24,15 @@ from snapship.repository.catalog import Catalog
 from snapship.repository.repo import Repository
 from snapship.storage.base import Storage
 from snapship.storage.local import TMP_PREFIX, LocalStorage
+
+
+class _Given(argparse.Action):
+    """Stores the value and notes that it was given (`chunk_size_given`)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.chunk_size_given = True
 
 
 def check_init_target(storage: Storage) -> None:
@@ -57,12 +66,29 @@ def check_init_target(storage: Storage) -> None:
 def cmd_init(args: argparse.Namespace) -> int:
     storage = open_storage(args.repo, args)
     check_init_target(storage)
+    master, chunk_size = None, args.chunk_size
+    if args.copy_key_from:
+        # Share the source's keys (and so its chunk ids and sealed chunks, docs/format.md):
+        # `copy` between the two then moves chunks without decrypting them.
+        src = open_repository(source_args(args, args.copy_key_from))
+        if src.keys is None:
+            raise UsageError(f"{src.storage.describe()} is not encrypted: it has no key to "
+                             "share (chunks of two unencrypted repositories with the same "
+                             "chunk size are copied as they are anyway)")
+        if args.encryption != src.config.encryption:
+            raise UsageError(f"--copy-key-from needs --encryption {src.config.encryption}")
+        if args.chunk_size_given and args.chunk_size != src.chunk_size:
+            raise UsageError(f"--chunk-size {args.chunk_size} is not the chunk size of "
+                             f"{src.storage.describe()} ({src.chunk_size}), which a shared key "
+                             "needs")
+        master, chunk_size = src.keys.master, src.chunk_size
     repo = Repository.create(
         storage,
         encryption=args.encryption,
-        chunk_size=args.chunk_size,
+        chunk_size=chunk_size,
         compression_level=args.compression_level,
         passphrase=passphrase_source(args, confirm=True),
+        master=master,
     )
     # This machine knows it from now on: a config edited later to say otherwise is refused.
     known_repos.remember(repo.config, repo.storage.describe())
@@ -148,13 +174,20 @@ def register(sub: options.SubParsers) -> None:
     p.add_argument("--encryption", choices=ENCRYPTIONS, default=ENCRYPTION_AES_GCM,
                    help="how chunks and manifests are sealed (default: %(default)s)")
     p.add_argument("--chunk-size", type=options.chunk_size, default=str(DEFAULT_CHUNK_SIZE),
-                   metavar="SIZE",
-                   help="power of two from 64K to 16M (default: %(default)s bytes)")
+                   metavar="SIZE", action=_Given,
+                   help="power of two from 64K to 16M (default: %(default)s bytes; with "
+                   "--copy-key-from, the source's)")
+    p.add_argument("--copy-key-from", metavar="REPO",
+                   help="share the master key (and chunk size) of the encrypted repository "
+                   "REPO, opened with --from-passphrase-file/-command (default: the same "
+                   "passphrase), so that `snapship copy` between the two sends chunks "
+                   "without decrypting them; whoever can open one can read both")
+    options.add_source_options(p, "repository of --copy-key-from")
     p.add_argument("--compression-level", type=options.whole(0, MAX_ZSTD_LEVEL),
                    default=DEFAULT_ZSTD_LEVEL, metavar="N",
                    help=f"zstd level for new chunks, 0 (off) to {MAX_ZSTD_LEVEL} "
                    "(default: %(default)s)")
-    p.set_defaults(func=cmd_init, quiet_report=True)
+    p.set_defaults(func=cmd_init, quiet_report=True, chunk_size_given=False)
 
     p = options.add_command(
         sub, "versions", summary="list versions",

@@ -3,7 +3,8 @@
 `config` says how the repository is laid out (format version, chunk size, encryption). In an
 encrypted repository it carries a MAC made with a key derived from the master secret, so that
 whoever controls the storage cannot silently change, say, the chunk size or switch encryption
-off. The key file `keys/repokey` holds the master secret wrapped under a passphrase-derived key.
+off. A key file holds the master secret wrapped under a passphrase-derived key; a repository
+has one per passphrase (version 2 of the layout; version 1 had exactly one, `keys/repokey`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from snapship.formats.constants import (
     ENCRYPTION_NONE,
     ENCRYPTIONS,
     FORMAT_VERSION,
+    FORMAT_VERSIONS_READ,
     KEYFILE_VERSION,
+    KEYFILE_VERSIONS_READ,
     MAX_CHUNK_SIZE,
     MAX_CONFIG_JSON,
     MAX_ZSTD_LEVEL,
@@ -65,10 +68,11 @@ def decode_config(data: bytes) -> tuple[RepoConfig, bytes | None]:
     try:
         if obj.get("format") != "snapship":
             raise FormatError("not a snapship repository (config has no snapship format tag)")
-        if obj.get("version") != FORMAT_VERSION:
+        if obj.get("version") not in FORMAT_VERSIONS_READ:
             raise FormatError(
                 f"repository format version {obj.get('version')} is not supported "
-                f"(this snapship reads version {FORMAT_VERSION})"
+                f"(this snapship reads versions "
+                f"{', '.join(map(str, FORMAT_VERSIONS_READ))})"
             )
         mac_hex = obj.pop("mac", None)
         cfg = RepoConfig(**obj)
@@ -92,6 +96,10 @@ def decode_config(data: bytes) -> tuple[RepoConfig, bytes | None]:
 
 @dataclass(frozen=True)
 class KeyFile:
+    """One passphrase's wrapping of the master secret. Version 1 (`keys/repokey`) has no
+    id, label or date; version 2 (`keys/<id>`) names itself, so a key file copied under
+    another name is refused, and says whose it is for `key list`."""
+
     kdf: str
     n: int
     r: int
@@ -100,6 +108,9 @@ class KeyFile:
     nonce: bytes
     wrapped: bytes
     version: int = KEYFILE_VERSION
+    id: str = ""
+    label: str = ""
+    created: str = ""
 
 
 def _b64(b: bytes) -> str:
@@ -107,24 +118,32 @@ def _b64(b: bytes) -> str:
 
 
 def encode_keyfile(k: KeyFile) -> bytes:
-    obj = {
-        "version": k.version,
+    obj: dict[str, Any] = {"version": k.version}
+    if k.version >= 2:
+        obj.update({"id": k.id, "label": k.label, "created": k.created})
+    obj.update({
         "kdf": {"name": k.kdf, "n": k.n, "r": k.r, "p": k.p, "salt": _b64(k.salt)},
         "cipher": "aes-256-gcm",
         "nonce": _b64(k.nonce),
         "wrapped": _b64(k.wrapped),
-    }
+    })
     return json.dumps(obj, indent=1).encode() + b"\n"
 
 
 def decode_keyfile(data: bytes) -> KeyFile:
     obj = load_object(data, "repository key file", MAX_CONFIG_JSON)
     try:
-        if obj["version"] != KEYFILE_VERSION:
-            raise FormatError(f"key file version {obj['version']} is not supported")
+        version = obj["version"]
+        if version not in KEYFILE_VERSIONS_READ:
+            raise FormatError(f"key file version {version} is not supported")
         kdf = obj["kdf"]
         if kdf["name"] != "scrypt" or obj["cipher"] != "aes-256-gcm":
             raise FormatError(f"key file uses unknown kdf/cipher {kdf['name']}/{obj['cipher']}")
+        named = {"id": "", "label": "", "created": ""}
+        if version >= 2:
+            named = {f: obj[f] for f in named}
+            if not all(isinstance(v, str) for v in named.values()):
+                raise TypeError("id, label and created must be strings")
         return KeyFile(
             kdf="scrypt",
             n=int(kdf["n"]),
@@ -133,6 +152,8 @@ def decode_keyfile(data: bytes) -> KeyFile:
             salt=base64.b64decode(kdf["salt"], validate=True),
             nonce=base64.b64decode(obj["nonce"], validate=True),
             wrapped=base64.b64decode(obj["wrapped"], validate=True),
+            version=version,
+            **named,
         )
     except (ValueError, KeyError, TypeError) as e:
         raise FormatError(f"repository key file is malformed: {e}") from None

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-FORMAT_VERSION = 1
-"""Version of the repository layout; `config` carries it and readers reject any other."""
+FORMAT_VERSION = 2
+"""Version of the repository layout that `init` writes; `config` carries it."""
+FORMAT_VERSIONS_READ = (1, 2)
+"""Layouts this snapship reads (1: one key file `keys/repokey`; 2: any number of key files
+`keys/<id>`); readers reject any other."""
 
 # Object keys are the repository layer's: repository/layout.py.
 
@@ -34,7 +37,8 @@ LOCK_VERSION = 2
 LOCK_VERSIONS_READ = (1, 2)
 COLLECTION_VERSION = 1
 
-KEYFILE_VERSION = 1
+KEYFILE_VERSION = 2
+KEYFILE_VERSIONS_READ = (1, 2)
 
 ENCRYPTION_AES_GCM = "aes-256-gcm"
 ENCRYPTION_NONE = "none"
@@ -53,7 +57,7 @@ MAX_JSON_DEPTH = 32
 """Nesting accepted in any JSON read from storage or the network (`formats/json_bounded.py`);
 what snapship writes is at most a few levels deep."""
 MAX_CONFIG_JSON = 64 << 10
-"""`config` and `keys/repokey`: a few hundred bytes each."""
+"""`config` and a key file: a few hundred bytes each."""
 MAX_MARKER_JSON = 64 << 20
 """A `damaged/` marker lists chunk ids, 67 bytes each: about a million of them."""
 

@@ -96,17 +96,31 @@ class Catalog:
         """The repository's config (`NotFound` if there is no repository here)."""
         return self.config_and_mac()[0]
 
+    def key_ids(self) -> list[str]:
+        """The ids of every key file (`keys/<id>`, and a version-1 `keys/repokey`), sorted."""
+        return sorted(n.key_id for n in (L.name_of(k) for k, _ in self.storage.list(L.KEY_PREFIX))
+                      if n.kind is L.Kind.KEY_FILE and n.key_id is not None)
+
     def has_key_file(self) -> bool:
-        return self.storage.stat(L.KEY_KEY) is not None
+        return bool(self.key_ids())
 
-    def key_file(self) -> bytes:
+    def key_file(self, key_id: str) -> bytes:
+        key = L.key_file_key(key_id)
         try:
-            return self.storage.get(L.KEY_KEY)
+            return self.storage.get(key)
         except ObjectNotFound:
-            raise Corrupt(f"repository key file {L.KEY_KEY} is missing") from None
+            raise NotFound(f"repository key file {key} is missing") from None
 
-    def put_key_file(self, data: bytes) -> None:
-        self.storage.put(L.KEY_KEY, data)
+    def put_key_file(self, key_id: str, data: bytes) -> None:
+        self.storage.put(L.key_file_key(key_id), data)
+
+    def delete_key_file(self, key_id: str) -> None:
+        self.storage.delete(L.key_file_key(key_id))
+
+    @staticmethod
+    def key_file_name(key_id: str) -> str:
+        """The key file's object name, for messages (and what a v2 key file's AAD binds)."""
+        return L.key_file_key(key_id)
 
     def put_config(self, data: bytes) -> None:
         self.storage.put(L.CONFIG_KEY, data)

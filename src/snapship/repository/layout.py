@@ -16,7 +16,10 @@ from snapship.formats.constants import ID_LEN
 from snapship.formats.manifest import check_name
 
 CONFIG_KEY = "config"
-KEY_KEY = "keys/repokey"
+KEY_PREFIX = "keys/"
+KEY_KEY = f"{KEY_PREFIX}repokey"
+"""The one key file of a version-1 repository (docs/format.md, "Keys and cryptography")."""
+V1_KEY_ID = "repokey"
 CHUNK_PREFIX = "chunks/"
 FOSSIL_PREFIX = "fossils/"
 VERSION_PREFIX = "versions/"
@@ -32,6 +35,7 @@ LOCK_KINDS = ("writer", "gc", "prune")
 _ID = re.compile(rf"([0-9a-f]{{2}})/([0-9a-f]{{{2 * ID_LEN}}})")
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}"
 _VERSION_KEY = re.compile(rf"({_NAME})/({_NAME})")
+_KEY_ID = re.compile(r"[0-9a-f]{16}")
 _LOCK = re.compile(rf"({'|'.join(LOCK_KINDS)})-([A-Za-z0-9._+-]+)")
 
 
@@ -62,6 +66,7 @@ class Name:
     version: str | None = None
     lock_kind: str | None = None
     session: str | None = None
+    key_id: str | None = None
 
 
 def _key(prefix: str, volume: str, version: str) -> str:
@@ -106,6 +111,17 @@ def tombstone_key(lock_key_: str) -> str:
     return TOMBSTONE_PREFIX + lock_key_[len(LOCK_PREFIX) :]
 
 
+def key_file_key(key_id: str) -> str:
+    """`keys/<id>`: 16 hex digits, or `repokey` for a version-1 repository's key file."""
+    if key_id != V1_KEY_ID and not _KEY_ID.fullmatch(key_id):
+        raise ValueError(f"invalid key id {key_id!r}")
+    return KEY_PREFIX + key_id
+
+
+def is_key_id(text: str) -> bool:
+    return text == V1_KEY_ID or _KEY_ID.fullmatch(text) is not None
+
+
 def volume_prefix(prefix: str, volume: str | None) -> str:
     return prefix + (check_name("volume", volume) + "/" if volume else "")
 
@@ -114,8 +130,9 @@ def name_of(key: str) -> Name:
     """What `key` names (`Kind.OTHER` for a key no snapship object has)."""
     if key == CONFIG_KEY:
         return Name(Kind.CONFIG)
-    if key == KEY_KEY:
-        return Name(Kind.KEY_FILE)
+    if key.startswith(KEY_PREFIX):
+        kid = key[len(KEY_PREFIX) :]
+        return Name(Kind.KEY_FILE, key_id=kid) if is_key_id(kid) else Name(Kind.OTHER)
     if key == COLLECTION_KEY:
         return Name(Kind.COLLECTION)
     for prefix, kind in ((CHUNK_PREFIX, Kind.CHUNK), (FOSSIL_PREFIX, Kind.FOSSIL)):

@@ -9,6 +9,7 @@ chunk it lists is durable. Where objects live is the catalog's business (catalog
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import secrets
 import time
@@ -29,19 +30,14 @@ from snapship.formats import envelope
 from snapship.formats import manifest as manifest_codec
 from snapship.formats import refs as refs_codec
 from snapship.formats import summary as summary_codec
-from snapship.formats.config import (
-    KeyFile,
-    RepoConfig,
-    decode_keyfile,
-    encode_config,
-    encode_keyfile,
-)
+from snapship.formats.config import RepoConfig, encode_config
 from snapship.formats.constants import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_ZSTD_LEVEL,
     ENCRYPTION_AES_GCM,
     ENCRYPTION_NONE,
     ENCRYPTIONS,
+    FORMAT_VERSION,
     KIND_CHUNK,
     KIND_MANIFEST,
     KIND_SUMMARY,
@@ -51,8 +47,8 @@ from snapship.formats.constants import (
 )
 from snapship.formats.manifest import Manifest
 from snapship.formats.summary import Summary
+from snapship.repository import keyring
 from snapship.repository.catalog import Catalog
-from snapship.repository.layout import KEY_KEY
 from snapship.repository.locks import LeaseLost
 from snapship.repository.session import WriterSession
 from snapship.storage.base import Storage
@@ -81,11 +77,14 @@ def new_version_id(after: str | None = None) -> str:
 
 
 class Repository:
-    def __init__(self, catalog: Catalog, config: RepoConfig, keys: Keys | None) -> None:
+    def __init__(self, catalog: Catalog, config: RepoConfig, keys: Keys | None,
+                 key_id: str | None = None) -> None:
         self.catalog = catalog
         self.storage = catalog.storage
         self.config = config
         self.keys = keys
+        self.key_id = key_id
+        """The key file the passphrase opened (None for an unencrypted repository)."""
         self._aead = keys.aead if keys else None
         self._id_key = keys.id_key if keys else None
         self._nonce_key = keys.nonce_key if keys else None
@@ -106,7 +105,12 @@ class Repository:
         compression_level: int = DEFAULT_ZSTD_LEVEL,
         passphrase: PassphraseSource | None = None,
         kdf: ScryptParams | None = None,
+        key_label: str = "",
+        master: bytes | None = None,
     ) -> Repository:
+        """`master`: the master secret of another repository, to share its keys (chunk ids,
+        encryption: `init --copy-key-from`, so `copy` moves chunks between the two as they
+        are); a new random one if None."""
         if encryption not in ENCRYPTIONS:
             raise UsageError(f"unknown encryption {encryption!r}; use {' or '.join(ENCRYPTIONS)}")
         cs = chunk_size
@@ -126,21 +130,23 @@ class Repository:
         )
         keys: Keys | None = None
         mac: bytes | None = None
+        key_id: str | None = None
+        if master is not None and encryption == ENCRYPTION_NONE:
+            raise UsageError("an unencrypted repository has no key to share")
         if encryption != ENCRYPTION_NONE:
             if passphrase is None:
                 raise UsageError("an encrypted repository needs a passphrase")
-            keys = Keys.generate()
-            params = (kdf or ScryptParams()).with_new_salt()
-            kek = crypto.derive_kek(passphrase(), params)
-            nonce, wrapped = crypto.wrap(kek, keys.master, _key_aad(cfg.repo_id))
-            keyfile = KeyFile("scrypt", params.n, params.r, params.p, params.salt, nonce, wrapped)
-            catalog.put_key_file(encode_keyfile(keyfile))
+            keys = Keys(master) if master is not None else Keys.generate()
+            key_id = keyring.new_key_id()
+            catalog.put_key_file(key_id, keyring.make_key_file(
+                cfg.repo_id, keys.master, passphrase(), key_id=key_id, label=key_label,
+                created=cfg.created, kdf=kdf))
             mac = keys.mac(cfg.signed_part())
         # The config goes last: a repository without one was never finished and can be re-made.
         catalog.flush()
         catalog.put_config(encode_config(cfg, mac))
         catalog.flush()
-        return cls(catalog, cfg, keys)
+        return cls(catalog, cfg, keys, key_id)
 
     @classmethod
     def open(cls, storage: Storage, passphrase: PassphraseSource | None = None) -> Repository:
@@ -150,19 +156,80 @@ class Repository:
             if catalog.has_key_file():
                 # `create` writes no key file for an unencrypted repository: one beside a
                 # config that says "none" means the config was altered to switch encryption off.
+                names = ", ".join(catalog.key_file_name(k) for k in catalog.key_ids())
                 raise Corrupt("repository config was altered: it says the repository is not "
-                              f"encrypted, but its key file {KEY_KEY} exists; refusing to read "
+                              f"encrypted, but it has key files ({names}); refusing to read "
                               "or write it as unencrypted")
             return cls(catalog, cfg, None)
         if passphrase is None:
             raise AuthFailed("this repository is encrypted: a passphrase is needed")
-        keyfile = decode_keyfile(catalog.key_file())
-        params = ScryptParams(keyfile.n, keyfile.r, keyfile.p, keyfile.salt)
-        kek = crypto.derive_kek(passphrase(), params)
-        keys = Keys(crypto.unwrap(kek, keyfile.nonce, keyfile.wrapped, _key_aad(cfg.repo_id)))
+        keys, key_id = keyring.unlock(catalog, cfg, passphrase())
         if mac != keys.mac(cfg.signed_part()):
             raise Corrupt("repository config was altered (its MAC does not match)")
-        return cls(catalog, cfg, keys)
+        return cls(catalog, cfg, keys, key_id)
+
+    # -- key files (docs/format.md, "Keys and cryptography") ----------------------------
+
+    def _unlocked(self) -> Keys:
+        if self.keys is None:
+            raise UsageError("this repository is not encrypted: it has no keys")
+        return self.keys
+
+    def _upgrade_layout(self) -> None:
+        """Layout 1 has one key file by definition: before a second one appears, the config
+        says version 2, so an older snapship refuses the repository instead of missing keys.
+        One atomic put: a crash before or after it leaves a readable repository."""
+        if self.config.version >= FORMAT_VERSION:
+            return
+        keys = self._unlocked()
+        new = dataclasses.replace(self.config, version=FORMAT_VERSION)
+        self.catalog.put_config(encode_config(new, keys.mac(new.signed_part())))
+        self.catalog.flush()
+        self.config = new
+
+    def add_key(self, passphrase: bytes, label: str = "", kdf: ScryptParams | None = None
+                ) -> str:
+        """A new key file for `passphrase`, durable when this returns; returns its id."""
+        keys = self._unlocked()
+        self._upgrade_layout()
+        key_id = keyring.new_key_id()
+        self.catalog.put_key_file(key_id, keyring.make_key_file(
+            self.config.repo_id, keys.master, passphrase, key_id=key_id, label=label,
+            created=now_iso(), kdf=kdf))
+        self.catalog.flush()
+        return key_id
+
+    def remove_key(self, key_id: str) -> None:
+        """Remove a key file other than the last one and the one this was opened with."""
+        self._unlocked()
+        ids = keyring.key_ids(self.catalog, self.config)
+        if key_id not in ids:
+            raise NotFound(f"this repository has no key {key_id!r} (see `snapship key list`)")
+        if ids == [key_id]:
+            raise UsageError(f"refusing to remove key {key_id}: it is the repository's last "
+                             "key, and without one nothing in it can ever be read")
+        if key_id == self.key_id:
+            raise UsageError(f"refusing to remove key {key_id}: it is the one this command "
+                             "was opened with; open the repository with another passphrase "
+                             "to remove it")
+        self.catalog.delete_key_file(key_id)
+        self.catalog.flush()
+
+    def change_passphrase(self, passphrase: bytes, kdf: ScryptParams | None = None) -> str:
+        """Replace the key file this was opened with by one for `passphrase` (same label):
+        the new one is durable before the old one goes. Returns the new key's id."""
+        old = self.key_id
+        if old is None:
+            raise UsageError("this repository is not encrypted: it has no passphrase")
+        label = keyring.read_key_file(self.catalog, old).label
+        new = self.add_key(passphrase, label, kdf)
+        self.catalog.delete_key_file(old)
+        self.catalog.flush()
+        self.key_id = new
+        return new
+
+    def describe_keys(self) -> list[keyring.KeyInfo]:
+        return keyring.describe_keys(self.catalog, self.config)
 
     # -- chunks ---------------------------------------------------------------------------
 
@@ -329,6 +396,3 @@ class Repository:
         """Turn `volume@version` into an existing version; accepts a unique id prefix."""
         return self.catalog.resolve(ref)
 
-
-def _key_aad(repo_id: str) -> bytes:
-    return b"snapship key v1 " + repo_id.encode()

@@ -7,9 +7,10 @@ repository key, and refused (400) if it is not what a backup writes: a chunk mus
 well-formed envelope of a plausible size under its id (in an unencrypted repository: its
 checksum and content hash too), a reference list must decode and name itself, a manifest
 must come after its reference list with a version id that is not far in the future, a
-version summary after its manifest, the config and key file must parse. Locks, from any
-token, get the server's clock as their heartbeat and the token's name as their owner: only
-that token (or an admin) may replace or delete them afterwards.
+version summary after its manifest, the config and key file must parse (and a key file is
+added by a backup token only at `init`, before the config exists). Locks, from any token, get
+the server's clock as their heartbeat and the token's name as their owner: only that token (or
+an admin) may replace or delete them afterwards.
 
 A chunk that gc has set aside (a fossil) may only come back as the same bytes: then the
 fossil itself is put back. Anything else under its name is refused, so a forged upload can
@@ -27,7 +28,7 @@ from snapship.errors import Corrupt, NotFound, ObjectNotFound
 from snapship.formats.config import RepoConfig, decode_config, decode_keyfile
 from snapship.repository import locks
 from snapship.repository.catalog import Catalog, open_refs
-from snapship.repository.layout import Kind, Name, name_of
+from snapship.repository.layout import V1_KEY_ID, Kind, Name, name_of
 from snapship.server.objects import RepoStore
 from snapship.server.policy import Role
 from snapship.server.tokens import Principal
@@ -175,11 +176,18 @@ def check_upload(store: RepoStore, who: Principal, key: str, data: bytes, now: f
         return check_manifest(catalog, name, data)
     if name.kind is Kind.SUMMARY:
         return check_summary(catalog, name, data)
+    if name.kind is Kind.KEY_FILE and catalog.exists():
+        # Key files steer who can read everything: past `init`, only an admin adds them.
+        raise Rejected(f"may not store {key}: key files of an existing repository change "
+                       "only with an admin token", forbidden=True)
     try:
         if name.kind is Kind.CONFIG:
             decode_config(data)
         elif name.kind is Kind.KEY_FILE:
-            decode_keyfile(data)
+            kf = decode_keyfile(data)
+            if (kf.version == 1) != (name.key_id == V1_KEY_ID) or \
+                    (kf.version >= 2 and kf.id != name.key_id):
+                raise Rejected(f"key file {key} names itself {kf.id!r} (version {kf.version})")
     except Corrupt as e:
         raise Rejected(str(e)) from None
     return Upload(data)
