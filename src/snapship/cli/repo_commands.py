@@ -168,10 +168,13 @@ def register(sub: options.SubParsers) -> None:
         much of it is zero, shared or new, what it costs in the repository, whether it is
         protected (with the note given to `protect`) or marked damaged, and its labels.
         VOLUME alone means its newest version; VOLUME@VERSION names one (a unique prefix of
-        the id is enough).""",
-        examples=["snapship show root", "snapship show root@20261126-0930 --json"],
+        the id, latest~N, or a local date or time such as 2026-12-01T08:00).""",
+        examples=["snapship show root", "snapship show root@20261126-0930 --json",
+                  "snapship show root@latest~1          # the version before the newest",
+                  "snapship show root@2026-12-01        # the newest made on or before Dec 1"],
         parents=options.parents(repo=True, key=True))
-    options.completes(p.add_argument("version_ref", metavar="VOLUME[@VERSION]"),
+    options.completes(p.add_argument("version_ref", metavar="VOLUME[@VERSION]",
+                                     help=options.VERSION_HELP),
                       options.complete_version_refs)
     p.set_defaults(func=cmd_show)
 

@@ -243,11 +243,13 @@ def register(sub: options.SubParsers) -> None:
         complete: a restore that fails or is stopped leaves an existing file as it was.""",
         examples=["snapship restore root restored.img               # the newest version",
                   "snapship restore root@20261126-0930 /dev/vg0/restore",
-                  "snapship restore root@2026112 disk.img          # a unique id prefix"],
+                  "snapship restore root@2026112 disk.img          # a unique id prefix",
+                  "snapship restore root@latest~2 disk.img         # two before the newest",
+                  "snapship restore root@2026-12-01T08:00 disk.img # newest at or before then"],
         parents=options.parents(repo=True, key=True))
     options.completes(p.add_argument("version_ref", metavar="VOLUME[@VERSION]",
-                                     help="version id, unique prefix, or 'latest' (the "
-                                     "default)"), options.complete_version_refs)
+                                     help=options.VERSION_HELP),
+                      options.complete_version_refs)
     p.add_argument("target", help="file (written sparse beside it, then renamed over it) or "
                    "block device (refused while mounted or in use)")
     p.set_defaults(func=cmd_restore, quiet_report=True)

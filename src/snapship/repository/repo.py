@@ -269,7 +269,7 @@ class Repository:
         return None
 
     def resolve(self, ref: VersionRef) -> tuple[str, str]:
-        """Turn `volume@version` into an existing version; accepts a unique id prefix."""
+        """Turn `volume@version` into an existing version (`Catalog.resolve`)."""
         return self.catalog.resolve(ref)
 
 
