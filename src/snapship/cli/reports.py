@@ -191,8 +191,14 @@ def describe_backup(r: Report) -> list[str]:
 
 def describe_restore(r: Report) -> list[str]:
     rate = r["size"] / r["duration"] if r["duration"] else 0.0
-    return [f"restored {r['ref']} to {r['target']}: {human_bytes(r['size'])} in "
-            f"{r['duration']:.1f} s ({human_bytes(rate)}/s)"]
+    line = (f"restored {r['ref']} to {r['target']}: {human_bytes(r['size'])} in "
+            f"{r['duration']:.1f} s ({human_bytes(rate)}/s)")
+    if r.get("mode", "full") == "full":
+        return [line]
+    return [line + f", {r['mode']}",
+            f"compared {r['chunks_compared']} of {r['chunks']} chunks; fetched "
+            f"{r['chunks_fetched']} ({human_bytes(r['bytes_fetched'])}); wrote "
+            f"{r['chunks_written'] + r['chunks_zero']} ({r['chunks_zero']} of them zero)"]
 
 
 def describe_init(r: Report) -> list[str]:

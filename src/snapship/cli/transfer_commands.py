@@ -18,7 +18,7 @@ from snapship.cli.output import TerminalProgress, warn
 from snapship.cli.reports import describe_backup, describe_restore, emit, ref, version_detail
 from snapship.devices import Source, remove_unfinished
 from snapship.engine.backup import BackupPlan, Prepared, run_backup
-from snapship.engine.restore import run_restore
+from snapship.engine.restore import STDOUT, run_restore
 from snapship.engine.snapshot_backup import SnapshotOptions, run_snapshot_backup
 from snapship.errors import UsageError
 from snapship.formats.manifest import Manifest, check_name
@@ -177,24 +177,38 @@ def report_backup(args: argparse.Namespace, m: Manifest) -> None:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    to_stdout = args.target == STDOUT
+    if to_stdout and args.json:
+        raise UsageError("--json cannot go with -: standard output carries the image")
+    if to_stdout and args.differential:
+        raise UsageError("--differential needs a target to read: a file or a device, not -")
     repo = open_repository(args)
     volume, version = repo.resolve(parse_ref(args.version_ref))
     m = repo.load_manifest(volume, version)
     # A stopped restore (SIGINT, or SIGTERM as main makes it raise) removes its temporary file.
     try:
-        stats = run_restore(repo, m, args.target, progress=TerminalProgress(f"restore {volume}"))
+        stats = run_restore(repo, m, args.target, progress=TerminalProgress(f"restore {volume}"),
+                            force=args.force, differential=args.differential, warn=warn)
     finally:
         remove_unfinished()  # also one an exception struck before it could abort
-    emit("restore", {
+    report = {
         "volume": volume,
         "version_id": version,
         "ref": ref(volume, version),
         "target": args.target,
+        "mode": stats.mode,
         "size": stats.size,
+        "chunks": stats.chunks,
+        "chunks_compared": stats.chunks_compared,
+        "chunks_fetched": stats.chunks_written,
+        "bytes_fetched": stats.bytes_fetched,
         "chunks_written": stats.chunks_written,
         "chunks_zero": stats.chunks_zero,
         "duration": round(stats.duration, 3),
-    }, describe_restore, json=args.json)
+    }
+    # The image went to standard output: the report for people goes to stderr instead.
+    with contextlib.redirect_stdout(sys.stderr) if to_stdout else contextlib.nullcontext():
+        emit("restore", report, describe_restore, json=args.json)
     return 0
 
 
@@ -235,21 +249,37 @@ def register(sub: options.SubParsers) -> None:
     p.set_defaults(func=cmd_backup, quiet_report=True)
 
     p = options.add_command(
-        sub, "restore", summary="restore a version to a file or device",
+        sub, "restore", summary="restore a version to a file, device or pipe",
         description="""
-        Write a version to a file or a block device. A device is opened exclusively (refused
-        while mounted or otherwise in use) and written in place, zero chunks as zeroes. A file
-        is written sparse to a temporary file beside it and renamed over it only when
-        complete: a restore that fails or is stopped leaves an existing file as it was.""",
+        Write a version to a file, a block device, or standard output (-). A device is opened
+        exclusively (refused while mounted or otherwise in use, even with --force), refused
+        if it carries a file system, partition table or other signature (as blkid finds it)
+        unless --force is given, and written in place, zero chunks as zeroes, its first chunk
+        last: until the restore is complete that chunk is blank, so a stopped restore leaves
+        a device that does not mount (and says it is incomplete). A target larger than the
+        version is warned about: its tail keeps its old data. A file is written sparse to a
+        temporary file beside it and renamed over it only when complete: a restore that
+        fails or is stopped leaves an existing file as it was. With --differential, an
+        existing copy (file or device) is read and hashed chunk by chunk, and only the chunks
+        that differ are fetched and written, in place.""",
         examples=["snapship restore root restored.img               # the newest version",
                   "snapship restore root@20261126-0930 /dev/vg0/restore",
                   "snapship restore root@2026112 disk.img          # a unique id prefix",
                   "snapship restore root@latest~2 disk.img         # two before the newest",
-                  "snapship restore root@2026-12-01T08:00 disk.img # newest at or before then"],
+                  "snapship restore root@2026-12-01T08:00 disk.img # newest at or before then",
+                  "snapship restore root - | ssh host 'cat > root.img'   # zeroes included",
+                  "snapship restore --force root /dev/sdb          # over an old file system",
+                  "snapship restore --differential root@latest~1 copy.img  # only what differs"],
         parents=options.parents(repo=True, key=True))
     options.completes(p.add_argument("version_ref", metavar="VOLUME[@VERSION]",
                                      help=options.VERSION_HELP),
                       options.complete_version_refs)
-    p.add_argument("target", help="file (written sparse beside it, then renamed over it) or "
-                   "block device (refused while mounted or in use)")
+    p.add_argument("target", help="file (written sparse beside it, then renamed over it), "
+                   "block device (refused while mounted or in use), or - for standard output")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite a device that carries a file system or other signature "
+                   "(never one that is mounted or in use)")
+    p.add_argument("--differential", action="store_true",
+                   help="TARGET holds an earlier copy: read and hash it, fetch and write only "
+                   "the chunks that differ (in place)")
     p.set_defaults(func=cmd_restore, quiet_report=True)
