@@ -287,3 +287,46 @@ def test_differential_restore_of_a_device_writes_only_the_differing_chunks(
         before = sectors_written(dev)
         restore_json("--repo", repo_path, "--differential", f"disk@{version}", dev)
         assert sectors_written(dev) == before
+
+
+# -- verify --against ----------------------------------------------------------------------------
+
+
+def test_verify_against_a_copy_lists_the_differing_chunks(
+    repo: tuple[Path, str, str, bytes], tmp_path: Path
+) -> None:
+    repo_path, version, _sha, data = repo
+    same = tmp_path / "same.img"
+    same.write_bytes(data)
+    r = ok(run_cli("verify", "--repo", repo_path, f"disk@{version}", "--against", same))
+    assert f"all {CHUNKS} chunks match" in r.stdout
+    copy = tmp_path / "copy.img"
+    # 3 is a zero chunk of the version: data there differs too.
+    _copy_differing(data, copy, {2: b"\x01", 3: b"\x02", 10: b"\x03", 11: b"\x04", 12: b"\x05"})
+    chunk_dirs = sorted(p.name for p in (repo_path / "chunks").iterdir())
+    r = run_cli("verify", "--repo", repo_path, f"disk@{version}", "--against", copy, "--json")
+    assert r.returncode == 1, describe(r)
+    out = json.loads(r.stdout)
+    assert (out["ok"], out["chunks_compared"], out["chunks_differing"]) == (False, CHUNKS, 5)
+    assert [(d["first"], d["count"], d["offset"], d["length"]) for d in out["differing"]] == \
+        [(2, 2, 2 * CHUNK, 2 * CHUNK), (10, 3, 10 * CHUNK, 3 * CHUNK)]
+    assert sorted(p.name for p in (repo_path / "chunks").iterdir()) == chunk_dirs
+    text = run_cli("verify", "--repo", repo_path, f"disk@{version}", "--against", copy).stdout
+    assert "5 of 24 chunks differ" in text and "chunks 10-12: offset" in text
+    short = tmp_path / "short.img"
+    short.write_bytes(data[: 20 * CHUNK + 5])
+    r = run_cli("verify", "--repo", repo_path, f"disk@{version}", "--against", short, "--json")
+    out = json.loads(r.stdout)
+    assert r.returncode == 1 and out["chunks_compared"] == 20
+    assert [(d["first"], d["count"]) for d in out["differing"]] == [(20, 4)]
+
+
+def test_verify_against_usage(repo: tuple[Path, str, str, bytes], tmp_path: Path) -> None:
+    repo_path, _version, _sha, _data = repo
+    assert_one_line_error(run_cli("verify", "--repo", repo_path, "disk"), "--against", code=2)
+    assert_one_line_error(run_cli("verify", "--repo", repo_path, "--against", "x.img"),
+                          "needs the version", code=2)
+    assert_one_line_error(run_cli("verify", "--repo", repo_path, "disk", "--against", "x.img",
+                                  "--deep"), "--deep does not go with --against", code=2)
+    assert_one_line_error(run_cli("verify", "--repo", repo_path, "disk", "--against",
+                                  tmp_path / "none.img"), "cannot open source", code=1)

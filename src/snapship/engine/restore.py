@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from snapship.devices import Target
+from snapship.engine.compare import compare
 from snapship.engine.pipeline import bounded_map, default_workers, window_for
 from snapship.engine.progress import NoProgress, Progress
 from snapship.errors import Corrupt, ObjectNotFound
@@ -80,7 +81,8 @@ def run_restore(
     with target:  # leaving it uncommitted aborts
         first: bytes | None = None
         if differential and not target.stream:
-            todo, first = _differing(repo, m, target, progress, nworkers)
+            found = compare(repo, m, target.read, m.size, progress, nworkers)
+            todo, first = found.differing, found.first
         else:
             todo = list(range(m.count))
         writer = _Writer(repo, m, target, progress, nworkers)
@@ -104,33 +106,6 @@ def run_restore(
         chunks_compared=m.count if differential else 0,
         bytes_fetched=writer.bytes_fetched,
     )
-
-
-def _differing(repo: Repository, m: Manifest, target: Target, progress: Progress,
-               nworkers: int) -> tuple[list[int], bytes]:
-    """The chunks of the target whose id differs from the version's, and what the target's
-    first chunk held (to put back if it is the same, after it was blanked)."""
-
-    def compare(index: int) -> tuple[int, bytes | None, bool]:
-        off, length = m.chunk_span(index)
-        data = target.read(off, length)
-        cid = ZERO_ID if data.count(0) == length else repo.chunk_id(data)
-        return index, data if index == 0 else None, cid != m.chunk(index)
-
-    differing: list[int] = []
-    first = b""
-    progress.start(m.size)
-    try:
-        for index, data, differs in bounded_map(compare, range(m.count), nworkers,
-                                                window_for(nworkers, m.chunk_size)):
-            if data is not None:
-                first = data
-            if differs:
-                differing.append(index)
-            progress.advance(m.chunk_span(index)[1])
-    finally:
-        progress.finish()
-    return differing, first
 
 
 class _Writer:
