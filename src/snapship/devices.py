@@ -136,6 +136,8 @@ class Target:
         self._open = True
         self._done = False
         self._pos = 0
+        self.size: int | None = None
+        """A device's size (it may be larger than what is restored)."""
 
     @classmethod
     def open(cls, path: str, size: int, *, force: bool = False,
@@ -152,6 +154,7 @@ class Target:
             fd = _open_device(path, st, size, os.O_WRONLY, warn)
             target = cls(path, fd, True)
             try:
+                target.size = os.lseek(fd, 0, os.SEEK_END)
                 if not force:
                     _refuse_signature(path)
             except BaseException:

@@ -18,6 +18,7 @@ from snapship.cli.output import TerminalProgress, warn
 from snapship.cli.reports import describe_backup, describe_restore, emit, ref, version_detail
 from snapship.devices import Source, remove_unfinished
 from snapship.engine.backup import BackupPlan, Prepared, run_backup
+from snapship.engine.lvm_restore import LvPlacement, restore_to_lv
 from snapship.engine.restore import STDOUT, run_restore
 from snapship.engine.snapshot_backup import SnapshotOptions, run_snapshot_backup
 from snapship.errors import UsageError
@@ -185,13 +186,26 @@ def cmd_restore(args: argparse.Namespace) -> int:
     repo = open_repository(args)
     volume, version = repo.resolve(parse_ref(args.version_ref))
     m = repo.load_manifest(volume, version)
-    # A stopped restore (SIGINT, or SIGTERM as main makes it raise) removes its temporary file.
-    try:
-        stats = run_restore(repo, m, args.target, progress=TerminalProgress(f"restore {volume}"),
-                            force=args.force, differential=args.differential, warn=warn)
-    finally:
-        remove_unfinished()  # also one an exception struck before it could abort
-    report = {
+    progress = TerminalProgress(f"restore {volume}")
+    lv: dict[str, object] | None = None
+    if args.target.startswith("lvm:"):
+        vg, name = parse_lvm_source(args.target)
+        done = restore_to_lv(repo, m, Lvm(), vg, name, force=args.force,
+                             placement=LvPlacement(args.thin_pool, tuple(args.pv)),
+                             differential=args.differential, progress=progress, warn=warn)
+        stats, lv = done.stats, {"device": done.device, "created": done.created}
+    else:
+        if args.thin_pool is not None or args.pv:
+            raise UsageError("--thin-pool and --pv place a new LV: the target must be "
+                             "lvm:VG/LV")
+        # A stopped restore (SIGINT, or SIGTERM as main makes it raise) removes its temporary
+        # file.
+        try:
+            stats = run_restore(repo, m, args.target, progress=progress, force=args.force,
+                                differential=args.differential, warn=warn)
+        finally:
+            remove_unfinished()  # also one an exception struck before it could abort
+    report: dict[str, object] = {
         "volume": volume,
         "version_id": version,
         "ref": ref(volume, version),
@@ -205,6 +219,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         "chunks_written": stats.chunks_written,
         "chunks_zero": stats.chunks_zero,
         "duration": round(stats.duration, 3),
+        **({"lv": lv} if lv is not None else {}),
     }
     # The image went to standard output: the report for people goes to stderr instead.
     with contextlib.redirect_stdout(sys.stderr) if to_stdout else contextlib.nullcontext():
@@ -261,7 +276,9 @@ def register(sub: options.SubParsers) -> None:
         temporary file beside it and renamed over it only when complete: a restore that
         fails or is stopped leaves an existing file as it was. With --differential, an
         existing copy (file or device) is read and hashed chunk by chunk, and only the chunks
-        that differ are fetched and written, in place.""",
+        that differ are fetched and written, in place. A target lvm:VG/LV that does not
+        exist is created at the version's size (--thin-pool POOL: thin; else linear, on --pv
+        PV... if given) and removed again if the restore fails.""",
         examples=["snapship restore root restored.img               # the newest version",
                   "snapship restore root@20261126-0930 /dev/vg0/restore",
                   "snapship restore root@2026112 disk.img          # a unique id prefix",
@@ -269,17 +286,26 @@ def register(sub: options.SubParsers) -> None:
                   "snapship restore root@2026-12-01T08:00 disk.img # newest at or before then",
                   "snapship restore root - | ssh host 'cat > root.img'   # zeroes included",
                   "snapship restore --force root /dev/sdb          # over an old file system",
-                  "snapship restore --differential root@latest~1 copy.img  # only what differs"],
+                  "snapship restore --differential root@latest~1 copy.img  # only what differs",
+                  "snapship restore root lvm:vg0/root-restored     # a new linear LV",
+                  "snapship restore root lvm:vg0/new --thin-pool pool0   # a new thin LV"],
         parents=options.parents(repo=True, key=True))
     options.completes(p.add_argument("version_ref", metavar="VOLUME[@VERSION]",
                                      help=options.VERSION_HELP),
                       options.complete_version_refs)
     p.add_argument("target", help="file (written sparse beside it, then renamed over it), "
-                   "block device (refused while mounted or in use), or - for standard output")
+                   "block device (refused while mounted or in use), lvm:VG/LV (created if "
+                   "missing), or - for standard output")
     p.add_argument("--force", action="store_true",
                    help="overwrite a device that carries a file system or other signature "
                    "(never one that is mounted or in use)")
     p.add_argument("--differential", action="store_true",
                    help="TARGET holds an earlier copy: read and hash it, fetch and write only "
                    "the chunks that differ (in place)")
+    p.add_argument("--thin-pool", metavar="POOL",
+                   help="lvm:VG/LV that does not exist: create it as a thin LV in POOL "
+                   "(default: a linear LV)")
+    p.add_argument("--pv", nargs="+", action="extend", default=[], metavar="PV",
+                   help="lvm:VG/LV that does not exist: place the new linear LV on these "
+                   "physical volumes (give it last, or once per PV)")
     p.set_defaults(func=cmd_restore, quiet_report=True)

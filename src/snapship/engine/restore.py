@@ -67,8 +67,12 @@ def run_restore(
     workers: int | None = None,
     force: bool = False,
     differential: bool = False,
+    fresh: bool = False,
     warn: Warn = _ignore,
 ) -> RestoreStats:
+    """Restore `m` onto `target_path` (STDOUT for standard output). `force` skips the
+    signature check of a device; `fresh` says the device was made for this restore (no check,
+    no warning that it is larger: its tail past the version is zeroed instead)."""
     started = time.monotonic()
     progress = progress or NoProgress()
     nworkers = workers or default_workers(repo.storage)
@@ -77,7 +81,8 @@ def run_restore(
     elif differential:
         target = Target.open_existing(target_path, m.size, warn=warn)
     else:
-        target = Target.open(target_path, m.size, force=force, warn=warn)
+        target = Target.open(target_path, m.size, force=force or fresh,
+                             warn=_ignore if fresh else warn)
     with target:  # leaving it uncommitted aborts
         first: bytes | None = None
         if differential and not target.stream:
@@ -95,6 +100,8 @@ def run_restore(
                      f"'SNAPSHIP INCOMPLETE RESTORE' marker) so that it does not mount; "
                      "restore it again")
             raise
+        if fresh and target.size is not None and target.size > m.size:
+            target.write_zeroes(m.size, target.size - m.size)
         target.commit()
     return RestoreStats(
         size=m.size,
