@@ -330,3 +330,21 @@ def test_verify_against_usage(repo: tuple[Path, str, str, bytes], tmp_path: Path
                                   "--deep"), "--deep does not go with --against", code=2)
     assert_one_line_error(run_cli("verify", "--repo", repo_path, "disk", "--against",
                                   tmp_path / "none.img"), "cannot open source", code=1)
+
+
+# -- usage of the LVM options ------------------------------------------------------------------
+
+
+def test_lvm_options_need_an_lvm_target(repo: tuple[Path, str, str, bytes], tmp_path: Path
+                                        ) -> None:
+    repo_path, version, _sha, _data = repo
+    target = tmp_path / "x.img"
+    for extra, needle in ((["--rollback"], "the target must be lvm:VG/LV"),
+                          (["--thin-pool", "pool"], "the target must be lvm:VG/LV"),
+                          (["--pv", "/dev/vdb"], "the target must be lvm:VG/LV")):
+        r = run_cli("restore", "--repo", repo_path, f"disk@{version}", target, *extra)
+        assert_one_line_error(r, needle, code=2)
+    r = run_cli("restore", "--repo", repo_path, "--rollback", "--differential",
+                f"disk@{version}", "lvm:vg/lv")
+    assert_one_line_error(r, "--rollback does not go with --differential", code=2)
+    assert not target.exists()

@@ -195,10 +195,18 @@ def describe_restore(r: Report) -> list[str]:
             f"{r['duration']:.1f} s ({human_bytes(rate)}/s)")
     if r.get("mode", "full") == "full":
         return [line]
-    return [line + f", {r['mode']}",
-            f"compared {r['chunks_compared']} of {r['chunks']} chunks; fetched "
-            f"{r['chunks_fetched']} ({human_bytes(r['bytes_fetched'])}); wrote "
-            f"{r['chunks_written'] + r['chunks_zero']} ({r['chunks_zero']} of them zero)"]
+    lines = [line + f", {r['mode']}"]
+    rb = r.get("rollback")
+    if rb is not None:
+        lines.append(f"since {r['volume']}@{rb['newest']} was backed up: "
+                     f"{rb['changed_since_backup']} chunks written on the LV "
+                     f"({rb['change_source']}), {rb['differ_from_newest']} differ in the version")
+    lines.append((f"compared {r['chunks_compared']} of {r['chunks']} chunks; "
+                  if r["mode"] == "differential" else "")
+                 + f"fetched {r['chunks_fetched']} ({human_bytes(r['bytes_fetched'])}); "
+                 f"wrote {r['chunks_written'] + r['chunks_zero']} of {r['chunks']} "
+                 f"({r['chunks_zero']} of them zero)")
+    return lines
 
 
 def describe_init(r: Report) -> list[str]:

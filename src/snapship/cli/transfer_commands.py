@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import re
 import stat
@@ -18,7 +19,7 @@ from snapship.cli.output import TerminalProgress, warn
 from snapship.cli.reports import describe_backup, describe_restore, emit, ref, version_detail
 from snapship.devices import Source, remove_unfinished
 from snapship.engine.backup import BackupPlan, Prepared, run_backup
-from snapship.engine.lvm_restore import LvPlacement, restore_to_lv
+from snapship.engine.lvm_restore import LvPlacement, restore_to_lv, rollback_lv
 from snapship.engine.restore import STDOUT, run_restore
 from snapship.engine.snapshot_backup import SnapshotOptions, run_snapshot_backup
 from snapship.errors import UsageError
@@ -188,7 +189,19 @@ def cmd_restore(args: argparse.Namespace) -> int:
     m = repo.load_manifest(volume, version)
     progress = TerminalProgress(f"restore {volume}")
     lv: dict[str, object] | None = None
-    if args.target.startswith("lvm:"):
+    rollback: dict[str, object] | None = None
+    if args.rollback:
+        if not args.target.startswith("lvm:"):
+            raise UsageError("--rollback restores onto the LV a version was backed up from: "
+                             "the target must be lvm:VG/LV")
+        if args.differential or args.thin_pool is not None or args.pv:
+            raise UsageError("--rollback does not go with --differential, --thin-pool or --pv")
+        done = rollback_lv(repo, m, Lvm(), *parse_lvm_source(args.target), progress=progress,
+                           warn=warn)
+        assert done.rollback is not None
+        stats, lv = done.stats, {"device": done.device, "created": False}
+        rollback = dataclasses.asdict(done.rollback)
+    elif args.target.startswith("lvm:"):
         vg, name = parse_lvm_source(args.target)
         done = restore_to_lv(repo, m, Lvm(), vg, name, force=args.force,
                              placement=LvPlacement(args.thin_pool, tuple(args.pv)),
@@ -220,6 +233,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         "chunks_zero": stats.chunks_zero,
         "duration": round(stats.duration, 3),
         **({"lv": lv} if lv is not None else {}),
+        **({"rollback": rollback} if rollback is not None else {}),
     }
     # The image went to standard output: the report for people goes to stderr instead.
     with contextlib.redirect_stdout(sys.stderr) if to_stdout else contextlib.nullcontext():
@@ -278,7 +292,10 @@ def register(sub: options.SubParsers) -> None:
         existing copy (file or device) is read and hashed chunk by chunk, and only the chunks
         that differ are fetched and written, in place. A target lvm:VG/LV that does not
         exist is created at the version's size (--thin-pool POOL: thin; else linear, on --pv
-        PV... if given) and removed again if the restore fails.""",
+        PV... if given) and removed again if the restore fails. --rollback restores a version
+        onto the LV it was backed up from in O(changed), through the tracking snapshot of the
+        newest version: only the chunks written since that backup and those where the version
+        differs from the newest are fetched and written (a later backup stays incremental).""",
         examples=["snapship restore root restored.img               # the newest version",
                   "snapship restore root@20261126-0930 /dev/vg0/restore",
                   "snapship restore root@2026112 disk.img          # a unique id prefix",
@@ -288,7 +305,8 @@ def register(sub: options.SubParsers) -> None:
                   "snapship restore --force root /dev/sdb          # over an old file system",
                   "snapship restore --differential root@latest~1 copy.img  # only what differs",
                   "snapship restore root lvm:vg0/root-restored     # a new linear LV",
-                  "snapship restore root lvm:vg0/new --thin-pool pool0   # a new thin LV"],
+                  "snapship restore root lvm:vg0/new --thin-pool pool0   # a new thin LV",
+                  "snapship restore --rollback root@latest~1 lvm:vg0/root  # O(changed)"],
         parents=options.parents(repo=True, key=True))
     options.completes(p.add_argument("version_ref", metavar="VOLUME[@VERSION]",
                                      help=options.VERSION_HELP),
@@ -302,6 +320,10 @@ def register(sub: options.SubParsers) -> None:
     p.add_argument("--differential", action="store_true",
                    help="TARGET holds an earlier copy: read and hash it, fetch and write only "
                    "the chunks that differ (in place)")
+    p.add_argument("--rollback", action="store_true",
+                   help="lvm:VG/LV is the volume's own origin, its tracking snapshot still "
+                   "there: write only what changed since the last backup and where the "
+                   "version differs from the newest (no --force needed; never while mounted)")
     p.add_argument("--thin-pool", metavar="POOL",
                    help="lvm:VG/LV that does not exist: create it as a thin LV in POOL "
                    "(default: a linear LV)")

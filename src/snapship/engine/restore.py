@@ -58,6 +58,10 @@ def _ignore(_message: str) -> None:
     pass
 
 
+Choose = Callable[[Target, Progress, int], list[int]]
+"""Given the opened target, which chunk indices a restore in place writes (ascending)."""
+
+
 def run_restore(
     repo: Repository,
     m: Manifest,
@@ -68,26 +72,36 @@ def run_restore(
     force: bool = False,
     differential: bool = False,
     fresh: bool = False,
+    choose: Choose | None = None,
+    mode: str = "full",
     warn: Warn = _ignore,
 ) -> RestoreStats:
     """Restore `m` onto `target_path` (STDOUT for standard output). `force` skips the
     signature check of a device; `fresh` says the device was made for this restore (no check,
-    no warning that it is larger: its tail past the version is zeroed instead)."""
+    no warning that it is larger: its tail past the version is zeroed instead).
+
+    `differential` updates an existing target in place, writing the chunks whose id differs;
+    `choose` (reported as `mode`) does the same with the chunks it names, once the target is
+    open (so a device is held exclusively while they are worked out)."""
     started = time.monotonic()
     progress = progress or NoProgress()
     nworkers = workers or default_workers(repo.storage)
+    compared = 0
     if target_path == STDOUT:
         target = Target.stdout()
-    elif differential:
+    elif differential or choose is not None:
         target = Target.open_existing(target_path, m.size, warn=warn)
     else:
         target = Target.open(target_path, m.size, force=force or fresh,
                              warn=_ignore if fresh else warn)
     with target:  # leaving it uncommitted aborts
         first: bytes | None = None
-        if differential and not target.stream:
+        if choose is not None:
+            todo = choose(target, progress, nworkers)
+        elif differential and not target.stream:
             found = compare(repo, m, target.read, m.size, progress, nworkers)
-            todo, first = found.differing, found.first
+            todo, first, compared = found.differing, found.first, found.compared
+            mode = "differential"
         else:
             todo = list(range(m.count))
         writer = _Writer(repo, m, target, progress, nworkers)
@@ -108,9 +122,9 @@ def run_restore(
         chunks_written=writer.data_chunks,
         chunks_zero=writer.zero_chunks,
         duration=time.monotonic() - started,
-        mode="differential" if differential else "full",
+        mode=mode,
         chunks=m.count,
-        chunks_compared=m.count if differential else 0,
+        chunks_compared=compared,
         bytes_fetched=writer.bytes_fetched,
     )
 
@@ -166,6 +180,8 @@ class _Writer:
         self.progress.start(sum(self.m.chunk_span(i)[1] for i in todo))
         try:
             if guard:
+                if todo[0] != 0 and first is None:
+                    first = t.read(*self.m.chunk_span(0))  # to put back, unchanged
                 t.mark_incomplete(self.m.chunk_span(0)[1], f"{self.m.volume}@{self.m.version}")
                 self.marked = True
             for index, data in bounded_map(self.fetch, rest, self.nworkers,
