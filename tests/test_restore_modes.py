@@ -339,9 +339,9 @@ def test_lvm_options_need_an_lvm_target(repo: tuple[Path, str, str, bytes], tmp_
                                         ) -> None:
     repo_path, version, _sha, _data = repo
     target = tmp_path / "x.img"
-    for extra, needle in ((["--rollback"], "the target must be lvm:VG/LV"),
-                          (["--thin-pool", "pool"], "the target must be lvm:VG/LV"),
-                          (["--pv", "/dev/vdb"], "the target must be lvm:VG/LV")):
+    for extra, needle in ((["--rollback"], "need the target to be lvm:VG/LV"),
+                          (["--thin-pool", "pool"], "need the target to be lvm:VG/LV"),
+                          (["--pv", "/dev/vdb"], "need the target to be lvm:VG/LV")):
         r = run_cli("restore", "--repo", repo_path, f"disk@{version}", target, *extra)
         assert_one_line_error(r, needle, code=2)
     r = run_cli("restore", "--repo", repo_path, "--rollback", "--differential",

@@ -1,6 +1,6 @@
 """Restores into real LVM volumes (issue 12) in one VM boot with a real kernel and lvm2.
 
-One guest script: back up an XFS LV twice through its tracking snapshot (classic COW); change
+One guest script: back up an ext4 LV twice through its tracking snapshot (classic COW); change
 it and roll it back to the newest version and to the one before (only the changed chunks
 written, the next backup incremental and correct); the same rollback on a thin LV; restore
 into a new linear and a new thin LV (byte-identical); a mounted LV refused in one line with
@@ -31,7 +31,7 @@ G="$PYTHON {GUEST}"
 S() {{ $PYTHON -m snapship.cli.main "$@"; }}
 sha() {{ $G sha "$1"; }}
 vid() {{ $PYTHON -c 'import json,sys; print(json.load(open(sys.argv[1]))["version_id"])' "$1"; }}
-# change FILE MIB_OFFSET MIB: overwrite part of a file on the XFS of vg/src
+# change FILE MIB_OFFSET MIB: overwrite part of a file on the ext4 of vg/src
 change() {{
   mount /dev/mapper/vg-src /tmp/fs
   dd if=/dev/urandom of=/tmp/fs/$1 bs=1M seek=$2 count=$3 conv=notrunc status=none
@@ -53,7 +53,7 @@ S init --encryption none > /dev/null
 
 # -- rollback of a classic LV ------------------------------------------------------------
 lvcreate -q -y -L {LV_MIB}M -n src vg
-mkfs.xfs -q /dev/mapper/vg-src
+mkfs.ext4 -q /dev/mapper/vg-src
 mount /dev/mapper/vg-src /tmp/fs
 dd if=/dev/urandom of=/tmp/fs/a bs=1M count=12 status=none
 dd if=/dev/urandom of=/tmp/fs/b bs=1M count=8 status=none
@@ -146,7 +146,7 @@ def test_restores_into_lvm(tmp_path: Path) -> None:
     assert info["differ_from_newest"] == 0
     written = rb["chunks_written"] + rb["chunks_zero"]
     assert written == info["changed_since_backup"], rb
-    assert drift["chunks_differing"] <= written <= 10, rb  # the 1 MiB change, XFS's log
+    assert drift["chunks_differing"] <= written <= 10, rb  # the 1 MiB change, the journal
     assert rb["chunks_fetched"] == rb["chunks_written"]
     assert rb["bytes_fetched"] <= rb["chunks_fetched"] * MiB + 4096 * rb["chunks_fetched"]
 
@@ -194,7 +194,7 @@ def test_restores_into_lvm(tmp_path: Path) -> None:
     one_line_error(text(s, "mounted.err"), "/dev/mapper/vg-newlin", "mounted", "/tmp/fs",
                    "nothing was written")
     assert text(s, "mounted.sha") == v2, "a mounted LV was written to"
-    one_line_error(text(s, "signature.err"), "xfs file system", "--force")
+    one_line_error(text(s, "signature.err"), "ext4 file system", "--force")
     assert text(s, "signature.sha") == v2
     assert read(s, "forced.json")["lv"]["created"] is False
     assert text(s, "forced.sha") == v1

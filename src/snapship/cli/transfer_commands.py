@@ -20,10 +20,11 @@ from snapship.cli.reports import describe_backup, describe_restore, emit, ref, v
 from snapship.devices import Source, remove_unfinished
 from snapship.engine.backup import BackupPlan, Prepared, run_backup
 from snapship.engine.lvm_restore import LvPlacement, restore_to_lv, rollback_lv
-from snapship.engine.restore import STDOUT, run_restore
+from snapship.engine.restore import STDOUT, RestoreStats, run_restore
 from snapship.engine.snapshot_backup import SnapshotOptions, run_snapshot_backup
 from snapship.errors import UsageError
 from snapship.formats.manifest import Manifest, check_name
+from snapship.repository.repo import Repository
 from snapship.types import ByteRange, VersionRef
 
 
@@ -178,50 +179,67 @@ def report_backup(args: argparse.Namespace, m: Manifest) -> None:
     emit("backup", version_detail(m, None, None), describe_backup, json=args.json)
 
 
+def check_restore_options(args: argparse.Namespace) -> None:
+    """The usage errors of `restore`, found before the repository is opened."""
+    lvm_target = args.target.startswith("lvm:")
+    if args.target == STDOUT:
+        if args.json:
+            raise UsageError("--json cannot go with -: standard output carries the image")
+        if args.differential:
+            raise UsageError("--differential needs a target to read: a file or a device, "
+                             "not -")
+    if not lvm_target and (args.rollback or args.thin_pool is not None or args.pv):
+        raise UsageError(f"{'--rollback' if args.rollback else '--thin-pool and --pv'} "
+                         "need the target to be lvm:VG/LV")
+    if args.rollback and (args.differential or args.thin_pool is not None or args.pv):
+        raise UsageError("--rollback does not go with --differential, --thin-pool or --pv")
+    if lvm_target:
+        parse_lvm_source(args.target)
+
+
+def restore_into_lvm(args: argparse.Namespace, repo: Repository, m: Manifest,
+                     progress: TerminalProgress) -> tuple[RestoreStats, dict[str, object]]:
+    """`restore ... lvm:VG/LV` (with --rollback or not): the stats and the report's extras."""
+    vg, lv = parse_lvm_source(args.target)
+    if args.rollback:
+        done = rollback_lv(repo, m, Lvm(), vg, lv, progress=progress, warn=warn)
+    else:
+        done = restore_to_lv(repo, m, Lvm(), vg, lv, force=args.force,
+                             placement=LvPlacement(args.thin_pool, tuple(args.pv)),
+                             differential=args.differential, progress=progress, warn=warn)
+    extra: dict[str, object] = {"lv": {"device": done.device, "created": done.created}}
+    if done.rollback is not None:
+        extra["rollback"] = dataclasses.asdict(done.rollback)
+    return done.stats, extra
+
+
 def cmd_restore(args: argparse.Namespace) -> int:
-    to_stdout = args.target == STDOUT
-    if to_stdout and args.json:
-        raise UsageError("--json cannot go with -: standard output carries the image")
-    if to_stdout and args.differential:
-        raise UsageError("--differential needs a target to read: a file or a device, not -")
+    check_restore_options(args)
     repo = open_repository(args)
     volume, version = repo.resolve(parse_ref(args.version_ref))
     m = repo.load_manifest(volume, version)
     progress = TerminalProgress(f"restore {volume}")
-    lv: dict[str, object] | None = None
-    rollback: dict[str, object] | None = None
-    if args.rollback:
-        if not args.target.startswith("lvm:"):
-            raise UsageError("--rollback restores onto the LV a version was backed up from: "
-                             "the target must be lvm:VG/LV")
-        if args.differential or args.thin_pool is not None or args.pv:
-            raise UsageError("--rollback does not go with --differential, --thin-pool or --pv")
-        done = rollback_lv(repo, m, Lvm(), *parse_lvm_source(args.target), progress=progress,
-                           warn=warn)
-        assert done.rollback is not None
-        stats, lv = done.stats, {"device": done.device, "created": False}
-        rollback = dataclasses.asdict(done.rollback)
-    elif args.target.startswith("lvm:"):
-        vg, name = parse_lvm_source(args.target)
-        done = restore_to_lv(repo, m, Lvm(), vg, name, force=args.force,
-                             placement=LvPlacement(args.thin_pool, tuple(args.pv)),
-                             differential=args.differential, progress=progress, warn=warn)
-        stats, lv = done.stats, {"device": done.device, "created": done.created}
+    extra: dict[str, object] = {}
+    if args.target.startswith("lvm:"):
+        stats, extra = restore_into_lvm(args, repo, m, progress)
     else:
-        if args.thin_pool is not None or args.pv:
-            raise UsageError("--thin-pool and --pv place a new LV: the target must be "
-                             "lvm:VG/LV")
-        # A stopped restore (SIGINT, or SIGTERM as main makes it raise) removes its temporary
-        # file.
+        # A stopped restore (SIGINT, or SIGTERM as main makes it raise) removes its
+        # temporary file.
         try:
             stats = run_restore(repo, m, args.target, progress=progress, force=args.force,
                                 differential=args.differential, warn=warn)
         finally:
             remove_unfinished()  # also one an exception struck before it could abort
+    report_restore(args, m, stats, extra)
+    return 0
+
+
+def report_restore(args: argparse.Namespace, m: Manifest, stats: RestoreStats,
+                   extra: dict[str, object]) -> None:
     report: dict[str, object] = {
-        "volume": volume,
-        "version_id": version,
-        "ref": ref(volume, version),
+        "volume": m.volume,
+        "version_id": m.version,
+        "ref": ref(m.volume, m.version),
         "target": args.target,
         "mode": stats.mode,
         "size": stats.size,
@@ -232,13 +250,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
         "chunks_written": stats.chunks_written,
         "chunks_zero": stats.chunks_zero,
         "duration": round(stats.duration, 3),
-        **({"lv": lv} if lv is not None else {}),
-        **({"rollback": rollback} if rollback is not None else {}),
+        **extra,
     }
     # The image went to standard output: the report for people goes to stderr instead.
-    with contextlib.redirect_stdout(sys.stderr) if to_stdout else contextlib.nullcontext():
+    to_stderr = args.target == STDOUT
+    with contextlib.redirect_stdout(sys.stderr) if to_stderr else contextlib.nullcontext():
         emit("restore", report, describe_restore, json=args.json)
-    return 0
 
 
 def register(sub: options.SubParsers) -> None:
