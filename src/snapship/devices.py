@@ -424,7 +424,8 @@ def probe_signature(path: str) -> str | None:
 def _refuse_signature(path: str) -> None:
     found = probe_signature(path)
     if found is not None:
-        raise TargetError(f"target device {path} holds a {found}; nothing was written "
+        article = "an" if found[:1].lower() in "aeiou" else "a"
+        raise TargetError(f"target device {path} holds {article} {found}; nothing was written "
                           "(give --force to overwrite it)")
 
 

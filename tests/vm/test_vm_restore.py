@@ -75,7 +75,7 @@ S backup lvm:vg/src --snapshot-size 32M --json > /scratch/b3.json   # after the 
 S restore vg.src /tmp/repo/b3.img > /dev/null
 sha /tmp/repo/b3.img > /scratch/b3.sha
 rm /tmp/repo/b3.img
-mount /dev/mapper/vg-src /tmp/fs
+mount -o ro,noload /dev/mapper/vg-src /tmp/fs      # mounted, but writing nothing itself
 fails rb_mounted S restore --rollback vg.src@$V2 lvm:vg/src
 umount /tmp/fs
 sha /dev/mapper/vg-src > /scratch/rb_mounted.sha
@@ -102,7 +102,7 @@ S verify vg.src@$V2 --against lvm:vg/newthin --json > /scratch/against_same.json
 fails against_other S verify vg.src@$V1 --against lvm:vg/newthin --json
 
 # -- safety --------------------------------------------------------------------------------
-mount /dev/mapper/vg-newlin /tmp/fs
+mount -o ro,noload /dev/mapper/vg-newlin /tmp/fs
 fails mounted S restore vg.src@$V1 lvm:vg/newlin --force
 umount /tmp/fs
 sha /dev/mapper/vg-newlin > /scratch/mounted.sha
