@@ -80,7 +80,8 @@ TEXT = {"--repo", "--token-file", "--ca", "--passphrase-file", "--passphrase-com
         "--from-token-file", "--from-passphrase-file", "--from-passphrase-command",
         "--copy-key-from", "--volume", "--label",
         "--changed-ranges", "--pre-snapshot", "--post-snapshot", "--note", "--root", "--tokens",
-        "--tls-cert", "--tls-key", "--overlay-dir", "--tls-client-ca", "--repos"}
+        "--tls-cert", "--tls-key", "--overlay-dir", "--tls-client-ca", "--repos", "--against",
+        "--thin-pool", "--pv"}
 WHOLE_1 = ["0", "-1", "-5", "x", "1.5", ""]
 SIZE_1 = ["0", "-1", "x", "1.5M", "4X", ""]
 SIZE_0 = ["-1", "x", "4X", ""]

@@ -231,8 +231,11 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> Outputs:
     out.run("show", "--repo", repo, f"disk@{v1}")
     out.run("show", "--repo", repo, "disk")
     out.run("restore", "--repo", repo, "disk", tmp / "restored.img")
+    out.run("restore", "--repo", repo, "--differential", f"disk@{v1}", tmp / "restored.img")
     out.run("verify", "--repo", repo)
     out.run("verify", "--repo", repo, "--deep", "--sample", "50", "--volume", "disk")
+    out.run("verify", "--repo", repo, f"disk@{v1}", "--against", tmp / "restored.img")
+    out.run("verify", "--repo", repo, "other", "--against", tmp / "restored.img", code=1)
     out.run("cow export", "--repo", repo, "disk", f"disk@{v1}", tmp / "old.cow")
     store = tmp / "snap.cow"
     store.write_bytes(build_store(8, {10: b"a", 11: b"b", 500: b"c"}))

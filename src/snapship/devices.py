@@ -12,7 +12,11 @@ import mmap
 import os
 import re
 import secrets
+import shutil
 import stat
+import subprocess
+import sys
+from collections.abc import Callable
 from typing import Self
 
 from snapship.errors import SourceError, TargetError
@@ -90,34 +94,54 @@ class Source(_ReadOnlyDevice):
         return data
 
 
+Warn = Callable[[str], None]
+
+INCOMPLETE_MARK = b"SNAPSHIP INCOMPLETE RESTORE\n"
+"""What the first chunk of a target written in place holds until the restore is complete:
+no file system, partition table or other signature, so a half-restored device does not mount
+(and carries no signature that a later restore would need --force for)."""
+
+
 class Target:
     """A restore target, written chunk by chunk and then `commit`ted (or `abort`ed).
 
     A block device is opened exclusively (O_EXCL): the kernel refuses that while the device
     is mounted, used as swap, or claimed by device-mapper, md or another exclusive opener, so
     a live file system is never written over; nobody can claim it either while the restore
-    runs. It is written in place.
+    runs. Unless forced, one that carries a file-system, partition-table or other signature
+    (as `blkid -p` finds it) is refused too, as mkfs would. It is written in place
+    (`in_place`): the engine writes its first chunk last.
 
     A file is written under a temporary name in the target's directory (`.NAME.snapship-
     restore-XXXXXXXX`, sparse) and renamed over the target only by `commit`, once complete and
     synced: until then an existing file is untouched, and `abort` (or leaving the `with` block
     without a commit) removes the temporary file. A replaced file's permission bits are kept
     (and its owner, where the restoring user may set it); a new file is private (0600).
+
+    `open_existing` opens a file or device to be compared and updated in place (a
+    differential restore); `stdout` writes the image to standard output, in order.
     """
 
     def __init__(self, path: str, fd: int, is_block: bool, final_path: str | None = None,
-                 temp_path: str | None = None, keep: os.stat_result | None = None) -> None:
+                 temp_path: str | None = None, keep: os.stat_result | None = None,
+                 *, in_place: bool | None = None, stream: bool = False) -> None:
         self.path = path
         self.fd = fd
         self.is_block = is_block
+        self.in_place = is_block if in_place is None else in_place
+        self.stream = stream
         self._final = final_path
         self._temp = temp_path
         self._keep = keep
         self._open = True
         self._done = False
+        self._pos = 0
+        self.size: int | None = None
+        """A device's size (it may be larger than what is restored)."""
 
     @classmethod
-    def open(cls, path: str, size: int) -> Target:
+    def open(cls, path: str, size: int, *, force: bool = False,
+             warn: Warn = lambda _m: None) -> Target:
         try:
             st: os.stat_result | None = os.stat(path)
         except FileNotFoundError:
@@ -127,7 +151,16 @@ class Target:
         if st is not None and _kind(st.st_mode) is None:
             raise TargetError(f"target {path} is not a regular file or a block device")
         if st is not None and stat.S_ISBLK(st.st_mode):
-            return cls(path, _open_device(path, st, size), True)
+            fd = _open_device(path, st, size, os.O_WRONLY, warn)
+            target = cls(path, fd, True)
+            try:
+                target.size = os.lseek(fd, 0, os.SEEK_END)
+                if not force:
+                    _refuse_signature(path)
+            except BaseException:
+                target.abort()
+                raise
+            return target
         # A symlink is followed: the file it names is the one replaced.
         final = os.path.realpath(path)
         directory, name = os.path.split(final)
@@ -152,28 +185,107 @@ class Target:
             raise
         return target
 
+    @classmethod
+    def open_existing(cls, path: str, size: int, *, warn: Warn = lambda _m: None) -> Target:
+        """An existing file or device, to be read and written in place. A device is opened
+        exclusively (a busy one is refused) and must hold `size` bytes; a file is cut or
+        extended to `size` (an extension reads as zeroes)."""
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise TargetError(f"target {path} does not exist: a differential restore updates "
+                              "an existing copy (restore without --differential to make one)"
+                              ) from None
+        except OSError as e:
+            raise TargetError(f"cannot open target {path}: {e.strerror or e}") from None
+        if _kind(st.st_mode) is None:
+            raise TargetError(f"target {path} is not a regular file or a block device")
+        if stat.S_ISBLK(st.st_mode):
+            return cls(path, _open_device(path, st, size, os.O_RDWR, warn), True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise TargetError(f"cannot open target {path}: {e.strerror or e}") from None
+        target = cls(path, fd, False, in_place=True)
+        try:
+            os.ftruncate(fd, size)
+        except OSError as e:
+            target.abort()
+            raise TargetError(f"cannot prepare target {path}: {e.strerror or e}") from None
+        return target
+
+    @classmethod
+    def stdout(cls) -> Target:
+        """Standard output, written strictly in order (zeroes included): for pipes."""
+        fd = sys.stdout.fileno()
+        if os.isatty(fd):
+            raise TargetError("refusing to write an image to a terminal: redirect standard "
+                              "output to a file or a pipe")
+        return cls("standard output", fd, False, stream=True)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """What an in-place target holds at `offset` (for comparing)."""
+        try:
+            data = os.pread(self.fd, length, offset)
+            while len(data) < length:
+                more = os.pread(self.fd, length - len(data), offset + len(data))
+                if not more:
+                    raise TargetError(f"target {self.path} ended at {offset + len(data)}")
+                data += more
+        except OSError as e:
+            raise TargetError(f"cannot read target {self.path} at offset {offset}: "
+                              f"{e.strerror or e}") from None
+        return data
+
     def write(self, offset: int, data: bytes) -> None:
+        if self.stream:
+            if offset != self._pos:
+                raise AssertionError(f"stream written out of order: {offset} != {self._pos}")
+            self._pos += len(data)
         try:
             view = memoryview(data)
             while view:
-                n = os.pwrite(self.fd, view, offset)
+                n = os.write(self.fd, view) if self.stream else os.pwrite(self.fd, view, offset)
                 view, offset = view[n:], offset + n
         except OSError as e:
+            if self.stream:
+                raise TargetError(f"cannot write to standard output after {offset} bytes: "
+                                  f"{e.strerror or e}") from None
             raise TargetError(
                 f"cannot write target {self.path} at offset {offset}: {e.strerror or e}"
             ) from None
 
-    def write_zeroes(self, offset: int, length: int) -> None:
-        """Zero a range. Files already read as zero there (holes); devices must be written."""
-        if not self.is_block:
+    def write_zeroes(self, offset: int, length: int, *, always: bool = False) -> None:
+        """Zero a range. A new file already reads as zero there (holes); a device, a stream
+        and a file updated in place (`always`) must be written."""
+        if not (self.is_block or self.stream or always):
             return
         while length:
             n = min(length, len(_ZERO_BLOCK))
             self.write(offset, _ZERO_BLOCK[:n] if n < len(_ZERO_BLOCK) else _ZERO_BLOCK)
             offset, length = offset + n, length - n
 
+    def mark_incomplete(self, length: int, what: str) -> None:
+        """Blank the first `length` bytes (with a marker naming `what`) and sync, before
+        anything else is written in place."""
+        head = (INCOMPLETE_MARK + what.encode()[:400] + b"\n")[:length]
+        self.write(0, head)
+        self.write_zeroes(len(head), length - len(head), always=True)
+        self.sync()
+
+    def sync(self) -> None:
+        if self.stream:
+            return
+        try:
+            os.fsync(self.fd)
+        except OSError as e:
+            raise TargetError(f"cannot flush target {self.path}: {e.strerror or e}") from None
+
     def commit(self) -> None:
         """Make the restore durable and, for a file, put it in place of the target."""
+        if self.stream:
+            self._done = True
+            return
         try:
             if self._keep is not None:
                 # After the writes, which may have cleared set-user-ID and set-group-ID bits.
@@ -210,7 +322,7 @@ class Target:
             _unfinished.discard(self._temp)
 
     def _close(self) -> None:
-        if self._open:
+        if self._open and not self.stream:  # standard output stays the process's own
             self._open = False
             with contextlib.suppress(OSError):
                 os.close(self.fd)
@@ -251,9 +363,9 @@ def _fsync_directory(path: str) -> None:
         os.close(fd)
 
 
-def _open_device(path: str, st: os.stat_result, size: int) -> int:
+def _open_device(path: str, st: os.stat_result, size: int, mode: int, warn: Warn) -> int:
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC)
+        fd = os.open(path, mode | os.O_EXCL | os.O_CLOEXEC)
     except OSError as e:
         if e.errno == errno.EBUSY:
             raise TargetError(f"target device {path} {_device_user(st.st_rdev)}; "
@@ -267,7 +379,54 @@ def _open_device(path: str, st: os.stat_result, size: int) -> int:
     if dev_size < size:
         os.close(fd)
         raise TargetError(f"target device {path} is too small: {dev_size} bytes, need {size}")
+    if dev_size > size:
+        warn(f"target device {path} is {dev_size} bytes, larger than the version ({size}): "
+             f"its last {dev_size - size} bytes keep their old data")
     return fd
+
+
+def _blkid() -> str | None:
+    return shutil.which("blkid", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+
+
+def probe_signature(path: str) -> str | None:
+    """What `blkid -p` (libblkid's low-level probe, no cache) finds on a device: e.g.
+    "ext4 file system", "dos partition table", "LVM2_member", or None for nothing.
+
+    libblkid rather than a signature check of our own: it knows every file system, RAID and
+    LVM superblock and partition table (also those at the end of a device, like md 1.0 and
+    GPT's backup), the same list mkfs and wipefs use, and util-linux is on every Linux
+    system."""
+    tool = _blkid()
+    if tool is None:
+        raise TargetError("blkid (util-linux) is not installed: it checks a device for a "
+                          "file system before it is overwritten; install it, or give --force")
+    try:
+        p = subprocess.run([tool, "-p", "-o", "export", path], capture_output=True, text=True,
+                           timeout=120, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise TargetError(f"cannot check {path} for a file system (blkid): {e}") from None
+    if p.returncode == 2:  # nothing found
+        return None
+    if p.returncode == 8:
+        return "more than one signature (ambivalent probe)"
+    if p.returncode != 0:
+        detail = (p.stderr.strip() or f"exit code {p.returncode}").splitlines()[-1]
+        raise TargetError(f"cannot check {path} for a file system (blkid): {detail}")
+    found = dict(line.split("=", 1) for line in p.stdout.splitlines() if "=" in line)
+    if "PTTYPE" in found and "TYPE" not in found:
+        return f"{found['PTTYPE']} partition table"
+    kind = found.get("TYPE", "unknown")
+    usage = found.get("USAGE", "")
+    return f"{kind} file system" if usage == "filesystem" else f"{kind} signature"
+
+
+def _refuse_signature(path: str) -> None:
+    found = probe_signature(path)
+    if found is not None:
+        article = "an" if found[:1].lower() in "aeiou" else "a"
+        raise TargetError(f"target device {path} holds {article} {found}; nothing was written "
+                          "(give --force to overwrite it)")
 
 
 def _device_user(rdev: int) -> str:

@@ -1,5 +1,6 @@
 """The edge to lvm2 and device-mapper: the only module that runs `lvs`, `lvcreate`,
-`lvremove`, `dmsetup` and `thin_delta`.
+`lvremove`, `dmsetup` and `thin_delta`: it reads LVs, makes and removes snapshots, and makes
+the LVs a restore writes into.
 
 Everything goes through a `Runner` (argv -> stdout), so the workflow above it can be driven by
 a fake in unit tests and by the real tools in the VM tests. lvm2 is always given a config that
@@ -123,6 +124,26 @@ class Lvm:
         else:
             args += ["-L", size]
         self._lvm(*args, f"{vg}/{origin}")
+        return self.lv(vg, name)
+
+    def find(self, vg: str, name: str) -> LvInfo | None:
+        """The LV, or None if the volume group has none of that name."""
+        return next((i for i in self.lvs(vg) if i.name == name), None)
+
+    def create_lv(self, vg: str, name: str, size: int, *, thin_pool: str | None = None,
+                  pvs: Sequence[str] = ()) -> LvInfo:
+        """A new, active LV of at least `size` bytes (lvm2 rounds up to whole extents): thin
+        in `thin_pool`, else linear, on `pvs` if given. Signatures left on the extents by an
+        earlier LV are wiped, so the new LV starts out carrying none."""
+        args = ["lvcreate", "-n", name, "--yes", "--wipesignatures", "y", "-ay"]
+        size = -(-size // 512) * 512  # whole sectors; lvm2 rounds up to extents from there
+        if thin_pool is not None:
+            if pvs:
+                raise LvmError("a thin LV is placed by its pool: --pv goes with linear LVs")
+            args += ["-V", f"{size}b", "--thinpool", thin_pool, vg]
+        else:
+            args += ["-L", f"{size}b", vg, *pvs]
+        self._lvm(*args)
         return self.lv(vg, name)
 
     def remove(self, vg: str, name: str) -> None:

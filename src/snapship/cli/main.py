@@ -97,7 +97,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "key": ("key_commands", "list, add, remove and change the passphrases of a repository"),
     "copy": ("copy_commands", "copy versions to another repository"),
     "backup": ("transfer_commands", "back up a file or block device"),
-    "restore": ("transfer_commands", "restore a version to a file or device"),
+    "restore": ("transfer_commands", "restore a version to a file, device or pipe"),
     "prune": ("lifecycle_commands", "forget versions no retention rule keeps"),
     "forget": ("lifecycle_commands", "forget named versions"),
     "protect": ("lifecycle_commands", "keep versions whatever prune's rules say"),

@@ -270,6 +270,13 @@ def _versions(parsed_args: argparse.Namespace) -> list[tuple[str, str]]:
         return []
 
 
+VERSION_HELP = ("VERSION: an id or a unique prefix of one, 'latest' (the default), 'latest~N' "
+                "(the Nth before it), or a local date or time, YYYY-MM-DD[THH:MM[:SS]] (the "
+                "newest version made at or before the end of that day, minute or second; a "
+                "trailing Z means UTC)")
+"""How a version is named, for every command that takes VOLUME[@VERSION] (selection.py)."""
+
+
 def complete_version_refs(prefix: str, parsed_args: argparse.Namespace, **_: Any) -> list[str]:
     """VOLUME and VOLUME@VERSION."""
     pairs = _versions(parsed_args)

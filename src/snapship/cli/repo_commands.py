@@ -6,7 +6,7 @@ import argparse
 import os
 from typing import Any
 
-from snapship.cli import known_repos, options, reports, server_commands
+from snapship.cli import against_commands, known_repos, options, reports, server_commands
 from snapship.cli.context import open_repository, open_storage, passphrase_source, source_args
 from snapship.cli.output import TerminalProgress, warn
 from snapship.cli.reports import emit
@@ -145,6 +145,9 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    against_commands.check_usage(args)
+    if args.against is not None:
+        return against_commands.cmd_verify_against(args)
     if args.on_server:
         return server_commands.cmd_verify_on_server(args)
     repo = open_repository(args)
@@ -210,10 +213,13 @@ def register(sub: options.SubParsers) -> None:
         much of it is zero, shared or new, what it costs in the repository, whether it is
         protected (with the note given to `protect`) or marked damaged, and its labels.
         VOLUME alone means its newest version; VOLUME@VERSION names one (a unique prefix of
-        the id is enough).""",
-        examples=["snapship show root", "snapship show root@20261126-0930 --json"],
+        the id, latest~N, or a local date or time such as 2026-12-01T08:00).""",
+        examples=["snapship show root", "snapship show root@20261126-0930 --json",
+                  "snapship show root@latest~1          # the version before the newest",
+                  "snapship show root@2026-12-01        # the newest made on or before Dec 1"],
         parents=options.parents(repo=True, key=True))
-    options.completes(p.add_argument("version_ref", metavar="VOLUME[@VERSION]"),
+    options.completes(p.add_argument("version_ref", metavar="VOLUME[@VERSION]",
+                                     help=options.VERSION_HELP),
                       options.complete_version_refs)
     p.set_defaults(func=cmd_show)
 
@@ -224,8 +230,12 @@ def register(sub: options.SubParsers) -> None:
         a version references exists with the right size; --deep also reads, decrypts and
         hashes each chunk (with --sample, a random share of them). Versions that use a bad
         chunk are marked damaged; the next backup that meets such a chunk stores it again, and
-        a later deep verify clears the mark. Exit code 1 when something is wrong.""",
+        a later deep verify clears the mark. Exit code 1 when something is wrong.
+        VOLUME[@VERSION] --against PATH|lvm:VG/LV instead compares that version with a live
+        device, snapshot or image chunk by chunk (hashes only, nothing fetched) and lists the
+        chunks that differ (exit code 1 if any do).""",
         examples=["snapship verify", "snapship verify --deep",
+                  "snapship verify root@latest --against lvm:vg0/root-snap   # after a backup",
                   "snapship verify --deep --sample 5 --volume root   # a cheap spot check",
                   "snapship verify --on-server --deep --repo https://backup.example:8420/db1"],
         parents=options.parents(repo=True, key=True))
@@ -236,4 +246,10 @@ def register(sub: options.SubParsers) -> None:
     options.completes(p.add_argument("--volume", help="only versions of this volume"),
                       options.complete_volumes)
     server_commands.add_on_server_option(p)
+    options.completes(p.add_argument("version_ref", nargs="?", metavar="VOLUME[@VERSION]",
+                                     help="with --against: the version to compare; "
+                                     + options.VERSION_HELP),
+                      options.complete_version_refs)
+    p.add_argument("--against", metavar="PATH|lvm:VG/LV",
+                   help="compare the version with this file, device or logical volume")
     p.set_defaults(func=cmd_verify)

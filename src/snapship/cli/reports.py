@@ -193,8 +193,22 @@ def describe_backup(r: Report) -> list[str]:
 
 def describe_restore(r: Report) -> list[str]:
     rate = r["size"] / r["duration"] if r["duration"] else 0.0
-    return [f"restored {r['ref']} to {r['target']}: {human_bytes(r['size'])} in "
-            f"{r['duration']:.1f} s ({human_bytes(rate)}/s)"]
+    line = (f"restored {r['ref']} to {r['target']}: {human_bytes(r['size'])} in "
+            f"{r['duration']:.1f} s ({human_bytes(rate)}/s)")
+    if r.get("mode", "full") == "full":
+        return [line]
+    lines = [line + f", {r['mode']}"]
+    rb = r.get("rollback")
+    if rb is not None:
+        lines.append(f"since {r['volume']}@{rb['newest']} was backed up: "
+                     f"{rb['changed_since_backup']} chunks written on the LV "
+                     f"({rb['change_source']}), {rb['differ_from_newest']} differ in the version")
+    lines.append((f"compared {r['chunks_compared']} of {r['chunks']} chunks; "
+                  if r["mode"] == "differential" else "")
+                 + f"fetched {r['chunks_fetched']} ({human_bytes(r['bytes_fetched'])}); "
+                 f"wrote {r['chunks_written'] + r['chunks_zero']} of {r['chunks']} "
+                 f"({r['chunks_zero']} of them zero)")
+    return lines
 
 
 def describe_init(r: Report) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import re
 import stat
@@ -18,10 +19,12 @@ from snapship.cli.output import TerminalProgress, warn
 from snapship.cli.reports import describe_backup, describe_restore, emit, ref, version_detail
 from snapship.devices import Source, remove_unfinished
 from snapship.engine.backup import BackupPlan, Prepared, run_backup
-from snapship.engine.restore import run_restore
+from snapship.engine.lvm_restore import LvPlacement, restore_to_lv, rollback_lv
+from snapship.engine.restore import STDOUT, RestoreStats, run_restore
 from snapship.engine.snapshot_backup import SnapshotOptions, run_snapshot_backup
 from snapship.errors import UsageError
 from snapship.formats.manifest import Manifest, check_name
+from snapship.repository.repo import Repository
 from snapship.types import ByteRange, VersionRef
 
 
@@ -176,26 +179,83 @@ def report_backup(args: argparse.Namespace, m: Manifest) -> None:
     emit("backup", version_detail(m, None, None), describe_backup, json=args.json)
 
 
+def check_restore_options(args: argparse.Namespace) -> None:
+    """The usage errors of `restore`, found before the repository is opened."""
+    lvm_target = args.target.startswith("lvm:")
+    if args.target == STDOUT:
+        if args.json:
+            raise UsageError("--json cannot go with -: standard output carries the image")
+        if args.differential:
+            raise UsageError("--differential needs a target to read: a file or a device, "
+                             "not -")
+    if not lvm_target and (args.rollback or args.thin_pool is not None or args.pv):
+        raise UsageError(f"{'--rollback' if args.rollback else '--thin-pool and --pv'} "
+                         "need the target to be lvm:VG/LV")
+    if args.rollback and (args.differential or args.thin_pool is not None or args.pv):
+        raise UsageError("--rollback does not go with --differential, --thin-pool or --pv")
+    if lvm_target:
+        parse_lvm_source(args.target)
+
+
+def restore_into_lvm(args: argparse.Namespace, repo: Repository, m: Manifest,
+                     progress: TerminalProgress) -> tuple[RestoreStats, dict[str, object]]:
+    """`restore ... lvm:VG/LV` (with --rollback or not): the stats and the report's extras."""
+    vg, lv = parse_lvm_source(args.target)
+    if args.rollback:
+        done = rollback_lv(repo, m, Lvm(), vg, lv, progress=progress, warn=warn)
+    else:
+        done = restore_to_lv(repo, m, Lvm(), vg, lv, force=args.force,
+                             placement=LvPlacement(args.thin_pool, tuple(args.pv)),
+                             differential=args.differential, progress=progress, warn=warn)
+    extra: dict[str, object] = {"lv": {"device": done.device, "created": done.created}}
+    if done.rollback is not None:
+        extra["rollback"] = dataclasses.asdict(done.rollback)
+    return done.stats, extra
+
+
 def cmd_restore(args: argparse.Namespace) -> int:
+    check_restore_options(args)
     repo = open_repository(args)
     volume, version = repo.resolve(parse_ref(args.version_ref))
     m = repo.load_manifest(volume, version)
-    # A stopped restore (SIGINT, or SIGTERM as main makes it raise) removes its temporary file.
-    try:
-        stats = run_restore(repo, m, args.target, progress=TerminalProgress(f"restore {volume}"))
-    finally:
-        remove_unfinished()  # also one an exception struck before it could abort
-    emit("restore", {
-        "volume": volume,
-        "version_id": version,
-        "ref": ref(volume, version),
+    progress = TerminalProgress(f"restore {volume}")
+    extra: dict[str, object] = {}
+    if args.target.startswith("lvm:"):
+        stats, extra = restore_into_lvm(args, repo, m, progress)
+    else:
+        # A stopped restore (SIGINT, or SIGTERM as main makes it raise) removes its
+        # temporary file.
+        try:
+            stats = run_restore(repo, m, args.target, progress=progress, force=args.force,
+                                differential=args.differential, warn=warn)
+        finally:
+            remove_unfinished()  # also one an exception struck before it could abort
+    report_restore(args, m, stats, extra)
+    return 0
+
+
+def report_restore(args: argparse.Namespace, m: Manifest, stats: RestoreStats,
+                   extra: dict[str, object]) -> None:
+    report: dict[str, object] = {
+        "volume": m.volume,
+        "version_id": m.version,
+        "ref": ref(m.volume, m.version),
         "target": args.target,
+        "mode": stats.mode,
         "size": stats.size,
+        "chunks": stats.chunks,
+        "chunks_compared": stats.chunks_compared,
+        "chunks_fetched": stats.chunks_written,
+        "bytes_fetched": stats.bytes_fetched,
         "chunks_written": stats.chunks_written,
         "chunks_zero": stats.chunks_zero,
         "duration": round(stats.duration, 3),
-    }, describe_restore, json=args.json)
-    return 0
+        **extra,
+    }
+    # The image went to standard output: the report for people goes to stderr instead.
+    to_stderr = args.target == STDOUT
+    with contextlib.redirect_stdout(sys.stderr) if to_stderr else contextlib.nullcontext():
+        emit("restore", report, describe_restore, json=args.json)
 
 
 def register(sub: options.SubParsers) -> None:
@@ -235,19 +295,56 @@ def register(sub: options.SubParsers) -> None:
     p.set_defaults(func=cmd_backup, quiet_report=True)
 
     p = options.add_command(
-        sub, "restore", summary="restore a version to a file or device",
+        sub, "restore", summary="restore a version to a file, device or pipe",
         description="""
-        Write a version to a file or a block device. A device is opened exclusively (refused
-        while mounted or otherwise in use) and written in place, zero chunks as zeroes. A file
-        is written sparse to a temporary file beside it and renamed over it only when
-        complete: a restore that fails or is stopped leaves an existing file as it was.""",
+        Write a version to a file, a block device, or standard output (-). A device is opened
+        exclusively (refused while mounted or otherwise in use, even with --force), refused
+        if it carries a file system, partition table or other signature (as blkid finds it)
+        unless --force is given, and written in place, zero chunks as zeroes, its first chunk
+        last: until the restore is complete that chunk is blank, so a stopped restore leaves
+        a device that does not mount (and says it is incomplete). A target larger than the
+        version is warned about: its tail keeps its old data. A file is written sparse to a
+        temporary file beside it and renamed over it only when complete: a restore that
+        fails or is stopped leaves an existing file as it was. With --differential, an
+        existing copy (file or device) is read and hashed chunk by chunk, and only the chunks
+        that differ are fetched and written, in place. A target lvm:VG/LV that does not
+        exist is created at the version's size (--thin-pool POOL: thin; else linear, on --pv
+        PV... if given) and removed again if the restore fails. --rollback restores a version
+        onto the LV it was backed up from in O(changed), through the tracking snapshot of the
+        newest version: only the chunks written since that backup and those where the version
+        differs from the newest are fetched and written (a later backup stays incremental).""",
         examples=["snapship restore root restored.img               # the newest version",
                   "snapship restore root@20261126-0930 /dev/vg0/restore",
-                  "snapship restore root@2026112 disk.img          # a unique id prefix"],
+                  "snapship restore root@2026112 disk.img          # a unique id prefix",
+                  "snapship restore root@latest~2 disk.img         # two before the newest",
+                  "snapship restore root@2026-12-01T08:00 disk.img # newest at or before then",
+                  "snapship restore root - | ssh host 'cat > root.img'   # zeroes included",
+                  "snapship restore --force root /dev/sdb          # over an old file system",
+                  "snapship restore --differential root@latest~1 copy.img  # only what differs",
+                  "snapship restore root lvm:vg0/root-restored     # a new linear LV",
+                  "snapship restore root lvm:vg0/new --thin-pool pool0   # a new thin LV",
+                  "snapship restore --rollback root@latest~1 lvm:vg0/root  # O(changed)"],
         parents=options.parents(repo=True, key=True))
     options.completes(p.add_argument("version_ref", metavar="VOLUME[@VERSION]",
-                                     help="version id, unique prefix, or 'latest' (the "
-                                     "default)"), options.complete_version_refs)
-    p.add_argument("target", help="file (written sparse beside it, then renamed over it) or "
-                   "block device (refused while mounted or in use)")
+                                     help=options.VERSION_HELP),
+                      options.complete_version_refs)
+    p.add_argument("target", help="file (written sparse beside it, then renamed over it), "
+                   "block device (refused while mounted or in use), lvm:VG/LV (created if "
+                   "missing), or - for standard output")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite a device that carries a file system or other signature "
+                   "(never one that is mounted or in use)")
+    p.add_argument("--differential", action="store_true",
+                   help="TARGET holds an earlier copy: read and hash it, fetch and write only "
+                   "the chunks that differ (in place)")
+    p.add_argument("--rollback", action="store_true",
+                   help="lvm:VG/LV is the volume's own origin, its tracking snapshot still "
+                   "there: write only what changed since the last backup and where the "
+                   "version differs from the newest (no --force needed; never while mounted)")
+    p.add_argument("--thin-pool", metavar="POOL",
+                   help="lvm:VG/LV that does not exist: create it as a thin LV in POOL "
+                   "(default: a linear LV)")
+    p.add_argument("--pv", nargs="+", action="extend", default=[], metavar="PV",
+                   help="lvm:VG/LV that does not exist: place the new linear LV on these "
+                   "physical volumes (give it last, or once per PV)")
     p.set_defaults(func=cmd_restore, quiet_report=True)

@@ -1,20 +1,31 @@
-"""The restore engine: one manifest -> a complete image on a file or block device.
+"""The restore engine: one manifest -> a complete image on a file, a block device or a pipe.
 
-Chunks are fetched, decrypted and checked on the worker pool and written with pwrite by the
-calling thread; zero chunks become holes in a file and real zeroes on a device. Any chunk that
-is missing or fails its check stops the restore with the chunk id, version and offset named.
-A file is only put in place of the target once the restore is complete and synced (a failure,
-or an exception such as KeyboardInterrupt, leaves an existing file as it was); a device in use
-is refused before anything is written (`devices.Target`).
+Chunks are fetched, decrypted and checked on the worker pool and written by the calling
+thread, in order; zero chunks become holes in a new file and real zeroes on a device or a
+pipe. Any chunk that is missing or fails its check stops the restore with the chunk id,
+version and offset named. A new file is only put in place of the target once the restore is
+complete and synced (a failure, or an exception such as KeyboardInterrupt, leaves an existing
+file as it was); a device in use, or one carrying a file system unless forced, is refused
+before anything is written (`devices.Target`).
+
+What is written in place (a device; any differential restore) has its first chunk written
+last: it is first blanked with a marker (`devices.INCOMPLETE_MARK`) and synced, then the rest
+is written and synced, then the first chunk. A restore stopped in between leaves a target
+that no file system driver recognises, and says (through `warn`) that it is incomplete.
+
+A differential restore (`differential=True`) first reads the target and hashes each chunk
+with the repository's chunk-id function; only the chunks whose id differs from the version's
+are fetched and written.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from snapship.devices import Target
+from snapship.engine.compare import compare
 from snapship.engine.pipeline import bounded_map, default_workers, window_for
 from snapship.engine.progress import NoProgress, Progress
 from snapship.errors import Corrupt, ObjectNotFound
@@ -22,13 +33,33 @@ from snapship.formats.manifest import Manifest
 from snapship.repository.repo import Repository
 from snapship.types import ZERO_ID
 
+Warn = Callable[[str], None]
+STDOUT = "-"
+"""The target name that means standard output."""
+
 
 @dataclass(frozen=True)
 class RestoreStats:
     size: int
     chunks_written: int
+    """Non-zero chunks written (fetched from the repository)."""
     chunks_zero: int
+    """Zero chunks restored: written as zeroes, or left as holes in a new file."""
     duration: float
+    mode: str = "full"
+    chunks: int = 0
+    chunks_compared: int = 0
+    """Chunks of the target read and hashed (differential restores)."""
+    bytes_fetched: int = 0
+    """Stored (compressed, sealed) bytes fetched from the repository."""
+
+
+def _ignore(_message: str) -> None:
+    pass
+
+
+Choose = Callable[[Target, Progress, int], list[int]]
+"""Given the opened target, which chunk indices a restore in place writes (ascending)."""
 
 
 def run_restore(
@@ -38,29 +69,85 @@ def run_restore(
     *,
     progress: Progress | None = None,
     workers: int | None = None,
+    force: bool = False,
+    differential: bool = False,
+    fresh: bool = False,
+    choose: Choose | None = None,
+    mode: str = "full",
+    warn: Warn = _ignore,
 ) -> RestoreStats:
+    """Restore `m` onto `target_path` (STDOUT for standard output). `force` skips the
+    signature check of a device; `fresh` says the device was made for this restore (no check,
+    no warning that it is larger: its tail past the version is zeroed instead).
+
+    `differential` updates an existing target in place, writing the chunks whose id differs;
+    `choose` (reported as `mode`) does the same with the chunks it names, once the target is
+    open (so a device is held exclusively while they are worked out)."""
     started = time.monotonic()
     progress = progress or NoProgress()
-    where = f"{m.volume}@{m.version}"
-    zero_chunks = 0
-
-    def chunks() -> Iterator[tuple[int, bytes]]:
-        nonlocal zero_chunks
-        for i in range(m.count):
-            cid = m.chunk(i)
-            if cid == ZERO_ID:
-                zero_chunks += 1
-                off, length = m.chunk_span(i)
-                target.write_zeroes(off, length)
-                progress.advance(length)
-            else:
-                yield i, cid
-
-    def fetch(item: tuple[int, bytes]) -> tuple[int, bytes]:
-        index, cid = item
-        off, length = m.chunk_span(index)
+    nworkers = workers or default_workers(repo.storage)
+    compared = 0
+    if target_path == STDOUT:
+        target = Target.stdout()
+    elif differential or choose is not None:
+        target = Target.open_existing(target_path, m.size, warn=warn)
+    else:
+        target = Target.open(target_path, m.size, force=force or fresh,
+                             warn=_ignore if fresh else warn)
+    with target:  # leaving it uncommitted aborts
+        first: bytes | None = None
+        if choose is not None:
+            todo = choose(target, progress, nworkers)
+        elif differential and not target.stream:
+            found = compare(repo, m, target.read, m.size, progress, nworkers)
+            todo, first, compared = found.differing, found.first, found.compared
+            mode = "differential"
+        else:
+            todo = list(range(m.count))
+        writer = _Writer(repo, m, target, progress, nworkers)
         try:
-            data = repo.get_chunk(cid)
+            writer.write(todo, first)
+        except BaseException:
+            if writer.marked:
+                warn(f"target {target.path} is incomplete: the restore of {m.volume}@"
+                     f"{m.version} stopped, and its first chunk is left blank (a "
+                     f"'SNAPSHIP INCOMPLETE RESTORE' marker) so that it does not mount; "
+                     "restore it again")
+            raise
+        if fresh and target.size is not None and target.size > m.size:
+            target.write_zeroes(m.size, target.size - m.size)
+        target.commit()
+    return RestoreStats(
+        size=m.size,
+        chunks_written=writer.data_chunks,
+        chunks_zero=writer.zero_chunks,
+        duration=time.monotonic() - started,
+        mode=mode,
+        chunks=m.count,
+        chunks_compared=compared,
+        bytes_fetched=writer.bytes_fetched,
+    )
+
+
+class _Writer:
+    """Fetches and writes the chosen chunks of a version, first chunk last when in place."""
+
+    def __init__(self, repo: Repository, m: Manifest, target: Target, progress: Progress,
+                 nworkers: int) -> None:
+        self.repo, self.m, self.target, self.progress = repo, m, target, progress
+        self.nworkers = nworkers
+        self.data_chunks = self.zero_chunks = self.bytes_fetched = 0
+        self.marked = False
+
+    def fetch(self, index: int) -> tuple[int, bytes | None]:
+        m = self.m
+        cid = m.chunk(index)
+        if cid == ZERO_ID:
+            return index, None
+        off, length = m.chunk_span(index)
+        where = f"{m.volume}@{m.version}"
+        try:
+            data = self.repo.get_chunk(cid)
         except ObjectNotFound:
             raise Corrupt(f"chunk {cid.hex()} of {where} at offset {off} is missing") from None
         except Corrupt as e:
@@ -70,23 +157,43 @@ def run_restore(
                 f"chunk {cid.hex()} of {where} at offset {off} has {len(data)} bytes, "
                 f"expected {length}"
             )
-        return off, data
+        return index, data
 
-    nworkers = workers or default_workers(repo.storage)
-    with Target.open(target_path, m.size) as target:  # leaving it uncommitted aborts
-        progress.start(m.size)
+    def put(self, index: int, data: bytes | None) -> None:
+        off, length = self.m.chunk_span(index)
+        if data is None:
+            self.zero_chunks += 1
+            self.target.write_zeroes(off, length, always=self.target.in_place)
+        else:
+            self.data_chunks += 1
+            self.bytes_fetched += self.m.sizes[index]
+            self.target.write(off, data)
+        self.progress.advance(length)
+
+    def write(self, todo: Iterable[int], first: bytes | None) -> None:
+        """Write chunks `todo`; `first` is the target's first chunk as it was (differential),
+        put back if chunk 0 needs no change but was blanked."""
+        todo = list(todo)
+        t = self.target
+        guard = t.in_place and bool(todo)
+        rest: Iterator[int] = (i for i in todo if not (guard and i == 0))
+        self.progress.start(sum(self.m.chunk_span(i)[1] for i in todo))
         try:
-            # One writer: concurrent pwrites to one file contend for its inode lock and spin.
-            for off, data in bounded_map(fetch, chunks(), nworkers,
-                                         window_for(nworkers, m.chunk_size)):
-                target.write(off, data)
-                progress.advance(len(data))
+            if guard:
+                if todo[0] != 0 and first is None:
+                    first = t.read(*self.m.chunk_span(0))  # to put back, unchanged
+                t.mark_incomplete(self.m.chunk_span(0)[1], f"{self.m.volume}@{self.m.version}")
+                self.marked = True
+            for index, data in bounded_map(self.fetch, rest, self.nworkers,
+                                           window_for(self.nworkers, self.m.chunk_size)):
+                self.put(index, data)
+            if guard:
+                t.sync()  # everything else is durable before the first chunk says "done"
+                if todo[0] == 0:
+                    self.put(*self.fetch(0))
+                else:
+                    assert first is not None
+                    t.write(0, first)
+                self.marked = False
         finally:
-            progress.finish()
-        target.commit()
-    return RestoreStats(
-        size=m.size,
-        chunks_written=m.count - zero_chunks,
-        chunks_zero=zero_chunks,
-        duration=time.monotonic() - started,
-    )
+            self.progress.finish()

@@ -32,7 +32,7 @@ from snapship.formats.constants import (
 )
 from snapship.formats.json_bounded import load_object
 from snapship.formats.refs import Refs
-from snapship.repository import collection, locks
+from snapship.repository import collection, locks, selection
 from snapship.repository import layout as L
 from snapship.repository.collection import Collection
 from snapship.repository.session import WriterSession
@@ -166,21 +166,10 @@ class Catalog:
         return dict(sorted(out.items()))
 
     def resolve(self, ref: VersionRef) -> tuple[str, str]:
-        """Turn `volume@version` into an existing version; accepts a unique id prefix."""
-        versions = [v for _, v in self.versions(ref.volume)]
-        if not versions:
-            raise NotFound(f"volume {ref.volume} has no versions in this repository")
-        if ref.version in (None, "latest"):
-            return ref.volume, versions[-1]
-        assert ref.version is not None
-        if ref.version in versions:
-            return ref.volume, ref.version
-        matches = [v for v in versions if v.startswith(ref.version)]
-        if len(matches) == 1:
-            return ref.volume, matches[0]
-        if matches:
-            raise UsageError(f"version {ref.version!r} of {ref.volume} is ambiguous")
-        raise NotFound(f"volume {ref.volume} has no version {ref.version}")
+        """Turn `volume@version` into an existing version: an id, a unique prefix, `latest`,
+        `latest~N` or a local date/time (the rules are in selection.py)."""
+        return ref.volume, selection.select(ref.volume, [v for _, v in self.versions(ref.volume)],
+                                            ref.version)
 
     def manifest_name(self, volume: str, version: str) -> bytes:
         """What a manifest's envelope authenticates as its name."""

@@ -393,6 +393,6 @@ class Repository:
         return None
 
     def resolve(self, ref: VersionRef) -> tuple[str, str]:
-        """Turn `volume@version` into an existing version; accepts a unique id prefix."""
+        """Turn `volume@version` into an existing version (`Catalog.resolve`)."""
         return self.catalog.resolve(ref)
 
