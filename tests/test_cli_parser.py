@@ -70,7 +70,7 @@ def value_options(parser: argparse.ArgumentParser) -> Iterator[argparse.Action]:
 COMMANDS = {" ".join(path) for path, _ in every_command()}
 EXPECTED_COMMANDS = {"init", "versions", "show", "verify", "backup", "restore", "prune",
                      "forget", "protect", "unprotect", "gc", "locks", "cow inspect",
-                     "cow export", "server", "token", "nbd serve"}
+                     "cow export", "server", "token", "nbd serve", "mount", "umount"}
 
 # Options whose value is free text (a path, a name, a command line): nothing to check here.
 TEXT = {"--repo", "--token-file", "--ca", "--passphrase-file", "--volume", "--label",
@@ -106,6 +106,7 @@ BAD_VALUES = {
     ("nbd serve", "--cache-size"): SIZE_0,
     ("nbd serve", "--readahead"): SIZE_0,
     ("nbd serve", "--workers"): WHOLE_1,
+    ("mount", "--partition"): WHOLE_1,
 }
 
 
@@ -250,8 +251,8 @@ def test_verbose_says_more_on_stderr(repo_with_a_version: Path) -> None:
 # -- which command offers which option ------------------------------------------------------
 
 USES_THE_KEY = {"init", "versions", "show", "verify", "backup", "restore", "gc", "cow export",
-                "nbd serve"}
-NO_REPOSITORY = {"cow inspect", "server", "token"}
+                "nbd serve", "mount"}
+NO_REPOSITORY = {"cow inspect", "server", "token", "umount"}
 
 
 def options_of(parser: argparse.ArgumentParser) -> set[str]:

@@ -298,6 +298,22 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> Outputs:
         proc.communicate(timeout=60)
     assert proc.returncode == 0
 
+    # mount and umount: an ext4 image, mounted through nbdfuse and a loop device.
+    content = tmp / "fs"
+    content.mkdir()
+    (content / "f").write_bytes(b"x" * 5000)
+    fs = tmp / "fs.img"
+    with open(fs, "wb") as f:
+        f.truncate(8 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(content), str(fs)], check=True)
+    out.run("backup", "--repo", repo, fs, "--volume", "fs")
+    mnt = tmp / "mnt"
+    mnt.mkdir()
+    out.run("mount", "--repo", repo, "fs", mnt)
+    out.run("umount", mnt)
+    out.fail(["mount", "--repo", repo, "fs", tmp / "nodir", "--json"], "usage")
+    out.fail(["umount", mnt, "--json"], "not-found")
+
     # Errors, of every kind a local repository can give.
     out.fail(["versions", "--repo", tmp / "none", "--json"], "not-found")
     out.fail(["show", "--repo", repo, "disk@nope", "--json"], "not-found")

@@ -17,6 +17,7 @@ from snapship import __version__
 from snapship.cli import (
     cow_commands,
     lifecycle_commands,
+    mount_commands,
     nbd_commands,
     options,
     output,
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     cow_commands.register(sub)
     server_commands.register(sub)
     nbd_commands.register(sub)
+    mount_commands.register(sub)
     return parser
 
 
