@@ -64,8 +64,11 @@ SCHEMAS = [b for b in json_blocks() if isinstance(b, dict) and "$schema" in b]
 EXAMPLES = [b for b in json_blocks() if not (isinstance(b, dict) and "$schema" in b)]
 REGISTRY: Registry[Any] = Registry().with_resources(
     (s["$id"], Resource.from_contents(s, default_specification=DRAFT202012)) for s in SCHEMAS)
+# A command whose output takes another shape under an option (restore --instant) has a schema
+# per shape; the variants say so (`x-variant-of`) and are checked by id where they run.
 BY_COMMAND = {s["properties"]["command"]["const"]: s for s in SCHEMAS
-              if "const" in s.get("properties", {}).get("command", {})}
+              if "const" in s.get("properties", {}).get("command", {})
+              and "x-variant-of" not in s}
 BY_ID = {s["$id"]: s for s in SCHEMAS}
 
 

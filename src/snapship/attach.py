@@ -206,32 +206,43 @@ def nbd_connected(device: str) -> bool:
     return Path("/sys/block", Path(device).name, "pid").exists()
 
 
-def free_nbd_devices() -> list[str]:
+def free_nbd_devices(writable: bool = False) -> list[str]:
+    """Unconnected /dev/nbdN devices; `writable`: only those the kernel has not left
+    read-only (6.1 keeps a device read-only once a read-only export was attached to it)."""
     found = []
     for d in sorted(Path("/sys/block").glob("nbd*"), key=lambda d: int(d.name[3:] or 0)):
         if not d.name[3:].isdigit():
             continue
         size = (d / "size").read_text().strip() if (d / "size").exists() else "0"
-        if not (d / "pid").exists() and size == "0":
+        read_only = writable and (d / "ro").exists() and (d / "ro").read_text().strip() == "1"
+        if not (d / "pid").exists() and size == "0" and not read_only:
             found.append(f"/dev/{d.name}")
     return found
 
 
 def nbd_connect(socket_path: str, export: str, device: str, read_only: bool) -> None:
-    """Attach the export to `device`. The 6.1 kernel keeps a device read-only once a read-only
-    export was on it; a writable export therefore needs a device that never had one."""
-    argv = ["nbd-client", "-N", export, "-u", socket_path, device, "-b", "4096"]
+    """Attach the export to `device` (512-byte blocks, nbd-client's default: a file system
+    made on a disk with 512-byte sectors does not mount on a device with larger ones)."""
+    argv = ["nbd-client", "-N", export, "-u", socket_path, device]
     if read_only:
         argv.append("-readonly")
     run(argv, f"attach {export} to {device}")
     wait_for(lambda: nbd_connected(device), f"the connection of {device}")
 
 
-def nbd_disconnect(device: str) -> None:
+def nbd_disconnect(device: str, wait: bool = True) -> None:
+    """Disconnect `device`: its outstanding and future I/O fail at once (a dead server's
+    requests would otherwise wait for the kernel's 30 s timeout). The kernel lets go of the
+    device only once nobody has it open: `wait` waits for that (`wait_nbd_released`)."""
     if nbd_connected(device):
         subprocess.run(["nbd-client", "-d", device], capture_output=True, check=False,
                        stdin=subprocess.DEVNULL)
-        wait_for(lambda: not nbd_connected(device), f"the disconnection of {device}")
+        if wait:
+            wait_nbd_released(device)
+
+
+def wait_nbd_released(device: str) -> None:
+    wait_for(lambda: not nbd_connected(device), f"the disconnection of {device}")
 
 
 # -- nbdfuse ----------------------------------------------------------------------------

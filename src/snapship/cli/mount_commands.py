@@ -173,7 +173,7 @@ def _attach(mounted: Mounted, client: str, socket_path: str, export: str,
     """The export as a block device (kernel) or a file (nbdfuse); returns its path."""
     if client == "kernel":
         tried = []
-        for device in attach.free_nbd_devices():
+        for device in attach.free_nbd_devices(writable):
             mounted.save(nbd_device=device)  # recorded first: a kill meanwhile leaves it named
             try:
                 attach.nbd_connect(socket_path, export, device, read_only=not writable)

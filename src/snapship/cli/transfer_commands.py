@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 from snapship.changes.lvm import Lvm
 from snapship.changes.range_file import MAX_FILE_SIZE, parse_ranges
-from snapship.cli import options
+from snapship.cli import instant_commands, options
 from snapship.cli.context import open_repository
 from snapship.cli.output import TerminalProgress, warn
 from snapship.cli.reports import describe_backup, describe_restore, emit, ref, version_detail
@@ -177,6 +177,8 @@ def report_backup(args: argparse.Namespace, m: Manifest) -> None:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    if instant_commands.requested(args):
+        return instant_commands.run_instant(args)
     repo = open_repository(args)
     volume, version = repo.resolve(parse_ref(args.version_ref))
     m = repo.load_manifest(volume, version)
@@ -250,4 +252,5 @@ def register(sub: options.SubParsers) -> None:
                                      "default)"), options.complete_version_refs)
     p.add_argument("target", help="file (written sparse beside it, then renamed over it) or "
                    "block device (refused while mounted or in use)")
+    instant_commands.add_instant_options(p)
     p.set_defaults(func=cmd_restore, quiet_report=True)
