@@ -18,6 +18,9 @@ def test_regions_divide_the_mirror() -> None:
     assert instant.region_sectors(320 * MiB_SECTORS) == 2048
     assert instant.region_sectors(2048 + 512) == 512
     assert instant.region_sectors(8 * 3) == 8
+    assert instant.region_sectors(320 * MiB_SECTORS, 128) == 128  # one 64 KiB chunk
+    assert instant.region_sectors(320 * MiB_SECTORS, 8192) == 2048
+    assert "core 1 128 2" in instant.mirror_table(8192, "/dev/nbd0", "254:1", 8192, 128)
 
 
 def test_the_mirror_table_reads_from_the_source_and_maps_the_tail_straight() -> None:

@@ -30,7 +30,7 @@ after a reboot a half-copied LV is not activated (nor mounted) by accident."""
 
 DATA_PREFIX = "snapship-instant-"
 MAX_REGION_SECTORS = 2048
-"""1 MiB regions: the unit the mirror copies and tracks."""
+"""Regions of at most 1 MiB: the unit the mirror copies and tracks."""
 
 
 def _run(argv: Sequence[str]) -> str:
@@ -120,20 +120,26 @@ def swap_table(name: str, table_text: str) -> None:
         _run(["dmsetup", "resume", "--noudevsync", name])
 
 
-def region_sectors(sectors: int) -> int:
-    """The largest power of two up to 1 MiB that divides the mirror's length."""
-    region = MAX_REGION_SECTORS
+def region_sectors(sectors: int, largest: int = MAX_REGION_SECTORS) -> int:
+    """The largest power of two up to `largest` (and 1 MiB) that divides the mirror's
+    length."""
+    region = 1
+    while region * 2 <= min(largest, MAX_REGION_SECTORS):
+        region *= 2
     while sectors % region:
         region //= 2
     return region
 
 
-def mirror_table(sectors: int, source: str, data: str, lv_sectors: int) -> str:
+def mirror_table(sectors: int, source: str, data: str, lv_sectors: int,
+                 region: int = MAX_REGION_SECTORS) -> str:  # fmt: skip
     """The LV as a mirror of `sectors`: the NBD device `source` first (the leg every region
     is copied from, and which serves reads), the LV's extents (`data`) second; a `core` log
     (region state in memory: every region starts out of sync). The LV's tail past the version
-    (extents round its size up) maps straight to its extents."""
-    lines = [f"0 {sectors} mirror core 1 {region_sectors(sectors)} 2 {source} 0 {data} 0 "
+    (extents round its size up) maps straight to its extents. dm-raid1 copies one region at
+    a time: its size is how much copying a read of the file system may have to wait behind."""
+    lines = [f"0 {sectors} mirror core 1 {region_sectors(sectors, region)} 2 {source} 0 "
+             f"{data} 0 "
              f"1 handle_errors"]
     if lv_sectors > sectors:
         lines.append(f"{sectors} {lv_sectors - sectors} linear {data} {sectors}")

@@ -162,10 +162,13 @@ def _hydrate(args: argparse.Namespace, wanted: VersionRef, vg: str, lv: str, pat
         service.save_record(path, record)
 
     save()
-    # Read-ahead of one region: the mirror's copy reads sequentially, and a long read-ahead
-    # queue ahead of the file system's own reads is what would make the LV feel slow.
+    # The mirror copies one region at a time, each a sequential read of the server; every
+    # read of the file system on the LV queues behind the copy's chunks being decoded. So
+    # regions of one chunk and a read-ahead of one chunk: a read waits for two chunks at
+    # most (with 1 MiB regions and 8 MiB of read-ahead, an XFS mount took 40 s under TCG).
+    region = max(8, manifest.chunk_size // 512)
     server = ThreadedServer(ExportNames(repo, read_only=False),
-                            ServerOptions(writable=True, readahead_bytes=1 << 20))
+                            ServerOptions(writable=True, readahead_bytes=manifest.chunk_size))
     try:
         socket_path = os.path.join(record["runtime_dir"], "nbd.sock")
         server.start(socket_path)
@@ -180,7 +183,8 @@ def _hydrate(args: argparse.Namespace, wanted: VersionRef, vg: str, lv: str, pat
         save(dm_name=lv_dm, linear_table=linear, data_device=data)
         data_dev = instant.create_device(data, linear)
         lv_sectors = sum(int(line.split()[1]) for line in linear.splitlines())
-        mirror = instant.mirror_table(manifest.size // 512, device, data_dev, lv_sectors)
+        mirror = instant.mirror_table(manifest.size // 512, device, data_dev, lv_sectors,
+                                      region)
         save(mirrored=True)
         instant.swap_table(lv_dm, mirror)
         report = _body("start", record, _state(record))

@@ -131,6 +131,8 @@ def _run_mount(args: argparse.Namespace, directory: str, path: Path,
     manifest = repo.load_manifest(volume, version)
     client = _choose_client(args.client)
     export = ref(volume, version)
+    server = ThreadedServer(ExportNames(repo, read_only=not args.writable),
+                            ServerOptions(writable=args.writable))
     runtime = tempfile.mkdtemp(prefix="snapship-mount.")
     pid = os.getpid()
     mounted = Mounted({"format": RECORD_FORMAT, "directory": directory, "pid": pid,
@@ -138,8 +140,6 @@ def _run_mount(args: argparse.Namespace, directory: str, path: Path,
                        "client": client, "runtime_dir": runtime, "writable": args.writable},
                       path)
     mounted.save()
-    server = ThreadedServer(ExportNames(repo, read_only=not args.writable),
-                            ServerOptions(writable=args.writable))
     try:
         socket_path = os.path.join(runtime, SOCKET)
         server.start(socket_path)
