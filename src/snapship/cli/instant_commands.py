@@ -164,8 +164,8 @@ def _hydrate(args: argparse.Namespace, wanted: VersionRef, vg: str, lv: str, pat
     save()
     # The mirror copies one region at a time, each a sequential read of the server; every
     # read of the file system on the LV queues behind the copy's chunks being decoded. So
-    # regions of one chunk and a read-ahead of one chunk: a read waits for two chunks at
-    # most (with 1 MiB regions and 8 MiB of read-ahead, an XFS mount took 40 s under TCG).
+    # regions of one chunk and a read-ahead of one chunk (not the server's 8 MiB): a read
+    # waits for two chunks of the copy at most.
     region = max(8, manifest.chunk_size // 512)
     server = ThreadedServer(ExportNames(repo, read_only=False),
                             ServerOptions(writable=True, readahead_bytes=manifest.chunk_size))
