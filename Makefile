@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 # nbd-client's package only registers its boot-time service (with an empty /etc/nbdtab);
 # installing it starts nothing.
 DEMO_TOOLS := mkfs.ext4:e2fsprogs debugfs:e2fsprogs
-TEST_TOOLS := $(DEMO_TOOLS) nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdsh:python3-libnbd \
+TEST_TOOLS := $(DEMO_TOOLS) nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdfuse:libnbd-bin nbdsh:python3-libnbd \
 	qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils nbdkit:nbdkit \
 	nbd-client:nbd-client
 

@@ -68,11 +68,11 @@ def value_options(parser: argparse.ArgumentParser) -> Iterator[argparse.Action]:
 
 
 COMMANDS = {" ".join(path) for path, _ in every_command()}
-NO_REPOSITORY = {"cow inspect", "server", "token"}
+NO_REPOSITORY = {"cow inspect", "server", "token", "umount"}
 EXPECTED_COMMANDS = {"init", "versions", "show", "verify", "backup", "restore", "prune",
                      "forget", "protect", "unprotect", "gc", "locks", "cow inspect",
                      "cow export", "server", "token", "nbd serve", "key list", "key add",
-                     "key passwd", "key remove", "copy"}
+                     "key passwd", "key remove", "copy", "mount", "umount"}
 
 # Options whose value is free text (a path, a name, a command line): nothing to check here.
 TEXT = {"--repo", "--token-file", "--ca", "--passphrase-file", "--passphrase-command",
@@ -114,6 +114,7 @@ BAD_VALUES = {
     ("nbd serve", "--cache-size"): SIZE_0,
     ("nbd serve", "--readahead"): SIZE_0,
     ("nbd serve", "--workers"): WHOLE_1,
+    ("mount", "--partition"): WHOLE_1,
 }
 
 
@@ -258,7 +259,7 @@ def test_verbose_says_more_on_stderr(repo_with_a_version: Path) -> None:
 # -- which command offers which option ------------------------------------------------------
 
 USES_THE_KEY = {"init", "versions", "show", "verify", "backup", "restore", "gc", "cow export",
-                "nbd serve", "key list", "key add", "key passwd", "key remove", "copy"}
+                "nbd serve", "key list", "key add", "key passwd", "key remove", "copy", "mount"}
 
 
 def options_of(parser: argparse.ArgumentParser) -> set[str]:

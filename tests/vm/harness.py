@@ -45,7 +45,7 @@ MODULES = (
     "virtio_pci", "virtio_blk", "9pnet_virtio", "9p",
     "crc32c_generic", "libcrc32c",
     "dm-mod", "dm-snapshot", "dm-thin-pool", "dm-zero",
-    "xfs", "ext4", "loop", "nbd", "overlay", "md-mod", "raid1",
+    "xfs", "ext4", "loop", "nbd", "overlay", "md-mod", "raid1", "dm-mirror",
 )  # fmt: skip
 
 CONSOLE_TAIL_LINES = 40

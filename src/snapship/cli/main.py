@@ -86,7 +86,8 @@ def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentPar
 
 
 COMMAND_MODULES = ("repo_commands", "key_commands", "copy_commands", "transfer_commands",
-                   "lifecycle_commands", "cow_commands", "server_commands", "nbd_commands")
+                   "lifecycle_commands", "cow_commands", "server_commands", "nbd_commands",
+                   "mount_commands")
 """Modules under snapship.cli with a `register(subparsers)`, in the order of `--help`."""
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -108,6 +109,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "server": ("server_commands", "serve repositories over HTTP(S) to token holders"),
     "token": ("server_commands", "create a token for `snapship server`"),
     "nbd": ("nbd_commands", "serve versions over the Network Block Device protocol"),
+    "mount": ("mount_commands", "mount a version's file system (read-only)"),
+    "umount": ("mount_commands", "unmount a version mounted by snapship mount"),
 }
 """Each command: the module that registers it and its line in `snapship --help`. The lazy
 parser shows these lines and imports a command's module only once the command is named, so

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 from snapship.changes.lvm import Lvm
 from snapship.changes.range_file import MAX_FILE_SIZE, parse_ranges
-from snapship.cli import options
+from snapship.cli import instant_commands, options
 from snapship.cli.context import open_repository
 from snapship.cli.output import TerminalProgress, warn
 from snapship.cli.reports import describe_backup, describe_restore, emit, ref, version_detail
@@ -214,6 +214,8 @@ def restore_into_lvm(args: argparse.Namespace, repo: Repository, m: Manifest,
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    if instant_commands.requested(args):
+        return instant_commands.run_instant(args)
     check_restore_options(args)
     repo = open_repository(args)
     volume, version = repo.resolve(parse_ref(args.version_ref))
@@ -347,4 +349,5 @@ def register(sub: options.SubParsers) -> None:
     p.add_argument("--pv", nargs="+", action="extend", default=[], metavar="PV",
                    help="lvm:VG/LV that does not exist: place the new linear LV on these "
                    "physical volumes (give it last, or once per PV)")
+    instant_commands.add_instant_options(p)
     p.set_defaults(func=cmd_restore, quiet_report=True)

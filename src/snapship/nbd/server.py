@@ -105,6 +105,12 @@ class NbdServer:
         self._listeners.append(listener)
         return [s.getsockname()[:2] for s in listener.sockets]
 
+    async def start_unix(self, path: str) -> None:
+        """Listen on a unix socket at `path`: for clients on this machine only (`snapship
+        mount`, instant restore), reachable by whoever may open the directory it is in."""
+        listener = await asyncio.start_unix_server(self._accept, path, limit=_STREAM_LIMIT)
+        self._listeners.append(listener)
+
     async def close(self) -> None:
         """Stop accepting, end every connection, wait for commits under way, free the pools."""
         for listener in self._listeners:
@@ -129,6 +135,11 @@ class NbdServer:
         set_nodelay(writer)
         try:
             await Connection(self, reader, writer).run()
+        except asyncio.CancelledError:
+            # Stopping the server cancels its connections. Ending the task quietly: Python
+            # 3.11's stream callback asks a cancelled task for its exception and logs the
+            # CancelledError it gets as an error with a traceback, on the user's terminal.
+            pass
         finally:
             self._connections.discard(task)
 
