@@ -16,6 +16,7 @@ from typing import ClassVar, NoReturn
 from snapship import __version__
 from snapship.cli import (
     cow_commands,
+    job_commands,
     lifecycle_commands,
     nbd_commands,
     options,
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     cow_commands.register(sub)
     server_commands.register(sub)
     nbd_commands.register(sub)
+    job_commands.register(sub)
     return parser
 
 
