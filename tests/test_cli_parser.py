@@ -70,12 +70,14 @@ def value_options(parser: argparse.ArgumentParser) -> Iterator[argparse.Action]:
 COMMANDS = {" ".join(path) for path, _ in every_command()}
 EXPECTED_COMMANDS = {"init", "versions", "show", "verify", "backup", "restore", "prune",
                      "forget", "protect", "unprotect", "gc", "locks", "cow inspect",
-                     "cow export", "server", "token", "nbd serve", "run", "config check"}
+                     "cow export", "server", "token", "nbd serve", "run", "config check",
+                     "systemd install"}
 
 # Options whose value is free text (a path, a name, a command line): nothing to check here.
 TEXT = {"--repo", "--token-file", "--ca", "--passphrase-file", "--volume", "--label",
         "--changed-ranges", "--pre-snapshot", "--post-snapshot", "--note", "--root", "--tokens",
-        "--tls-cert", "--tls-key", "--overlay-dir", "--tls-client-ca", "--repos", "--config"}
+        "--tls-cert", "--tls-key", "--overlay-dir", "--tls-client-ca", "--repos", "--config",
+        "--unit-dir", "--executable"}
 WHOLE_1 = ["0", "-1", "-5", "x", "1.5", ""]
 SIZE_1 = ["0", "-1", "x", "1.5M", "4X", ""]
 SIZE_0 = ["-1", "x", "4X", ""]
@@ -251,7 +253,7 @@ def test_verbose_says_more_on_stderr(repo_with_a_version: Path) -> None:
 
 USES_THE_KEY = {"init", "versions", "show", "verify", "backup", "restore", "gc", "cow export",
                 "nbd serve"}
-NO_REPOSITORY = {"cow inspect", "server", "token", "run", "config check"}
+NO_REPOSITORY = {"cow inspect", "server", "token", "run", "config check", "systemd install"}
 
 
 def options_of(parser: argparse.ArgumentParser) -> set[str]:

@@ -332,6 +332,8 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> Outputs:
     assert out.run("config check", "--config", bad, code=1)["problems"][0]["line"] == 6
     out.fail(["run", "--config", bad, "--json"], "usage")
     out.fail(["run", "--config", jobs, "nosuch", "--json"], "not-found")
+    out.run("systemd install", "--config", jobs, "--unit-dir", tmp / "units", "--dry-run")
+    out.run("systemd install", "--config", jobs, "--unit-dir", tmp / "units")
 
     with locks.Lock(LocalStorage(str(repo)), locks.GC, "gc").acquire():
         out.fail(["gc", "--repo", repo, "--json"], "busy")

@@ -23,6 +23,7 @@ from snapship.cli import (
     output,
     repo_commands,
     server_commands,
+    systemd_commands,
     transfer_commands,
 )
 from snapship.cli.signals import Terminated, terminate_raises
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     server_commands.register(sub)
     nbd_commands.register(sub)
     job_commands.register(sub)
+    systemd_commands.register(sub)
     return parser
 
 
