@@ -77,7 +77,7 @@ EXPECTED_COMMANDS = {"init", "versions", "show", "verify", "backup", "restore", 
 TEXT = {"--repo", "--token-file", "--ca", "--passphrase-file", "--volume", "--label",
         "--changed-ranges", "--pre-snapshot", "--post-snapshot", "--note", "--root", "--tokens",
         "--tls-cert", "--tls-key", "--overlay-dir", "--tls-client-ca", "--repos", "--config",
-        "--unit-dir", "--executable"}
+        "--unit-dir", "--executable", "--metrics-file"}
 WHOLE_1 = ["0", "-1", "-5", "x", "1.5", ""]
 SIZE_1 = ["0", "-1", "x", "1.5M", "4X", ""]
 SIZE_0 = ["-1", "x", "4X", ""]

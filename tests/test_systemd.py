@@ -38,8 +38,10 @@ ANALYZE = shutil.which("systemd-analyze") or "systemd-analyze"
 def jobs_file(tmp: Path, schedule: str = "*-*-* 02:00:00") -> Path:
     (tmp / "pass").write_text(PASSPHRASE + "\n")
     path = tmp / "snap ship.toml"  # a space: ExecStart= must quote it
+    (tmp / "metrics").mkdir(exist_ok=True)
     path.write_text(f"""\
 version = 1
+metrics-file = "{tmp / "metrics" / "snapship.prom"}"
 
 [repositories.local]
 location = "{tmp / "repo"}"
@@ -131,14 +133,15 @@ def test_every_generated_unit_passes_systemd_analyze_verify(tmp_path: Path) -> N
         assert all(s[k] == v for k, v in hardened.items()), s
     # Local repositories only: no network at all, and writes only into the repository.
     assert local["PrivateNetwork"] == ["yes"] and local["RestrictAddressFamilies"] == ["AF_UNIX"]
-    assert local["ReadWritePaths"] == [f"-{tmp_path / 'repo'}"] and local["PrivateDevices"] == \
-        ["yes"]
+    assert local["ReadWritePaths"] == [f"-{tmp_path / 'repo'} -{tmp_path / 'metrics'}"]
+    assert local["PrivateDevices"] == ["yes"]
     # LVM: devices, netlink (udev), and lvm2's own directories; still no network.
     assert lvm["PrivateNetwork"] == ["yes"] and "PrivateDevices" not in lvm
     assert lvm["RestrictAddressFamilies"] == ["AF_UNIX AF_NETLINK"]
     assert "-/etc/lvm/archive" in lvm["ReadWritePaths"][0].split()
     # A server repository: the network, once it is up; nothing local to write.
-    assert "PrivateNetwork" not in remote and "ReadWritePaths" not in remote
+    assert "PrivateNetwork" not in remote
+    assert remote["ReadWritePaths"] == [f"-{tmp_path / 'metrics'}"]
     assert remote["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6"]
     assert remote["After"] == ["network-online.target"]
     assert settings(units, "snapship-run@lvm.timer")["OnCalendar"] == ["Mon *-*-* 04:00"]
@@ -176,6 +179,8 @@ def test_the_services_exec_start_runs_the_job(tmp_path: Path) -> None:
     assert r.stdout.splitlines()[-1] == "run nightly: 3 steps, all succeeded", describe(r)
     assert [v for v, _ in Catalog(LocalStorage(str(tmp_path / "repo"))).versions()] == ["img"]
     assert (state_root / "snapship" / "known-repositories.json").exists()
+    assert "snapship_job_success{job=\"nightly\"} 1.0" in \
+        (tmp_path / "metrics" / "snapship.prom").read_text()
 
 
 def test_dry_run_prints_the_units_and_removed_jobs_lose_their_drop_ins(tmp_path: Path) -> None:

@@ -14,14 +14,18 @@ import datetime as dt
 import os
 import subprocess
 import sys
+import time
+
+from prometheus_client import write_to_textfile
 
 from snapship.changes.lvm import Lvm
 from snapship.cli import known_repos, options, output
 from snapship.cli.context import open_storage, passphrase_source
 from snapship.cli.output import TerminalProgress, human_bytes, warn
 from snapship.cli.reports import Report, emit, ref, version_detail
-from snapship.errors import AuthFailed, UsageError
+from snapship.errors import AuthFailed, SnapshipError, UsageError
 from snapship.jobs import config as jobs_config
+from snapship.jobs import metrics
 from snapship.jobs.config import Config, RepositoryConfig
 from snapship.jobs.runner import FAILED, SKIPPED, Runner, Step, select_jobs
 from snapship.repository.repo import PassphraseSource, Repository
@@ -94,6 +98,8 @@ def step_json(s: Step) -> Report:
                   "bytes_freeable": s.pruned.bytes_freeable}
     elif s.gc is not None:
         result = dataclasses.asdict(s.gc)
+    elif s.hook is not None and s.outcome != FAILED:
+        result = {"event": s.hook[0], "command": s.hook[1]}
     return {"job": s.job, "step": s.step, "repository": s.repository, "volume": s.volume,
             "outcome": s.outcome,
             "error": {"kind": s.error_kind, "message": s.message} if s.outcome == FAILED
@@ -105,7 +111,7 @@ def step_json(s: Step) -> Report:
 def describe_step(r: Report) -> str:
     what = {"backup": f"backup {r['volume']} -> {r['repository']}",
             "prune": f"prune {r['volume']} in {r['repository']}",
-            "gc": f"gc {r['repository']}"}[r["step"]]
+            "gc": f"gc {r['repository']}", "hook": "hook"}[r["step"]]
     head = f"{r['job']}: {what}"
     if r["outcome"] == FAILED:
         return f"{head}: FAILED ({r['error']['kind']}): {r['error']['message']}"
@@ -118,6 +124,8 @@ def describe_step(r: Report) -> str:
         return (f"{head}: ok {res['ref']}: read {human_bytes(s.get('bytes_read', 0))}, "
                 f"{s.get('chunks_new', 0)} new chunks ({human_bytes(res['new_bytes_stored'])} "
                 f"stored), {took}")
+    if r["step"] == "hook":
+        return f"{head}: ok, on-{res['event']}: {res['command']}"
     if r["step"] == "prune":
         return (f"{head}: ok, forgot {len(res['forgotten'])}, kept {len(res['kept'])}; gc "
                 f"will free {human_bytes(res['bytes_freeable'])}, {took}")
@@ -145,14 +153,55 @@ def _local_tz() -> dt.tzinfo:
     return dt.datetime.now().astimezone().tzinfo or dt.UTC
 
 
+def run_job_hook(job: str, event: str, command: str, failed: list[Step]) -> None:
+    """A job's on-success or on-failure command, told what happened through its environment
+    (docs/config.md); what it prints goes to stderr (stdout may be --json's)."""
+    env = {**os.environ, "SNAPSHIP_JOB": job, "SNAPSHIP_EVENT": event,
+           "SNAPSHIP_FAILED_STEPS": str(len(failed)),
+           "SNAPSHIP_FAILURES": "\n".join(describe_step(step_json(s)) for s in failed)}
+    p = subprocess.run(command, shell=True, env=env, stdin=subprocess.DEVNULL,
+                       capture_output=True, text=True, check=False)
+    for line in (p.stdout + p.stderr).splitlines():
+        output.message(line)
+    if p.returncode != 0:
+        raise SnapshipError(f"on-{event} hook failed with exit code {p.returncode}")
+
+
+def write_metrics(path: str, steps: list[Report], jobs: list[str]) -> None:
+    """Prometheus text (node_exporter's textfile collector), written atomically (a temporary
+    file beside it, renamed over it: prometheus_client's `write_to_textfile`)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            previous: str | None = f.read(1 << 22)
+    except FileNotFoundError:
+        previous = None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read the metrics file {path}: {e}") from None
+    try:
+        write_to_textfile(path, metrics.registry(steps, jobs, time.time(), previous))
+    except OSError as e:
+        raise UsageError(f"cannot write the metrics file {path}: {e.strerror}") from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     path, config = load_config(args)
     jobs = select_jobs(config, args.jobs)
+    metrics_file = args.metrics_file or config.metrics_file
+    if metrics_file and not metrics_file.endswith(".prom"):
+        raise UsageError(f"--metrics-file {metrics_file!r} must end in .prom (what "
+                         "node_exporter's textfile collector reads)")
     runner = Runner(config, open_configured, lvm=Lvm(), progress=TerminalProgress,
-                    on_step=_say_step, warn=warn, tz=_local_tz())
-    steps = runner.run(jobs)
-    emit("run", {"file": path, "jobs": [j.name for j in jobs], "ok": runner.ok,
-                 "steps": [step_json(s) for s in steps]}, describe_run, json=args.json)
+                    on_step=_say_step, warn=warn, tz=_local_tz(), hook=run_job_hook)
+    steps = [step_json(s) for s in runner.run(jobs)]
+    names = [j.name for j in jobs]
+    emit("run", {"file": path, "jobs": names, "ok": runner.ok, "steps": steps}, describe_run,
+         json=args.json)
+    if metrics_file:
+        try:
+            write_metrics(metrics_file, steps, names)
+        except UsageError as e:  # the run's report stands; the exit code says it failed
+            output.message(f"snapship: error: {e}")
+            return 1
     return 0 if runner.ok else 1
 
 
@@ -200,6 +249,9 @@ def register(sub: options.SubParsers) -> None:
         parents=options.parents())
     p.add_argument("jobs", nargs="*", metavar="JOB", help="jobs to run (default: all)")
     add_config_option(p)
+    p.add_argument("--metrics-file", metavar="FILE.prom",
+                   help="write Prometheus metrics there, for node_exporter's textfile "
+                   "collector (default: the jobs file's metrics-file, else none)")
     p.set_defaults(func=cmd_run, quiet_report=True)
 
     p = options.add_command(

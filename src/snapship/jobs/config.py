@@ -99,6 +99,9 @@ class JobConfig:
     prune: bool = True
     """Apply each volume's retention after its backups (volumes without one are not pruned)."""
     gc: bool = False
+    on_success: str | None = None
+    on_failure: str | None = None
+    """Shell commands run after the job: when all its steps succeeded, when any failed."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,8 @@ class Config:
     repositories: dict[str, RepositoryConfig]
     volumes: dict[str, VolumeConfig]
     jobs: dict[str, JobConfig]
+    metrics_file: str | None = None
+    """Where `run` writes Prometheus metrics (node_exporter's textfile collector)."""
 
 
 # -- positions ----------------------------------------------------------------------------
@@ -327,12 +332,14 @@ def _volume(c: _Checker, name: str, d: dict[str, Any]) -> VolumeConfig | None:
 def _job(c: _Checker, name: str, d: dict[str, Any], volumes: dict[str, Any],
          repositories: dict[str, Any]) -> JobConfig:
     path = ("jobs", name)
-    c.known(d, path, ("volumes", "repositories", "schedule", "prune", "gc"))
+    c.known(d, path, ("volumes", "repositories", "schedule", "prune", "gc", "on-success",
+                      "on-failure"))
     vols = c.names(d, path, "volumes", volumes, "volume")
     repos = c.names(d, path, "repositories", repositories, "repository")
     schedule = c.string(d, path, "schedule")
     return JobConfig(name, vols, repos, schedule, c.boolean(d, path, "prune", True),
-                     c.boolean(d, path, "gc", False))
+                     c.boolean(d, path, "gc", False), c.string(d, path, "on-success"),
+                     c.string(d, path, "on-failure"))
 
 
 _JOB_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -352,7 +359,11 @@ def check(data: bytes) -> tuple[Config | None, list[Problem]]:
         m = re.search(r"\(at line (\d+), column \d+\)", str(e))
         return None, [Problem(int(m.group(1)) if m else 1, "", f"not valid TOML: {e}")]
     c = _Checker(key_lines(text))
-    c.known(doc, (), ("version", "repositories", "volumes", "jobs"))
+    c.known(doc, (), ("version", "metrics-file", "repositories", "volumes", "jobs"))
+    metrics = c.string(doc, (), "metrics-file")
+    if metrics is not None and not metrics.endswith(".prom"):
+        c.problem(("metrics-file",), f"metrics-file {metrics!r} must end in .prom (what "
+                  "node_exporter's textfile collector reads)")
     version = doc.get("version")
     if version != CONFIG_VERSION:
         c.problem(("version",), f"version = {CONFIG_VERSION} is needed (this snapship reads "
@@ -385,7 +396,7 @@ def check(data: bytes) -> tuple[Config | None, list[Problem]]:
         seen.setdefault(v.volume, v.name)
     if c.problems:
         return None, sorted(c.problems, key=lambda p: p.line)
-    return Config(repositories, volumes, jobs), []
+    return Config(repositories, volumes, jobs, metrics), []
 
 
 def parse(data: bytes, path: str) -> Config:

@@ -1,5 +1,6 @@
 """Running declared jobs: for each job and each of its repositories, the backups of its
-volumes, then each volume's retention (prune), then gc, each step's outcome recorded.
+volumes, then each volume's retention (prune), then gc, each step's outcome recorded; then
+the job's `on-success` or `on-failure` hook (a step too).
 
 A step that fails is recorded and the run goes on: one missing source does not stop the other
 volumes. Only a stop (Ctrl-C, SIGTERM: not exceptions of the `Exception` kind) ends the run.
@@ -31,6 +32,9 @@ from snapship.repository.repo import Repository
 
 Warn = Callable[[str], None]
 Opener = Callable[[RepositoryConfig], Repository]
+Hook = Callable[[str, str, str, "list[Step]"], None]
+"""Runs a job's hook: (job, event `success` or `failure`, shell command, the failed steps);
+raises SnapshipError if the command fails."""
 OK, FAILED, SKIPPED = "ok", "failed", "skipped"
 
 
@@ -38,10 +42,11 @@ OK, FAILED, SKIPPED = "ok", "failed", "skipped"
 class Step:
     job: str
     step: str
-    """`backup`, `prune` or `gc`."""
-    repository: str
+    """`backup`, `prune`, `gc` or `hook`."""
+    repository: str | None
+    """None for a hook, which is of the whole job."""
     volume: str | None
-    """The volume's name in the file (None for gc, which is of the whole repository)."""
+    """The volume's name in the file (None for gc and hooks)."""
     outcome: str = OK
     error_kind: str | None = None
     message: str | None = None
@@ -50,6 +55,8 @@ class Step:
     manifest: Manifest | None = None
     pruned: PruneReport | None = None
     gc: GcReport | None = None
+    hook: tuple[str, str] | None = None
+    """The event and the command a hook step ran."""
     warnings: list[str] = field(default_factory=list)
 
 
@@ -82,7 +89,8 @@ class Runner:
     def __init__(self, config: Config, opener: Opener, *, lvm: Lvm,
                  progress: Callable[[str], Progress | None] = lambda label: None,
                  on_step: Callable[[Step], None] = lambda step: None,
-                 warn: Warn = lambda message: None, tz: dt.tzinfo = dt.UTC) -> None:
+                 warn: Warn = lambda message: None, tz: dt.tzinfo = dt.UTC,
+                 hook: Hook | None = None) -> None:
         self.config = config
         self.opener = opener
         self.lvm = lvm
@@ -90,13 +98,21 @@ class Runner:
         self.on_step = on_step
         self.warn = warn
         self.tz = tz
+        self.hook = hook
         self.steps: list[Step] = []
         self._repos: dict[str, _Repo] = {}
 
     def run(self, jobs: Sequence[JobConfig]) -> list[Step]:
         for job in jobs:
+            first = len(self.steps)
             for name in job.repositories:
                 self._run_in(job, self.config.repositories[name])
+            failed = [s for s in self.steps[first:] if s.outcome == FAILED]
+            event, command = ("failure", job.on_failure) if failed else \
+                ("success", job.on_success)
+            if command and self.hook is not None:
+                self._step(Step(job.name, "hook", None, None),
+                           partial(self._hook, event=event, command=command, failed=failed))
         return self.steps
 
     @property
@@ -120,7 +136,8 @@ class Runner:
 
         def note(message: str) -> None:
             step.warnings.append(message)
-            self.warn(f"{step.job}: {step.step} {step.volume or step.repository}: {message}")
+            self.warn(f"{step.job}: {step.step} {step.volume or step.repository or ''}: "
+                      f"{message}")
 
         try:
             work(step, note)
@@ -165,6 +182,12 @@ class Runner:
         assert v.retention is not None
         step.pruned = run_prune(self._open(rc).catalog, v.retention, volume=v.volume,
                                 tz=self.tz, warn=warn)
+
+    def _hook(self, step: Step, warn: Warn, *, event: str, command: str,
+              failed: list[Step]) -> None:
+        assert self.hook is not None
+        step.hook = (event, command)
+        self.hook(step.job, event, command, failed)
 
     def _gc(self, step: Step, warn: Warn, *, rc: RepositoryConfig) -> None:
         repo = self._open(rc)

@@ -112,6 +112,11 @@ def service_drop_in(config: Config, job: JobConfig, config_path: str) -> str:
     devices = lvm or any(s.startswith("/dev/") for s in sources)
     remote = any(not config.repositories[r].is_local for r in job.repositories)
     writable = _local_paths(config, job)
+    if config.metrics_file is not None:  # written beside, then renamed over
+        if not config.metrics_file.startswith("/"):
+            raise UsageError(f"systemd install: metrics-file {config.metrics_file!r} must be "
+                             "an absolute path (a service runs in /)")
+        writable.append(config.metrics_file.rsplit("/", 1)[0] or "/")
     if lvm:  # lvcreate and lvremove: locks, run state, metadata backups
         writable += ["/run/lvm", "/run/lock/lvm", "/etc/lvm/archive", "/etc/lvm/backup"]
     families = ["AF_UNIX"] + (["AF_NETLINK"] if lvm else []) + \
