@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from snapship.jobs.config import check
 from tests.clihelp import CHUNK, describe, image_bytes, init_repo_fast_kdf, run_cli, write_image
+from tests.test_json_contract import assert_valid
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -70,7 +71,9 @@ on-failure = "exit 3"
 def run(config: Path, metrics: Path, *jobs: str) -> tuple[int, dict[str, Any]]:
     r = run_cli("run", *jobs, "--config", config, "--metrics-file", metrics, "--json")
     assert r.returncode in (0, 1), describe(r)
-    return r.returncode, json.loads(r.stdout)
+    obj = json.loads(r.stdout)
+    assert_valid("run", obj)  # hooks and failures included: docs/json.md, `run`
+    return r.returncode, obj
 
 
 def test_the_metrics_file_says_what_the_json_says(tmp_path: Path) -> None:
