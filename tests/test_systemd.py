@@ -205,4 +205,11 @@ def test_dry_run_prints_the_units_and_removed_jobs_lose_their_drop_ins(tmp_path:
     config.write_text(config.read_text().replace(f'location = "{tmp_path / "repo"}"',
                                                  'location = "repo"'))
     r = run_cli("systemd", "install", "--config", config, "--unit-dir", units)
-    assert r.returncode == 2 and "must be an absolute path" in r.stderr, describe(r)
+    assert r.returncode == 2 and "repository local: location 'repo' must be an absolute " \
+        "path" in r.stderr, describe(r)
+    config.write_text(config.read_text().replace('location = "repo"',
+                                                 f'location = "{tmp_path / "repo"}"')
+                      .replace(f'source = "{tmp_path / "disk.img"}"', 'source = "disk.img"'))
+    r = run_cli("systemd", "install", "--config", config, "--unit-dir", units)
+    assert r.returncode == 2 and "volume img: source 'disk.img' must be an absolute path" \
+        in r.stderr, describe(r)

@@ -93,16 +93,28 @@ WantedBy=timers.target
 """
 
 
+def _absolute(what: str, path: str) -> str:
+    if not path.startswith("/"):
+        raise UsageError(f"systemd install: {what} {path!r} must be an absolute path (a "
+                         "service runs in /)")
+    return path
+
+
 def _local_paths(config: Config, job: JobConfig) -> list[str]:
+    """The job's local repositories; and every path it names checked to be absolute."""
     paths = []
     for name in job.repositories:
-        path = config.repositories[name].local_path
-        if path is None:
-            continue
-        if not path.startswith("/"):
-            raise UsageError(f"systemd install: repository {name}: location {path!r} must be an "
-                             "absolute path (a service runs in /)")
-        paths.append(path)
+        rc = config.repositories[name]
+        for key, value in (("passphrase-file", rc.passphrase_file),
+                           ("token-file", rc.token_file), ("ca-file", rc.ca_file)):
+            if value is not None:
+                _absolute(f"repository {name}: {key}", value)
+        if rc.local_path is not None:
+            paths.append(_absolute(f"repository {name}: location", rc.local_path))
+    for name in job.volumes:
+        v = config.volumes[name]
+        if not v.is_lvm:
+            _absolute(f"volume {name}: source", v.source)
     return paths
 
 
