@@ -16,8 +16,6 @@ import subprocess
 import sys
 import time
 
-from prometheus_client import write_to_textfile
-
 from snapship.changes.lvm import Lvm
 from snapship.cli import known_repos, options, output
 from snapship.cli.context import open_storage, passphrase_source
@@ -25,7 +23,6 @@ from snapship.cli.output import TerminalProgress, human_bytes, warn
 from snapship.cli.reports import Report, emit, ref, version_detail
 from snapship.errors import AuthFailed, SnapshipError, UsageError
 from snapship.jobs import config as jobs_config
-from snapship.jobs import metrics
 from snapship.jobs.config import Config, RepositoryConfig
 from snapship.jobs.runner import FAILED, SKIPPED, Runner, Step, select_jobs
 from snapship.repository.repo import PassphraseSource, Repository
@@ -37,12 +34,18 @@ def config_path(args: argparse.Namespace) -> str:
     return str(args.config or os.environ.get(CONFIG_ENV) or jobs_config.DEFAULT_PATH)
 
 
+MAX_CONFIG_SIZE = 1 << 20
+
+
 def read_config_bytes(path: str) -> bytes:
     try:
         with open(path, "rb") as f:
-            return f.read(1 << 20)
+            data = f.read(MAX_CONFIG_SIZE + 1)
     except OSError as e:
         raise UsageError(f"cannot read the jobs file {path}: {e.strerror}") from None
+    if len(data) > MAX_CONFIG_SIZE:
+        raise UsageError(f"the jobs file {path} is larger than 1 MiB")
+    return data
 
 
 def load_config(args: argparse.Namespace) -> tuple[str, Config]:
@@ -170,6 +173,11 @@ def run_job_hook(job: str, event: str, command: str, failed: list[Step]) -> None
 def write_metrics(path: str, steps: list[Report], jobs: list[str]) -> None:
     """Prometheus text (node_exporter's textfile collector), written atomically (a temporary
     file beside it, renamed over it: prometheus_client's `write_to_textfile`)."""
+    # Only a run that writes metrics pays for the import.
+    from prometheus_client import write_to_textfile
+
+    from snapship.jobs import metrics
+
     try:
         with open(path, encoding="utf-8") as f:
             previous: str | None = f.read(1 << 22)
