@@ -234,8 +234,18 @@ def test_config_check_on_the_command_line_lists_every_mistake(tmp_path: Path) ->
         f"{bad}:14: jobs.j.repositories names repository 'x', which the file does not define "
         "(defined: r)",
         f"{bad}: 2 problem(s)"], describe(r)
+    # systemd's own calendar grammar, asked of systemd-analyze (make test installs it).
+    when = tmp_path / "when.toml"
+    when.write_text(GOOD.replace('repositories = ["r"]', 'repositories = ["r"]\n'
+                                 'schedule = "every night"'))
+    r = run_cli("config", "check", "--config", when, "--json")
+    assert r.returncode == 1, describe(r)
+    assert json.loads(r.stdout)["problems"] == [{
+        "line": 15, "key": "jobs.j.schedule", "message": "jobs.j.schedule 'every night' is "
+        "not a calendar expression systemd reads (man systemd.time)"}], describe(r)
     good = tmp_path / "good.toml"
-    good.write_text(GOOD)
+    good.write_text(GOOD.replace('repositories = ["r"]', 'repositories = ["r"]\n'
+                                 'schedule = "Mon *-*-* 04:00"'))
     r = run_cli("config", "check", "--config", good)
     assert r.returncode == 0 and r.stdout == f"{good}: ok: 1 job(s): j\n", describe(r)
     # Run refuses a file with a mistake, before doing anything: a usage error, exit 2.

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -223,9 +224,36 @@ def describe_check(r: Report) -> list[str]:
         [f"{r['file']}: {len(r['problems'])} problem(s)"]
 
 
+def schedule_problems(config: Config, data: bytes) -> list[jobs_config.Problem]:
+    """Schedules systemd would refuse, as `systemd-analyze calendar` says (when installed:
+    the pure check cannot know systemd's calendar grammar)."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        return []
+    lines = jobs_config.key_lines(data.decode("utf-8"))
+    found = []
+    for job in config.jobs.values():
+        if job.schedule is None:
+            continue
+        p = subprocess.run([analyze, "calendar", job.schedule], capture_output=True,
+                           text=True, stdin=subprocess.DEVNULL, check=False)
+        if p.returncode != 0:
+            path = ("jobs", job.name, "schedule")
+            found.append(jobs_config.Problem(
+                lines.get(path, 1), ".".join(path), f"jobs.{job.name}.schedule "
+                f"{job.schedule!r} is not a calendar expression systemd reads (man "
+                "systemd.time)"))
+    return found
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     path = config_path(args)
-    config, problems = jobs_config.check(read_config_bytes(path))
+    data = read_config_bytes(path)
+    config, problems = jobs_config.check(data)
+    if config is not None:
+        problems = schedule_problems(config, data)
+        if problems:
+            config = None
     emit("config check", {
         "file": path, "ok": config is not None,
         "jobs": sorted(config.jobs) if config is not None else [],
