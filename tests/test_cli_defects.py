@@ -146,16 +146,19 @@ def manifest_from(source: str) -> Manifest:
                     sizes=array("I"))
 
 
-def test_the_volume_check_for_lvm_sources(capsys: pytest.CaptureFixture[str]) -> None:
-    from snapship.cli.transfer_commands import check_volume_source, same_source
+def test_the_volume_check_for_lvm_sources() -> None:
+    from snapship.engine.source_backup import check_volume_source, same_source
 
-    check_volume_source("vg0.root", "lvm:vg0/root", manifest_from("lvm:vg0/root"), False)
+    warned: list[str] = []
+    check_volume_source("vg0.root", "lvm:vg0/root", manifest_from("lvm:vg0/root"), False,
+                        warned.append)
     with pytest.raises(UsageError, match="lvm:vg1/root"):
-        check_volume_source("vg0.root", "lvm:vg0/root", manifest_from("lvm:vg1/root"), False)
-    check_volume_source("v", "lvm:vg0/root", None, False)  # a new volume
-    assert capsys.readouterr().err == ""
-    check_volume_source("vg0.root", "lvm:vg0/root", manifest_from("/dev/vg0/root"), True)
-    warned = capsys.readouterr().err.splitlines()
+        check_volume_source("vg0.root", "lvm:vg0/root", manifest_from("lvm:vg1/root"), False,
+                            warned.append)
+    check_volume_source("v", "lvm:vg0/root", None, False, warned.append)  # a new volume
+    assert warned == []
+    check_volume_source("vg0.root", "lvm:vg0/root", manifest_from("/dev/vg0/root"), True,
+                        warned.append)
     assert len(warned) == 1 and "/dev/vg0/root" in warned[0], warned
     assert not same_source("lvm:vg0/root", "/dev/vg0/root")
 

@@ -68,11 +68,13 @@ def value_options(parser: argparse.ArgumentParser) -> Iterator[argparse.Action]:
 
 
 COMMANDS = {" ".join(path) for path, _ in every_command()}
-NO_REPOSITORY = {"cow inspect", "server", "token", "umount"}
+NO_REPOSITORY = {"cow inspect", "server", "token", "umount", "run", "config check",
+                 "systemd install"}
 EXPECTED_COMMANDS = {"init", "versions", "show", "verify", "backup", "restore", "prune",
                      "forget", "protect", "unprotect", "gc", "locks", "cow inspect",
                      "cow export", "server", "token", "nbd serve", "key list", "key add",
-                     "key passwd", "key remove", "copy", "mount", "umount"}
+                     "key passwd", "key remove", "copy", "mount", "umount",
+                     "run", "config check", "systemd install"}
 
 # Options whose value is free text (a path, a name, a command line): nothing to check here.
 TEXT = {"--repo", "--token-file", "--ca", "--passphrase-file", "--passphrase-command",
@@ -81,7 +83,8 @@ TEXT = {"--repo", "--token-file", "--ca", "--passphrase-file", "--passphrase-com
         "--copy-key-from", "--volume", "--label",
         "--changed-ranges", "--pre-snapshot", "--post-snapshot", "--note", "--root", "--tokens",
         "--tls-cert", "--tls-key", "--overlay-dir", "--tls-client-ca", "--repos", "--against",
-        "--thin-pool", "--pv"}
+        "--thin-pool", "--pv", "--config", "--unit-dir", "--executable",
+        "--metrics-file"}
 WHOLE_1 = ["0", "-1", "-5", "x", "1.5", ""]
 SIZE_1 = ["0", "-1", "x", "1.5M", "4X", ""]
 SIZE_0 = ["-1", "x", "4X", ""]

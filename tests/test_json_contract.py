@@ -356,6 +356,26 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> Outputs:
     out.fail(["--json", "prune", "--keep-last", "0"], "usage")
     out.fail(["--json", "no-such-command"], "usage")
     out.fail(["--json", "cow"], "usage")
+    # The jobs file (docs/config.md): a run whose missing source fails alone (exit 1).
+    jobs = tmp / "snapship.toml"
+    jobs.write_text(f'version = 1\n[repositories.r]\nlocation = "{repo}"\n'
+                    f'[volumes.disk]\nsource = "{img}"\nretention = {{ keep-last = 2 }}\n'
+                    f'[volumes.gone]\nsource = "{tmp / "gone.img"}"\n'
+                    'retention = { keep-last = 1 }\n'
+                    '[jobs.j]\nvolumes = ["disk", "gone"]\nrepositories = ["r"]\ngc = true\n')
+    ran = out.run("run", "--config", jobs, code=1)
+    assert [(s["step"], s["outcome"]) for s in ran["steps"]] == [
+        ("backup", "ok"), ("backup", "failed"), ("prune", "ok"), ("prune", "skipped"),
+        ("gc", "ok")], ran
+    out.run("config check", "--config", jobs)
+    bad = tmp / "bad.toml"
+    bad.write_text(jobs.read_text().replace("keep-last = 2", "keep-last = 0"))
+    assert out.run("config check", "--config", bad, code=1)["problems"][0]["line"] == 6
+    out.fail(["run", "--config", bad, "--json"], "usage")
+    out.fail(["run", "--config", jobs, "nosuch", "--json"], "not-found")
+    out.run("systemd install", "--config", jobs, "--unit-dir", tmp / "units", "--dry-run")
+    out.run("systemd install", "--config", jobs, "--unit-dir", tmp / "units")
+
     with locks.Lock(LocalStorage(str(repo)), locks.GC, "gc").acquire():
         out.fail(["gc", "--repo", repo, "--json"], "busy")
     return out

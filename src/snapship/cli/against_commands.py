@@ -13,10 +13,11 @@ from snapship.changes.lvm import Lvm
 from snapship.cli.context import open_repository
 from snapship.cli.output import TerminalProgress, human_bytes
 from snapship.cli.reports import Report, emit, ref
-from snapship.cli.transfer_commands import parse_lvm_source, parse_ref
+from snapship.cli.transfer_commands import parse_ref
 from snapship.devices import Source
 from snapship.engine.compare import compare, runs
 from snapship.engine.pipeline import default_workers
+from snapship.engine.source_backup import parse_lvm_source
 from snapship.errors import UsageError
 
 MAX_LISTED_RUNS = 20

@@ -87,7 +87,7 @@ def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentPar
 
 COMMAND_MODULES = ("repo_commands", "key_commands", "copy_commands", "transfer_commands",
                    "lifecycle_commands", "cow_commands", "server_commands", "nbd_commands",
-                   "mount_commands")
+                   "mount_commands", "job_commands", "systemd_commands")
 """Modules under snapship.cli with a `register(subparsers)`, in the order of `--help`."""
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -111,6 +111,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "nbd": ("nbd_commands", "serve versions over the Network Block Device protocol"),
     "mount": ("mount_commands", "mount a version's file system (read-only)"),
     "umount": ("mount_commands", "unmount a version mounted by snapship mount"),
+    "run": ("job_commands", "run the jobs of the jobs file (backup, prune, gc)"),
+    "config": ("job_commands", "check the jobs file"),
+    "systemd": ("systemd_commands", "systemd units for the jobs file's schedules"),
 }
 """Each command: the module that registers it and its line in `snapship --help`. The lazy
 parser shows these lines and imports a command's module only once the command is named, so

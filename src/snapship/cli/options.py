@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 import textwrap
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -234,18 +233,14 @@ def period(text: str) -> float:
     return int(number) * _PERIOD_UNITS[unit]
 
 
-_LVM_SIZE = re.compile(r"(\d+(?:\.\d+)?)([bBsSkKmMgGtTpPeE]?)")
-
-
 def snapshot_size(text: str) -> str:
     """`N%` of the origin (N at least 1) or a size lvcreate takes (`2G`, `512M`, `1.5T`)."""
-    if text.endswith("%"):
-        if text[:-1].isdigit() and int(text[:-1]) >= 1:
-            return text
-    else:
-        m = _LVM_SIZE.fullmatch(text)
-        if m and float(m.group(1)) > 0:
-            return text
+    # Imported here, not at the top: every command imports this module, and the engine is
+    # not for commands that never snapshot (tests/test_startup.py).
+    from snapship.engine.snapshot_backup import valid_snapshot_size
+
+    if valid_snapshot_size(text):
+        return text
     raise argparse.ArgumentTypeError(
         f"{text!r} is neither N% of the origin (N at least 1) nor a size such as 2G")
 

@@ -9,7 +9,6 @@ import os
 import re
 import stat
 import sys
-from collections.abc import Iterator
 
 from snapship.changes.lvm import Lvm
 from snapship.changes.range_file import MAX_FILE_SIZE, parse_ranges
@@ -17,11 +16,11 @@ from snapship.cli import instant_commands, options
 from snapship.cli.context import open_repository
 from snapship.cli.output import TerminalProgress, warn
 from snapship.cli.reports import describe_backup, describe_restore, emit, ref, version_detail
-from snapship.devices import Source, remove_unfinished
-from snapship.engine.backup import BackupPlan, Prepared, run_backup
+from snapship.devices import remove_unfinished
 from snapship.engine.lvm_restore import LvPlacement, restore_to_lv, rollback_lv
 from snapship.engine.restore import STDOUT, RestoreStats, run_restore
-from snapship.engine.snapshot_backup import SnapshotOptions, run_snapshot_backup
+from snapship.engine.snapshot_backup import SnapshotOptions
+from snapship.engine.source_backup import backup_source, parse_lvm_source
 from snapship.errors import UsageError
 from snapship.formats.manifest import Manifest, check_name
 from snapship.repository.repo import Repository
@@ -84,44 +83,6 @@ def parse_ref(text: str) -> VersionRef:
     return VersionRef(volume, version or None)
 
 
-def parse_lvm_source(source: str) -> tuple[str, str]:
-    vg, sep, lv = source.removeprefix("lvm:").partition("/")
-    if not sep or not vg or not lv or "/" in lv:
-        raise UsageError(f"LVM source {source!r} is not of the form lvm:VG/LV")
-    return vg, lv
-
-
-def same_source(recorded: str, source: str) -> bool:
-    """Whether a version recorded as taken from `recorded` came from `source`: the same
-    text, or two paths to the same file (a symlink, /dev/vg/lv and /dev/mapper/vg-lv)."""
-    if recorded == source:
-        return True
-    if recorded.startswith("lvm:") or source.startswith("lvm:"):
-        return False
-    if os.path.realpath(recorded) == os.path.realpath(source):
-        return True
-    try:
-        return os.path.samefile(recorded, source)
-    except OSError:
-        return False
-
-
-def check_volume_source(volume: str, source: str, base: Manifest | None, explicit: bool
-                        ) -> None:
-    """A volume is one history: a name derived from the file name that another source already
-    uses is refused (two disk.img files must not silently become one volume); a name given
-    with --volume is taken as meant, with a warning."""
-    if base is None or same_source(base.source, source):
-        return
-    if explicit:
-        warn(f"volume {volume} was last backed up from {base.source}; this version is of "
-             f"{source}")
-        return
-    raise UsageError(f"volume {volume} already holds backups of {base.source}, not of {source}: "
-                     f"give --volume NAME for a history of its own (or --volume {volume} to "
-                     "continue that one)")
-
-
 def cmd_backup(args: argparse.Namespace) -> int:
     lvm_source = parse_lvm_source(args.source) if args.source.startswith("lvm:") else None
     if args.volume is not None:
@@ -132,44 +93,15 @@ def cmd_backup(args: argparse.Namespace) -> int:
         volume = default_volume_name(args.source)
     check_name("volume", volume)
     labels = parse_labels(args.label)
-    if lvm_source:
-        if args.changed_ranges:
-            raise UsageError("--changed-ranges is for plain sources; LVM tracks its own changes")
-        repo = open_repository(args)
-        # One manifest read more than the backup itself makes (it loads its base under its
-        # writer lock); a damaged newest version is reported by the backup, not here.
-        check_volume_source(volume, f"lvm:{'/'.join(lvm_source)}",
-                            repo.latest_manifest(volume, lambda _message: None),
-                            args.volume is not None)
-        m = run_snapshot_backup(
-            repo,
-            Lvm(),
-            *lvm_source,
-            volume,
-            options=SnapshotOptions(args.snapshot_size, args.pre_snapshot, args.post_snapshot),
-            labels=labels,
-            progress=TerminalProgress(f"backup {volume}"),
-            warn=warn,
-        )
-        report_backup(args, m)
-        return 0
+    if lvm_source and args.changed_ranges:
+        raise UsageError("--changed-ranges is for plain sources; LVM tracks its own changes")
     changed = read_changed_ranges(args.changed_ranges) if args.changed_ranges else None
     repo = open_repository(args)
-    source_desc = os.path.abspath(args.source)
-    explicit = args.volume is not None
-    with Source(args.source) as source:
-
-        @contextlib.contextmanager
-        def prepare(base: Manifest | None) -> Iterator[Prepared]:
-            check_volume_source(volume, source_desc, base, explicit)
-            if changed is not None and base is None:
-                raise UsageError(f"--changed-ranges needs an earlier version of {volume} to "
-                                 "apply to")
-            yield source, BackupPlan(changed, "ranges file" if changed is not None
-                                     else "full read")
-
-        m = run_backup(repo, prepare, volume, labels=labels, source_desc=source_desc,
-                       progress=TerminalProgress(f"backup {volume}"), warn=warn)
+    m = backup_source(
+        repo, args.source, volume, explicit_volume=args.volume is not None, lvm=Lvm(),
+        labels=labels, changed=changed,
+        snapshot=SnapshotOptions(args.snapshot_size, args.pre_snapshot, args.post_snapshot),
+        progress=TerminalProgress(f"backup {volume}"), warn=warn)
     report_backup(args, m)
     return 0
 

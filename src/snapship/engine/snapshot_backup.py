@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import re
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -46,6 +47,17 @@ class SnapshotOptions:
     """Classic snapshot size: `N%` of the origin or an lvcreate size such as `2G`."""
     pre_hook: str | None = None
     post_hook: str | None = None
+
+
+_LVM_SIZE = re.compile(r"(\d+(?:\.\d+)?)([bBsSkKmMgGtTpPeE]?)")
+
+
+def valid_snapshot_size(text: str) -> bool:
+    """`N%` of the origin (N at least 1) or a size lvcreate takes (`2G`, `512M`, `1.5T`)."""
+    if text.endswith("%"):
+        return text[:-1].isdigit() and int(text[:-1]) >= 1
+    m = _LVM_SIZE.fullmatch(text)
+    return bool(m and float(m.group(1)) > 0)
 
 
 def run_hook(command: str | None, what: str) -> None:

@@ -1,0 +1,1 @@
+"""Declared jobs: the jobs file, running its jobs, and their systemd units."""
