@@ -11,14 +11,17 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import shutil
 import subprocess
+import threading
+import time
 from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
 
 from snapship.nbd import protocol as p
-from tests.clihelp import run_cli
+from tests.clihelp import assert_verify_ok, ok, run_cli
 from tests.nbdhelp import (
     NbdRepo,
     RawClient,
@@ -193,6 +196,13 @@ def versions(repo: NbdRepo) -> list[str]:
     return [v for _, v in repo.open().list_versions("disk")]
 
 
+def wait_for_versions(repo: NbdRepo, count: int, server: Server) -> None:
+    deadline = time.monotonic() + 60
+    while len(versions(repo)) < count:  # polled: a timer-made version has no other signal
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.1)
+
+
 def test_state_files_of_another_version_are_refused(repo: NbdRepo, state: Path,
                                                     tmp_path: Path) -> None:  # fmt: skip
     with live(repo, state, tmp_path) as server:
@@ -225,3 +235,190 @@ def test_one_server_per_state_dir(repo: NbdRepo, state: Path, tmp_path: Path) ->
     bad = run_cli("nbd", "serve", "--repo", repo.path, "--state-dir", state)
     assert bad.returncode == 2 and "--state-dir need --writable" in bad.stderr
 
+
+
+# -- checkpoints ---------------------------------------------------------------------------
+
+
+def checkpoint(state: Path, volume: str = "disk") -> dict[str, object]:
+    r = ok(run_cli("nbd", "checkpoint", volume, "--state-dir", state, "--json"))
+    result: dict[str, object] = json.loads(r.stdout)
+    return result
+
+
+def restored_sha(repo: NbdRepo, ref: str, tmp_path: Path) -> str:
+    out = tmp_path / f"restored-{ref.replace('@', '-')}.img"
+    ok(run_cli("restore", "--repo", repo.path, ref, out))
+    sha = hashlib.sha256(out.read_bytes()).hexdigest()
+    out.unlink()
+    return sha
+
+
+class Writer(threading.Thread):
+    """One client writing sequentially (each write acknowledged before the next), noting the
+    content's checksum after every acknowledgement, until told to stop."""
+
+    def __init__(self, server: Server, base: bytes, seed: int) -> None:
+        super().__init__()
+        self.client = connect(server)
+        self.model = bytearray(base)
+        self.rng = random.Random(seed)
+        self.shas = [hashlib.sha256(self.model).hexdigest()]
+        self.lock = threading.Condition()
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            cookie = 0
+            while not self.stop.is_set():
+                cookie += 1
+                n = self.rng.randrange(1, 100_000)
+                off = self.rng.randrange(0, SIZE - n)
+                data = self.rng.randbytes(n)
+                assert write(self.client, off, data, cookie=cookie) == 0
+                self.model[off : off + n] = data
+                with self.lock:
+                    self.shas.append(hashlib.sha256(self.model).hexdigest())
+                    self.lock.notify_all()
+        except BaseException as e:  # reported by the test
+            self.error = e
+            with self.lock:
+                self.lock.notify_all()
+
+    def wait_for(self, writes: int) -> None:
+        """Until `writes` more writes are acknowledged (or the writer failed)."""
+        with self.lock:
+            target = len(self.shas) + writes
+            assert self.lock.wait_for(
+                lambda: len(self.shas) >= target or self.error is not None, 60)
+        assert self.error is None, self.error
+
+    def position(self) -> int:
+        with self.lock:
+            return len(self.shas)
+
+
+def test_checkpoints_while_a_client_writes_restore_to_their_moment(
+    repo: NbdRepo, state: Path, tmp_path: Path
+) -> None:
+    base = repo.latest("disk")
+    with live(repo, state, tmp_path) as server:
+        writer = Writer(server, base.data, seed=9)
+        writer.start()
+        cuts = []
+        try:
+            for _ in range(3):
+                writer.wait_for(20)  # some writes between checkpoints
+                before = writer.position()
+                cp = checkpoint(state)
+                cuts.append((cp, before, writer.position()))
+        finally:
+            writer.stop.set()
+            writer.join()
+        assert writer.error is None, writer.error
+        # Each checkpoint is the content after some write acknowledged between its request
+        # and its answer (the freeze is at a FLUSH boundary between two writes).
+        refs = []
+        for cp, before, after in cuts:
+            assert cp["changed"] is True and int(str(cp["dirty_bytes"])) > 0, cp
+            sha = restored_sha(repo, str(cp["ref"]), tmp_path)
+            assert sha in writer.shas[before - 1 : after], (cp, before, after)
+            refs.append(str(cp["ref"]))
+        # One more, with the writer stopped: exactly the content.
+        final = checkpoint(state)
+        assert restored_sha(repo, str(final["ref"]), tmp_path) == writer.shas[-1]
+        assert checkpoint(state)["changed"] is False  # nothing since: no new version
+        writer.client.close()
+        # The chain: each checkpoint's parent is the one before; the base moved along.
+        shown = [json.loads(ok(run_cli("show", "--repo", repo.path, r, "--json")).stdout)
+                 for r in [*refs, str(final["ref"])]]
+        parents = [s["parent"] for s in shown]
+        assert parents == [base.version, *[r.split("@")[1] for r in refs]], parents
+        # Committed layers are dropped: one layer left, the overlay small again.
+        layers = sorted(x.name for x in (state / "exports" / "disk").glob("layer-*"))
+        assert len(layers) == 2, layers  # one .data, one .map
+        doc = json.loads((state / "exports" / "disk" / "export.json").read_text())
+        assert doc["base"] == str(final["version_id"]) and len(doc["layers"]) == 1
+        c = connect(server)
+        assert hashlib.sha256(read(c, 0, SIZE)).hexdigest() == writer.shas[-1]
+        c.close()
+
+
+def test_gc_and_prune_beside_a_live_export_with_checkpoints(repo: NbdRepo, state: Path,
+                                                            tmp_path: Path) -> None:  # fmt: skip
+    base = repo.latest("disk")
+    with live(repo, state, tmp_path) as server:
+        writer = Writer(server, base.data, seed=10)
+        writer.start()
+        try:
+            for _ in range(3):
+                writer.wait_for(10)
+                checkpoint(state)
+                ok(run_cli("prune", "--repo", repo.path, "--keep-last", "1"))
+                ok(run_cli("gc", "--repo", repo.path))
+        finally:
+            writer.stop.set()
+            writer.join()
+        assert writer.error is None, writer.error
+        ok(run_cli("gc", "--repo", repo.path))  # a second gc deletes what the first set aside
+        last = checkpoint(state)
+        ok(run_cli("prune", "--repo", repo.path, "--keep-last", "1"))
+        ok(run_cli("gc", "--repo", repo.path))
+        assert versions(repo) == [str(last["version_id"])]
+        assert restored_sha(repo, str(last["ref"]), tmp_path) == writer.shas[-1]
+        c = connect(server)
+        assert hashlib.sha256(read(c, 0, SIZE)).hexdigest() == writer.shas[-1]
+        c.close()
+        writer.client.close()
+    assert_verify_ok(repo.path)
+
+
+def test_checkpoint_triggers_and_a_restart_with_a_frozen_layer(repo: NbdRepo, state: Path,
+                                                               tmp_path: Path) -> None:  # fmt: skip
+    with live(repo, state, tmp_path, "--checkpoint-on-flush",
+              "--checkpoint-min-interval", "0.1") as server:
+        c = connect(server)
+        assert write(c, 0, b"on flush" * 512) == 0 and flush(c) == 0
+        wait_for_versions(repo, 2, server)
+        c.close()
+    with live(repo, state, tmp_path, "--checkpoint-every", "1s") as server:
+        c = connect(server)
+        assert write(c, 8192, b"on a timer" * 100) == 0
+        wait_for_versions(repo, 3, server)
+        c.close()
+    # A layer frozen when the server died (a checkpoint cut short): listed in the state,
+    # committed first by the next checkpoint, which then takes the current content too.
+    d = state / "exports" / "disk"
+    doc = json.loads((d / "export.json").read_text())
+    (n,) = doc["layers"]
+    model = bytearray(repo.open().load_manifest("disk", doc["base"]).size)
+    with live(repo, state, tmp_path) as server:
+        c = connect(server)
+        model[:] = read(c, 0, SIZE)
+        assert write(c, 100, b"frozen" * 10, p.CMD_FLAG_FUA) == 0
+        model[100:160] = b"frozen" * 10
+        kill(server)
+        c.close()
+    # simulate the freeze's durable state: the old layer frozen, a fresh one active
+    fresh = n + 1
+    for kind in ("data", "map"):
+        shutil.copy(d / f"layer-{n}.{kind}", d / f"layer-{fresh}.{kind}")
+    from snapship.nbd.durable import DurableLayer
+    layer = DurableLayer(d, fresh, SIZE, create=False)
+    layer.mark(0, SIZE, 2)  # the fresh layer: everything zero, on top
+    layer.write_durable(*layer.take())
+    layer.close()
+    doc.update(layers=[n, fresh], next_layer=fresh + 1)
+    (d / "export.json").write_text(json.dumps(doc))
+    with live(repo, state, tmp_path) as server:
+        c = connect(server)
+        assert read(c, 0, SIZE) == bytes(SIZE)
+        cp = checkpoint(state)
+        assert restored_sha(repo, str(cp["ref"]), tmp_path) == hashlib.sha256(
+            bytes(SIZE)).hexdigest()
+        both = versions(repo)[-2:]  # the frozen layer's version, then the current content
+        assert restored_sha(repo, f"disk@{both[0]}", tmp_path) == hashlib.sha256(
+            model).hexdigest()
+        assert both[1] == cp["version_id"]
+        c.close()

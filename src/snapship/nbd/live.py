@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -100,7 +101,9 @@ class LiveExport:
         self._checkpoint_lock = asyncio.Lock()
         self._write_done = asyncio.Event()
         self._state_saved = True
-        self.last_checkpoint = time.monotonic()
+        self.last_checkpoint = -math.inf
+        self.checkpoint_due = False
+        """A checkpoint on FLUSH is scheduled (rate-limited) and has not started yet."""
         self.users = 0
 
     # -- the state directory ----------------------------------------------------------------
@@ -323,6 +326,8 @@ class LiveRegistry:
         self._making: dict[str, asyncio.Future[LiveExport]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._timer: asyncio.Task[None] | None = None
+        self._waiting: set[asyncio.Task[None]] = set()
+        """Checkpoints on FLUSH waiting for their rate limit (cancelled at shutdown)."""
 
     def load(self) -> None:
         """Blocking, at start: every live export kept in the state directory."""
@@ -368,9 +373,21 @@ class LiveRegistry:
     def flushed(self, image: VersionImage) -> None:
         export = self.exports.get(image.volume)
         if (export is None or self.checkpoint_on_flush is None or not export.dirty
-                or export._checkpoint_lock.locked()
-                or time.monotonic() - export.last_checkpoint < self.checkpoint_on_flush):
+                or export.checkpoint_due):
             return
+        # At most one per interval, and the last FLUSH of a burst still gets one: at the
+        # end of the interval if it came too soon.
+        wait = export.last_checkpoint + self.checkpoint_on_flush - time.monotonic()
+        export.checkpoint_due = True
+        task = asyncio.get_running_loop().create_task(self._on_flush(export, max(0.0, wait)))
+        self._waiting.add(task)
+        task.add_done_callback(self._waiting.discard)
+
+    async def _on_flush(self, export: LiveExport, wait: float) -> None:
+        try:
+            await asyncio.sleep(wait)  # the rate limit's timer
+        finally:
+            export.checkpoint_due = False
         self._spawn(self._logged(export))
 
     async def checkpoint(self, volume: str) -> Checkpoint:
@@ -408,8 +425,11 @@ class LiveRegistry:
         task.add_done_callback(self._tasks.discard)
 
     async def drain(self) -> None:
-        """At shutdown: stop the timer, let checkpoints under way end, make everything
+        """At shutdown: stop the timers, let checkpoints under way end, make everything
         acknowledged durable (a clean stop keeps every write, flushed or not)."""
+        for task in list(self._waiting):
+            task.cancel()
+        await asyncio.gather(*self._waiting, return_exceptions=True)
         if self._timer is not None:
             self._timer.cancel()
             await asyncio.gather(self._timer, return_exceptions=True)
