@@ -352,7 +352,7 @@ def test_gc_and_prune_beside_a_live_export_with_checkpoints(repo: NbdRepo, state
         writer = Writer(server, base.data, seed=10)
         writer.start()
         try:
-            for _ in range(3):
+            for _ in range(2):
                 writer.wait_for(10)
                 checkpoint(state)
                 ok(run_cli("prune", "--repo", repo.path, "--keep-last", "1"))
