@@ -141,8 +141,11 @@ class DurableLayer:
         if dirty:
             os.fdatasync(self.data_fd)
         if whole is not None:
-            self._rewrite(whole)
-            return
+            try:
+                self._rewrite(whole)
+                return
+            except OSError:  # no room for a second copy of the map: append as usual
+                pass
         if not records:
             return
         batch = overlaymap.encode_batch(self.batches, records)
