@@ -219,11 +219,16 @@ def register(sub: options.SubParsers) -> None:
         Export names: VOLUME@VERSION (an id, a unique prefix or 'latest') and VOLUME (its
         newest version). Writes go to a copy-on-write overlay, never into a version; with
         --commit, an overlay is stored as a new version when its last client disconnects
-        cleanly. SIGTERM, SIGINT or SIGHUP stop it gracefully. See docs/nbd.md.""",
+        cleanly. With --state-dir, each volume has one live export whose overlay is durable
+        (FLUSH, FUA) and survives restarts, and checkpoints store it as versions while
+        clients stay connected (a mirror leg: docs/live.md). SIGTERM, SIGINT or SIGHUP stop
+        it gracefully. See docs/nbd.md.""",
         examples=["snapship nbd serve",
                   "nbdcopy nbd://127.0.0.1/root@20261126-0930 root.img",
                   "snapship nbd serve --listen 0.0.0.0:10809 --tls-cert c.pem --tls-key k.pem",
-                  "snapship nbd serve --writable --commit --label via=nbd"],
+                  "snapship nbd serve --writable --commit --label via=nbd",
+                  "snapship nbd serve --writable --state-dir /var/lib/snapship/live "
+                  "--checkpoint-every 15m"],
         parents=options.parents(repo=True, key=True))
     p.add_argument("--listen", default=f"127.0.0.1:{DEFAULT_PORT}", metavar="HOST:PORT",
                    type=parse_listen,
