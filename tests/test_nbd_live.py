@@ -422,3 +422,16 @@ def test_checkpoint_triggers_and_a_restart_with_a_frozen_layer(repo: NbdRepo, st
             model).hexdigest()
         assert both[1] == cp["version_id"]
         c.close()
+
+
+def test_a_state_dir_too_long_for_a_socket_path_still_takes_checkpoints(
+    repo: NbdRepo, tmp_path: Path
+) -> None:
+    state = tmp_path / ("long-" * 24) / "state"  # past the 108 bytes of a socket address
+    assert len(str(state / "control.sock")) > 108
+    with live(repo, state, tmp_path) as server:
+        c = connect(server)
+        assert write(c, 0, b"long" * 1024) == 0
+        cp = checkpoint(state)
+        assert cp["changed"] is True and cp["dirty_bytes"] == 4096
+        c.close()
