@@ -69,12 +69,12 @@ def value_options(parser: argparse.ArgumentParser) -> Iterator[argparse.Action]:
 
 COMMANDS = {" ".join(path) for path, _ in every_command()}
 NO_REPOSITORY = {"cow inspect", "server", "token", "umount", "run", "config check",
-                 "systemd install"}
+                 "systemd install", "nbd checkpoint"}
 EXPECTED_COMMANDS = {"init", "versions", "show", "verify", "backup", "restore", "prune",
                      "forget", "protect", "unprotect", "gc", "locks", "cow inspect",
                      "cow export", "server", "token", "nbd serve", "key list", "key add",
                      "key passwd", "key remove", "copy", "mount", "umount",
-                     "run", "config check", "systemd install"}
+                     "run", "config check", "systemd install", "nbd checkpoint"}
 
 # Options whose value is free text (a path, a name, a command line): nothing to check here.
 TEXT = {"--repo", "--token-file", "--ca", "--passphrase-file", "--passphrase-command",
@@ -84,7 +84,7 @@ TEXT = {"--repo", "--token-file", "--ca", "--passphrase-file", "--passphrase-com
         "--changed-ranges", "--pre-snapshot", "--post-snapshot", "--note", "--root", "--tokens",
         "--tls-cert", "--tls-key", "--overlay-dir", "--tls-client-ca", "--repos", "--against",
         "--thin-pool", "--pv", "--config", "--unit-dir", "--executable",
-        "--metrics-file"}
+        "--metrics-file", "--state-dir"}
 WHOLE_1 = ["0", "-1", "-5", "x", "1.5", ""]
 SIZE_1 = ["0", "-1", "x", "1.5M", "4X", ""]
 SIZE_0 = ["-1", "x", "4X", ""]
@@ -117,6 +117,8 @@ BAD_VALUES = {
     ("nbd serve", "--cache-size"): SIZE_0,
     ("nbd serve", "--readahead"): SIZE_0,
     ("nbd serve", "--workers"): WHOLE_1,
+    ("nbd serve", "--checkpoint-every"): ["0", "-1", "0s", "x", "1w", "15 m", ""],
+    ("nbd serve", "--checkpoint-min-interval"): ["0", "-1", "0s", "x", "1w", ""],
     ("mount", "--partition"): WHOLE_1,
 }
 

@@ -339,6 +339,29 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> Outputs:
     out.fail(["mount", "--repo", repo, "fs", tmp / "nodir", "--json"], "usage")
     out.fail(["umount", mnt, "--json"], "not-found")
 
+    # nbd checkpoint: a live export written through, then cut into a version.
+    state = tmp / "live"
+    proc = subprocess.Popen([*CLI, "nbd", "serve", "--repo", str(repo), "--listen",
+                             "127.0.0.1:0", "--json", "--writable", "--state-dir", str(state)],
+                            env=cli_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        serving = json.loads(proc.stdout.readline())
+        out.ok["nbd serve"].append(serving)
+        port = serving["listening"][0].rsplit(":", 1)[1]
+        r = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 64k",
+                            f"nbd://127.0.0.1:{port}/other"], capture_output=True, timeout=60)
+        assert r.returncode == 0, r
+        cp = out.run("nbd checkpoint", "other", "--state-dir", state)
+        assert cp["changed"] and cp["dirty_bytes"] == 64 << 10, cp
+        out.fail(["nbd", "checkpoint", "nosuch", "--state-dir", state, "--json"], "usage")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    out.fail(["nbd", "checkpoint", "other", "--state-dir", state, "--json"], "usage")
+
     # Errors, of every kind a local repository can give.
     out.fail(["versions", "--repo", tmp / "none", "--json"], "not-found")
     out.fail(["show", "--repo", repo, "disk@nope", "--json"], "not-found")

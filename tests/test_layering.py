@@ -30,7 +30,7 @@ KEY_LITERAL = re.compile(r"^(chunks|fossils|versions|refs|summaries|locks|gc|pro
                          r"|keys)/|^config$")
 
 
-NOT_KEYS = {"cli/job_commands.py": {"config"}}
+NOT_KEYS = {"cli/job_commands.py": {"config"}, "cli/main.py": {"config"}}
 """String constants that only look like keys: the `snapship config` command's name."""
 
 

@@ -7,7 +7,7 @@
 set -eu
 
 CACHE="${SNAPSHIP_VM_CACHE:-/var/cache/snapship-vm}"
-PKGS="qemu-system-x86 busybox-static lvm2 thin-provisioning-tools xfsprogs cpio kmod"
+PKGS="qemu-system-x86 busybox-static lvm2 thin-provisioning-tools xfsprogs cpio kmod mdadm nbd-client"
 export DEBIAN_FRONTEND=noninteractive
 
 log() { echo "setup.sh: $*" >&2; }

@@ -1,12 +1,15 @@
-"""`snapship nbd serve`: every version of the repository as an NBD export."""
+"""`snapship nbd serve`: every version of the repository as an NBD export; `snapship nbd
+checkpoint`: a version cut from a running server's live export."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import re
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from snapship.cli import options
@@ -17,11 +20,14 @@ from snapship.engine.pipeline import default_workers
 from snapship.errors import UsageError
 from snapship.formats.manifest import Manifest
 from snapship.nbd.commit import commit_overlay
+from snapship.nbd.control import ControlServer, request_checkpoint
+from snapship.nbd.durable import DurableLayer
 from snapship.nbd.exports import VersionImage
 from snapship.nbd.handshake import TlsMode
+from snapship.nbd.live import LiveRegistry, StateDirLock
 from snapship.nbd.names import ExportNames
 from snapship.nbd.overlay import Overlay
-from snapship.nbd.registry import Committer, OverlayRegistry
+from snapship.nbd.registry import Committer, OverlayRegistry, Registry
 from snapship.nbd.server import NbdServer, ServerOptions, make_tls_context
 from snapship.repository.repo import Repository
 
@@ -47,6 +53,18 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(text: str) -> float:
+    """N with an optional unit s, m, h or d (e.g. 90s, 15m, 1h), above zero: in seconds."""
+    match = _DURATION.fullmatch(text.strip())
+    if not match or float(match[1]) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 90s, 15m or 1h")
+    return float(match[1]) * _DURATION_UNITS[match[2]]
+
+
 def _committer(repo: Repository, labels: dict[str, str]) -> Committer:
     def commit(image: VersionImage, overlay: Overlay) -> Manifest:
         return commit_overlay(repo, image.volume, image.version, overlay, labels)
@@ -57,13 +75,18 @@ def _committer(repo: Repository, labels: dict[str, str]) -> Committer:
 def build_options(args: argparse.Namespace) -> ServerOptions:
     if args.commit and not args.writable:
         raise UsageError("--commit needs --writable")
-    if (args.label or args.overlay_dir) and not args.writable:
-        raise UsageError("--label and --overlay-dir need --writable")
+    if (args.label or args.overlay_dir or args.state_dir) and not args.writable:
+        raise UsageError("--label, --overlay-dir and --state-dir need --writable")
+    if args.state_dir and (args.commit or args.overlay_dir):
+        raise UsageError("--state-dir keeps overlays and cuts checkpoints: it takes neither "
+                         "--commit nor --overlay-dir")
+    if (args.checkpoint_every or args.checkpoint_on_flush) and not args.state_dir:
+        raise UsageError("--checkpoint-every and --checkpoint-on-flush need --state-dir")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UsageError("TLS needs both --tls-cert and --tls-key")
     if (args.tls or args.tls_client_ca) and not args.tls_cert:
         raise UsageError("--tls and --tls-client-ca need --tls-cert and --tls-key")
-    if args.writable:
+    if args.writable and not args.state_dir:
         try:  # refuse a directory that cannot hold overlays now, not at the first client
             Overlay(0, args.overlay_dir).close()
         except OSError as e:
@@ -100,31 +123,80 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 async def _serve(args: argparse.Namespace, repo: Repository, host: str, port: int,
                  opts: ServerOptions, labels: dict[str, str]) -> int:  # fmt: skip
-    registry = None
-    if opts.writable:
+    names = ExportNames(repo, read_only=not opts.writable)
+    registry: Registry | None = None
+    control: ControlServer | None = None
+    lock: StateDirLock | None = None
+    if args.state_dir:
+        lock = StateDirLock(Path(args.state_dir))
+        live = _live_registry(args, repo, names, labels)
+        await asyncio.to_thread(live.load)
+        control = ControlServer(live)
+        registry = live
+    elif opts.writable:
         registry = OverlayRegistry(args.overlay_dir,
                                    _committer(repo, labels) if args.commit else None)
-    server = NbdServer(ExportNames(repo, read_only=not opts.writable), registry, opts)
+    server = NbdServer(names, registry, opts)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     try:
+        if control is not None:
+            await control.start()
+            assert isinstance(registry, LiveRegistry)
+            registry.start()
         addresses = await server.start(host, port)
         listening = [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in addresses]
         emit("nbd serve", {"repository": repo.storage.describe(), "listening": listening,
                            "writable": opts.writable, "commit": bool(args.commit),
-                           "tls": opts.tls.value}, describe_serving, json=args.json,
-             one_line=True)
+                           "state_dir": args.state_dir, "tls": opts.tls.value},
+             describe_serving, json=args.json, one_line=True)
         sys.stdout.flush()
         await stop.wait()
     finally:
+        if control is not None:
+            await control.close()
         await server.close()
+        if lock is not None:
+            lock.release()
     return 0
+
+
+def _live_registry(args: argparse.Namespace, repo: Repository, names: ExportNames,
+                   labels: dict[str, str]) -> LiveRegistry:  # fmt: skip
+    def open_version(volume: str, version: str) -> VersionImage | None:
+        return names.open(f"{volume}@{version}")
+
+    def commit(image: VersionImage, layer: DurableLayer) -> Manifest:
+        return commit_overlay(repo, image.volume, image.version, layer, labels,
+                              command="nbd checkpoint")
+
+    return LiveRegistry(Path(args.state_dir), open_version, commit,
+                        checkpoint_every=args.checkpoint_every,
+                        checkpoint_on_flush=args.checkpoint_min_interval
+                        if args.checkpoint_on_flush else None)
+
+
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    answer = request_checkpoint(Path(args.state_dir), args.export)
+    emit("nbd checkpoint", {
+        "volume": answer["volume"], "version_id": answer["checkpoint"],
+        "ref": f"{answer['volume']}@{answer['checkpoint']}", "changed": answer["changed"],
+        "dirty_bytes": answer["dirty_bytes"], "seconds": answer["seconds"]},
+        describe_checkpoint, json=args.json)
+    return 0
+
+
+def describe_checkpoint(r: dict[str, Any]) -> list[str]:
+    if not r["changed"]:
+        return [f"{r['ref']} (nothing written since it)"]
+    return [f"{r['ref']} ({r['dirty_bytes']} bytes changed, {r['seconds']} s)"]
 
 
 def describe_serving(r: dict[str, Any]) -> list[str]:
     mode = "read-only" if not r["writable"] else (
+        "writable, overlays kept in a state directory" if r["state_dir"] else
         "writable, overlays committed as new versions" if r["commit"]
         else "writable, overlays discarded")
     return [f"serving {r['repository']} on {', '.join(r['listening'])} ({mode}, "
@@ -147,11 +219,16 @@ def register(sub: options.SubParsers) -> None:
         Export names: VOLUME@VERSION (an id, a unique prefix or 'latest') and VOLUME (its
         newest version). Writes go to a copy-on-write overlay, never into a version; with
         --commit, an overlay is stored as a new version when its last client disconnects
-        cleanly. SIGTERM, SIGINT or SIGHUP stop it gracefully. See docs/nbd.md.""",
+        cleanly. With --state-dir, each volume has one live export whose overlay is durable
+        (FLUSH, FUA) and survives restarts, and checkpoints store it as versions while
+        clients stay connected (a mirror leg: docs/live.md). SIGTERM, SIGINT or SIGHUP stop
+        it gracefully. See docs/nbd.md.""",
         examples=["snapship nbd serve",
                   "nbdcopy nbd://127.0.0.1/root@20261126-0930 root.img",
                   "snapship nbd serve --listen 0.0.0.0:10809 --tls-cert c.pem --tls-key k.pem",
-                  "snapship nbd serve --writable --commit --label via=nbd"],
+                  "snapship nbd serve --writable --commit --label via=nbd",
+                  "snapship nbd serve --writable --state-dir /var/lib/snapship/live "
+                  "--checkpoint-every 15m"],
         parents=options.parents(repo=True, key=True))
     p.add_argument("--listen", default=f"127.0.0.1:{DEFAULT_PORT}", metavar="HOST:PORT",
                    type=parse_listen,
@@ -165,6 +242,18 @@ def register(sub: options.SubParsers) -> None:
                    help="label for versions made by --commit (repeatable)")
     p.add_argument("--overlay-dir", metavar="DIR",
                    help="where overlay files live (default: the system temporary directory)")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="with --writable: keep each volume's overlay in DIR, durable on FLUSH "
+                   "and FUA and across restarts, one live export per volume (docs/nbd.md)")
+    p.add_argument("--checkpoint-every", metavar="DURATION", type=duration,
+                   help="with --state-dir: store each live export that changed as a new "
+                   "version this often (e.g. 15m)")
+    p.add_argument("--checkpoint-on-flush", action="store_true",
+                   help="with --state-dir: store a live export as a new version after a "
+                   "client's FLUSH, at most once per --checkpoint-min-interval")
+    p.add_argument("--checkpoint-min-interval", metavar="DURATION", type=duration,
+                   default=60.0,
+                   help="least time between checkpoints made on a FLUSH (default: 60s)")
     p.add_argument("--tls-cert", metavar="FILE", help="server certificate (PEM) for TLS")
     p.add_argument("--tls-key", metavar="FILE", help="its private key (PEM)")
     p.add_argument("--tls-client-ca", metavar="FILE",
@@ -181,3 +270,17 @@ def register(sub: options.SubParsers) -> None:
     p.add_argument("--debug", action="store_true",
                    help="log every connection and every refused request (as -v does)")
     p.set_defaults(func=cmd_serve)
+
+    c = options.add_command(
+        nbd_sub, "checkpoint", summary="store a running live export as a new version",
+        description="""
+        Ask the server running on a state directory (snapship nbd serve --writable
+        --state-dir DIR) to store the live export of EXPORT (a volume) as a new version, at
+        a FLUSH boundary, without disconnecting its clients. Prints the new version once it
+        is stored. See docs/nbd.md.""",
+        examples=["snapship nbd checkpoint root --state-dir /var/lib/snapship/live"],
+        parents=options.parents())
+    c.add_argument("export", metavar="EXPORT", help="the live export's volume")
+    c.add_argument("--state-dir", metavar="DIR", required=True,
+                   help="the state directory of the running server")
+    c.set_defaults(func=cmd_checkpoint)

@@ -11,22 +11,34 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from typing import Protocol
 
 from snapship.engine.backup import BackupPlan, Prepared, run_backup
 from snapship.formats.manifest import Manifest
-from snapship.nbd.overlay import WRITTEN, Overlay
+from snapship.nbd.overlay import WRITTEN
 from snapship.repository.repo import Repository
-from snapship.types import ZERO_ID
+from snapship.types import ZERO_ID, ByteRange
 
 CHANGE_SOURCE = "nbd overlay"
 log = logging.getLogger("snapship.nbd")
+
+
+class Committable(Protocol):
+    """An overlay that no longer changes: an `Overlay` detached, or a live export's frozen
+    layer."""
+
+    size: int
+
+    def segments(self, start: int, end: int) -> Iterator[tuple[int, int, int | None]]: ...
+    def pread(self, offset: int, length: int) -> bytes: ...
+    def changed_ranges(self) -> list[ByteRange]: ...
 
 
 class OverlaySource:
     """A read-only view of `base` with `overlay` on top, with the interface of a backup
     source. The overlay must not change while it is read (the server detaches it first)."""
 
-    def __init__(self, repo: Repository, base: Manifest, overlay: Overlay) -> None:
+    def __init__(self, repo: Repository, base: Manifest, overlay: Committable) -> None:
         if overlay.size != base.size:
             raise ValueError(f"overlay of {overlay.size} bytes over a {base.size}-byte version")
         self.repo = repo
@@ -64,7 +76,8 @@ class OverlaySource:
 
 
 def commit_overlay(
-    repo: Repository, volume: str, version: str, overlay: Overlay, labels: dict[str, str]
+    repo: Repository, volume: str, version: str, overlay: Committable,
+    labels: dict[str, str], command: str = "nbd commit"
 ) -> Manifest:
     """Store `overlay` over `volume@version` as a new version whose parent is that version."""
 
@@ -77,5 +90,5 @@ def commit_overlay(
                BackupPlan(changed=overlay.changed_ranges(), change_source=CHANGE_SOURCE))
 
     return run_backup(repo, prepare, volume, base_version=version,
-                      command=f"nbd commit {volume}", labels=labels,
+                      command=f"{command} {volume}", labels=labels,
                       source_desc=f"nbd overlay over {volume}@{version}", warn=log.warning)

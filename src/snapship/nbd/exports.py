@@ -18,7 +18,15 @@ from snapship.errors import SnapshipError
 from snapship.formats.manifest import Manifest
 from snapship.nbd import protocol as p
 from snapship.nbd.chunkcache import ChunkCache
-from snapship.nbd.overlay import WRITTEN, ZERO, ZERO_ALLOCATED, Overlay
+from snapship.nbd.overlay import (
+    DATA_STATES,
+    FROZEN,
+    WRITTEN,
+    ZERO,
+    ZERO_ALLOCATED,
+    OverlayView,
+    PieceSource,
+)
 from snapship.types import ZERO_ID
 
 Piece = tuple[int, int, bytes | memoryview | None]
@@ -27,7 +35,8 @@ Piece = tuple[int, int, bytes | memoryview | None]
 MAX_EXTENTS = 8192
 """Descriptors per block-status reply; a client asks again from where the reply ended."""
 
-_STATE_FLAGS = {WRITTEN: 0, ZERO: p.STATE_HOLE | p.STATE_ZERO, ZERO_ALLOCATED: p.STATE_ZERO}
+_STATE_FLAGS = {WRITTEN: 0, FROZEN: 0, ZERO: p.STATE_HOLE | p.STATE_ZERO,
+                ZERO_ALLOCATED: p.STATE_ZERO}
 
 
 class RequestFailed(Exception):
@@ -86,16 +95,22 @@ class ExportSession:
         image: VersionImage,
         cache: ChunkCache,
         io_pool: Executor,
-        overlay: Overlay | None = None,
+        overlay: OverlayView | None = None,
         readahead_chunks: int = 8,
     ) -> None:
-        self.image = image
+        self._image = image
         self.cache = cache
         self.overlay = overlay
         self._io = io_pool
         self.readahead_chunks = readahead_chunks
         self._next_offset = -1
         self.wrote = False
+
+    @property
+    def image(self) -> VersionImage:
+        """The version under the overlay: a live export's moves on at each checkpoint."""
+        base = self.overlay.base if self.overlay is not None else None
+        return base or self._image
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -116,8 +131,11 @@ class ExportSession:
         for s, e, state in segments:
             if state is None:
                 self._base_pieces(s, e, pieces, waits)
-            elif state == WRITTEN:
-                waits.append((len(pieces), self._overlay_piece(s, e)))
+            elif state in DATA_STATES:
+                assert self.overlay is not None
+                # Pinned now, while the map said so: a checkpoint may retire the layer later.
+                source = self.overlay.source_for(state)
+                waits.append((len(pieces), self._overlay_piece(source, s, e)))
                 pieces.append(None)
             else:
                 pieces.append((s, e - s, None))
@@ -170,13 +188,14 @@ class ExportSession:
             )
         return data
 
-    async def _overlay_piece(self, start: int, end: int) -> Piece:
-        assert self.overlay is not None
+    async def _overlay_piece(self, source: PieceSource, start: int, end: int) -> Piece:
         loop = asyncio.get_running_loop()
         try:
-            data = await loop.run_in_executor(self._io, self.overlay.pread, start, end - start)
+            data = await loop.run_in_executor(self._io, source.pread, start, end - start)
         except OSError as e:
             raise RequestFailed(p.EIO, f"cannot read the overlay at {start}: {e}") from None
+        finally:
+            source.unpin()
         return start, end - start, data
 
     def _read_ahead(self, end: int) -> None:
@@ -237,7 +256,7 @@ class ExportSession:
 
     # -- writes (overlay only) ------------------------------------------------------------
 
-    def _writable(self) -> Overlay:
+    def _writable(self) -> OverlayView:
         if self.overlay is None:
             raise RequestFailed(p.EPERM, "the export is read-only")
         return self.overlay
@@ -249,16 +268,20 @@ class ExportSession:
         overlay = self._writable()
         if not data:
             return
-        loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._io, overlay.pwrite, offset, data)
+            await overlay.write(self._io, offset, data)
         except OSError as e:
-            full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-            raise RequestFailed(p.ENOSPC if full else p.EIO,
-                                f"cannot write the overlay at {offset}: {e.strerror}") from None
-        # Marked only once the data is in the file: a read never sees the mark without it.
-        overlay.mark(offset, offset + len(data), WRITTEN)
+            raise _failed(e, f"cannot write the overlay at {offset}") from None
         self.wrote = True
+
+    async def flush(self) -> None:
+        """FLUSH, and FUA after a write: every write acknowledged so far made durable."""
+        if self.overlay is None:
+            return
+        try:
+            await self.overlay.flush()
+        except OSError as e:
+            raise _failed(e, "cannot make the overlay durable") from None
 
     def write_zeroes(self, offset: int, length: int, no_hole: bool) -> None:
         overlay = self._writable()
@@ -272,6 +295,11 @@ class ExportSession:
         if length:
             overlay.mark(offset, offset + length, ZERO)
             self.wrote = True
+
+
+def _failed(e: OSError, what: str) -> RequestFailed:
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    return RequestFailed(p.ENOSPC if full else p.EIO, f"{what}: {e.strerror or e}")
 
 
 def _merge_zeroes(pieces: list[Piece | None]) -> list[Piece]:

@@ -9,12 +9,18 @@ only changed from one thread (the event loop), after the data it describes is in
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import Executor
+from typing import TYPE_CHECKING, Protocol
 
 from snapship.nbd.rangemap import RangeMap
 from snapship.types import ByteRange
+
+if TYPE_CHECKING:
+    from snapship.nbd.exports import VersionImage
 
 WRITTEN = 1
 """The overlay file holds the data."""
@@ -22,6 +28,34 @@ ZERO = 2
 """Reads as zeroes and counts as a hole (TRIM, or WRITE_ZEROES allowed to punch)."""
 ZERO_ALLOCATED = 3
 """Reads as zeroes, allocated (WRITE_ZEROES with NBD_CMD_FLAG_NO_HOLE)."""
+FROZEN = 4
+"""Written, and held by a live export's frozen layer (only ever in reads, never stored)."""
+DATA_STATES = frozenset({WRITTEN, FROZEN})
+
+
+class PieceSource(Protocol):
+    """Where the data of a written piece is read from; pinned while a read is under way."""
+
+    def pread(self, offset: int, length: int) -> bytes: ...
+    def unpin(self) -> None: ...
+
+
+class OverlayView(Protocol):
+    """What a connection writes into and reads through: an `Overlay`, or a live export
+    (`nbd.live.LiveExport`) whose layers survive restarts and whose base moves on at each
+    checkpoint."""
+
+    size: int
+
+    @property
+    def base(self) -> VersionImage | None:
+        """The version under the overlay when it is not the one the connection opened."""
+
+    def segments(self, start: int, end: int) -> Iterator[tuple[int, int, int | None]]: ...
+    def source_for(self, state: int) -> PieceSource: ...
+    def mark(self, start: int, end: int, state: int) -> None: ...
+    async def write(self, io: Executor, offset: int, data: bytes) -> None: ...
+    async def flush(self) -> None: ...
 
 
 class Overlay:
@@ -33,9 +67,26 @@ class Overlay:
         os.ftruncate(fd, size)  # sparse: only what is written takes space
         self.map = RangeMap()
 
+    base: VersionImage | None = None
+
     @property
     def dirty(self) -> bool:
         return len(self.map) > 0
+
+    async def write(self, io: Executor, offset: int, data: bytes) -> None:
+        await asyncio.get_running_loop().run_in_executor(io, self.pwrite, offset, data)
+        # Marked only once the data is in the file: a read never sees the mark without it.
+        self.mark(offset, offset + len(data), WRITTEN)
+
+    async def flush(self) -> None:
+        """Nothing to make durable: this overlay lives as long as the server process, and a
+        commit writes the repository in its own crash-safe order."""
+
+    def source_for(self, state: int) -> PieceSource:
+        return self
+
+    def unpin(self) -> None:
+        pass
 
     def pwrite(self, offset: int, data: bytes | memoryview) -> None:
         view = memoryview(data)

@@ -14,15 +14,30 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from snapship.formats.manifest import Manifest
 from snapship.nbd.exports import VersionImage
-from snapship.nbd.overlay import Overlay
+from snapship.nbd.overlay import Overlay, OverlayView
 
 log = logging.getLogger("snapship.nbd")
 
 Committer = Callable[[VersionImage, Overlay], Manifest]
 """Stores an overlay over a version as a new version (blocking; run on a worker thread)."""
+
+
+class Registry(Protocol):
+    """What the server asks of the keeper of writable exports' overlays."""
+
+    def resolve(self, image: VersionImage) -> VersionImage:
+        """The version a connection asking for `image` is served (a live export's base)."""
+
+    async def attach(self, image: VersionImage) -> OverlayView: ...
+    def detach(self, image: VersionImage, *, wrote: bool, clean: bool) -> None: ...
+    def flushed(self, image: VersionImage) -> None:
+        """A client's FLUSH of `image` completed (a checkpoint trigger)."""
+
+    async def drain(self) -> None: ...
 
 
 @dataclass
@@ -41,6 +56,12 @@ class OverlayRegistry:
         self.committer = committer
         self._shared: dict[str, _Shared] = {}
         self._commits: set[asyncio.Task[None]] = set()
+
+    def resolve(self, image: VersionImage) -> VersionImage:
+        return image
+
+    def flushed(self, image: VersionImage) -> None:
+        pass
 
     async def attach(self, image: VersionImage) -> Overlay:
         entry = self._shared.get(image.name)

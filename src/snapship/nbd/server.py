@@ -36,7 +36,7 @@ from snapship.nbd.handshake import (
     Transmit,
 )
 from snapship.nbd.names import ExportNames
-from snapship.nbd.registry import OverlayRegistry
+from snapship.nbd.registry import Registry
 
 log = logging.getLogger("snapship.nbd")
 
@@ -73,7 +73,7 @@ def make_tls_context(cert: str, key: str, client_ca: str | None) -> ssl.SSLConte
 
 
 class NbdServer:
-    def __init__(self, names: ExportNames, registry: OverlayRegistry | None,
+    def __init__(self, names: ExportNames, registry: Registry | None,
                  options: ServerOptions) -> None:  # fmt: skip
         if options.writable and registry is None:
             raise ValueError("a writable server needs an overlay registry")
@@ -148,8 +148,11 @@ class NbdServer:
             self.io_pool, self.names.list_exports)
 
     async def open_export(self, name: str) -> VersionImage | None:
-        return await asyncio.get_running_loop().run_in_executor(
+        image = await asyncio.get_running_loop().run_in_executor(
             self.io_pool, self.names.open, name)
+        if image is not None and self.registry is not None:
+            image = self.registry.resolve(image)  # a live export's base, if it has one
+        return image
 
 
 class _Budget:
@@ -343,11 +346,14 @@ class Connection:
             session.write_zeroes(req.offset, req.length, bool(req.flags & p.CMD_FLAG_NO_HOLE))
         elif c == p.CMD_TRIM:
             session.trim(req.offset, req.length)
+        if c in (p.CMD_WRITE, p.CMD_WRITE_ZEROES, p.CMD_TRIM) and req.flags & p.CMD_FLAG_FUA:
+            await session.flush()
         elif c == p.CMD_FLUSH:
-            # Nothing to make durable: the overlay lives as long as the server process, and
-            # a commit writes the repository in its own crash-safe order. Every write
-            # acknowledged so far is already visible to every connection.
-            pass
+            # Every write acknowledged so far is already visible to every connection; a
+            # durable overlay also makes them survive a crash (docs/nbd.md, "Durable exports").
+            await session.flush()
+            if self.server.registry is not None:
+                self.server.registry.flushed(session.image)
         elif c == p.CMD_CACHE:
             await session.cache_range(req.offset, req.length)
         elif c == p.CMD_BLOCK_STATUS:
