@@ -47,6 +47,7 @@ def fill(root: Path, seed: int, files: int, max_kib: int, delete: float) -> None
         p = d / f"f{i}"
         p.write_bytes(rnd.randbytes(rnd.randrange(1, max_kib) * 1024))
         names.append(p)
+    os.sync()  # the data reaches the disk (no delayed allocation saves it from being written)
     for p in rnd.sample(names, int(len(names) * delete)):
         p.unlink()
 

@@ -18,6 +18,7 @@ from snapship.cli.output import TerminalProgress, warn
 from snapship.cli.reports import describe_backup, describe_restore, emit, ref, version_detail
 from snapship.devices import Source, remove_unfinished
 from snapship.engine.backup import BackupPlan, Prepared, run_backup
+from snapship.engine.known_zero import survey
 from snapship.engine.restore import run_restore
 from snapship.engine.snapshot_backup import SnapshotOptions, run_snapshot_backup
 from snapship.errors import UsageError
@@ -143,7 +144,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
             Lvm(),
             *lvm_source,
             volume,
-            options=SnapshotOptions(args.snapshot_size, args.pre_snapshot, args.post_snapshot),
+            options=SnapshotOptions(args.snapshot_size, args.pre_snapshot, args.post_snapshot,
+                                    skip_free=not args.no_skip_free),
             labels=labels,
             progress=TerminalProgress(f"backup {volume}"),
             warn=warn,
@@ -163,7 +165,9 @@ def cmd_backup(args: argparse.Namespace) -> int:
                 raise UsageError(f"--changed-ranges needs an earlier version of {volume} to "
                                  "apply to")
             yield source, BackupPlan(changed, "ranges file" if changed is not None
-                                     else "full read")
+                                     else "full read",
+                                     known_zero=survey(source, skip_free=not args.no_skip_free,
+                                                       warn=warn))
 
         m = run_backup(repo, prepare, volume, labels=labels, source_desc=source_desc,
                        progress=TerminalProgress(f"backup {volume}"), warn=warn)
@@ -224,6 +228,9 @@ def register(sub: options.SubParsers) -> None:
     p.add_argument("--changed-ranges", metavar="FILE",
                    help="read only these byte ranges, on top of the newest version "
                    "(docs/changed-ranges.md; - for stdin)")
+    p.add_argument("--no-skip-free", action="store_true",
+                   help="read the free space of a clean ext4/XFS filesystem too (by default "
+                   "it is recorded as zeroes without being read: docs/free-space.md)")
     p.add_argument("--snapshot-size", default="10%", metavar="SIZE",
                    type=options.snapshot_size,
                    help="lvm: classic snapshot size, N%% of the origin or e.g. 2G "

@@ -29,6 +29,7 @@ from snapship.changes import cow, thin_delta
 from snapship.changes.lvm import LvInfo, Lvm, LvmError
 from snapship.devices import Source, UncachedReader
 from snapship.engine.backup import BackupPlan, Prepared, run_backup
+from snapship.engine.known_zero import survey
 from snapship.engine.progress import Progress
 from snapship.errors import SnapshipError, SourceError, UsageError
 from snapship.formats.manifest import Manifest
@@ -46,6 +47,8 @@ class SnapshotOptions:
     """Classic snapshot size: `N%` of the origin or an lvcreate size such as `2G`."""
     pre_hook: str | None = None
     post_hook: str | None = None
+    skip_free: bool = True
+    """Skip the free space of a clean filesystem on the snapshot (docs/free-space.md)."""
 
 
 def run_hook(command: str | None, what: str) -> None:
@@ -133,9 +136,13 @@ def run_snapshot_backup(
             plan = plan_changes(lvm, origin, tracking, new, base)
             if plan.fallback:
                 warn(f"full read of {vg}/{lv}: {plan.fallback}")
-            plan = dataclasses.replace(plan, labels={LABEL_SNAPSHOT: f"{vg}/{new.name}",
-                                                     LABEL_SNAPSHOT_UUID: new.uuid})
             with Source(new.device) as source:
+                # A snapshot of a mounted filesystem is as after a crash: ext4 needs recovery,
+                # XFS has an unreplayed log, and survey() says so and reads everything.
+                plan = dataclasses.replace(
+                    plan, labels={LABEL_SNAPSHOT: f"{vg}/{new.name}",
+                                  LABEL_SNAPSHOT_UUID: new.uuid},
+                    known_zero=survey(source, skip_free=options.skip_free, warn=warn))
                 yield source, plan
         except BaseException:
             try:
