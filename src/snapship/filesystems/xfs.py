@@ -37,6 +37,9 @@ BBSIZE = 512
 LOG_HEADER_CYCLE_SIZE = 32 * 1024
 UNMOUNT_TRANS = 0x20
 MAX_BTREE_BLOCKS = 1 << 22
+VERIFY_WINDOW = 2 << 20
+"""Bytes of log checked on each side of the head: the kernel's XLOG_TOTAL_REC_SHIFT (8 log
+buffers of at most 256 KiB may be in flight, so stray older cycles lie within this)."""
 
 
 def _crc_ok(block: bytes, at: int) -> bool:
@@ -134,28 +137,57 @@ def _log_verdict(read: Read, s: _Super) -> str | None:
     nothing to replay), else why the log may hold changes the metadata lacks.
 
     As the kernel's xlog_find_head/xlog_find_tail: every 512-byte sector of the log carries the
-    cycle number of the pass that wrote it; the head is where the cycle first drops, and the
-    last record before it decides. Anything that does not fit this picture is "uncertain"."""
+    cycle number of the pass that wrote it; the head is where the cycle first drops, found by
+    bisection, and the last record before it decides. The sectors within VERIFY_WINDOW on both
+    sides of the head are checked as well (the kernel checks the window before it: in-flight
+    log buffers can leave older cycles there); anything that does not fit is "uncertain"."""
     start = s.fsb_to_byte(s.logstart)
     length = s.logblocks * s.block_size
     if not s.logblocks or length % BBSIZE:
         return "its log geometry is invalid"
-    log = read(start, length)
     nsect = length // BBSIZE
-    words = struct.unpack(f">{nsect * 128}I", log)
+    cache: dict[int, bytes] = {}
+
+    def sector(i: int) -> bytes:
+        if i not in cache:
+            cache[i] = read(start + i * BBSIZE, BBSIZE)
+        return cache[i]
+
+    def load(lo: int, hi: int) -> None:
+        lo, hi = max(lo, 0), min(hi, nsect)
+        if hi > lo:
+            data = read(start + lo * BBSIZE, (hi - lo) * BBSIZE)
+            for i in range(lo, hi):
+                cache[i] = data[(i - lo) * BBSIZE : (i - lo + 1) * BBSIZE]
 
     def cycle(i: int) -> int:
-        c: int = words[i * 128 + 1] if words[i * 128] == LOG_MAGIC else words[i * 128]
+        first_word, second = struct.unpack_from(">II", sector(i), 0)
+        c: int = second if first_word == LOG_MAGIC else first_word
         return c
 
     first = cycle(0)
-    head = next((i for i in range(nsect) if cycle(i) != first), nsect)
-    if any(cycle(i) != first - 1 for i in range(head, nsect)):
-        return "its log is uncertain (cycle numbers out of order: torn or in-flight writes)"
-    rec = next((i for i in range(head - 1, -1, -1) if words[i * 128] == LOG_MAGIC), None)
+    if cycle(nsect - 1) == first:
+        head = nsect  # written to the end in this cycle (or never wrapped): head at the end
+    else:
+        lo, hi = 0, nsect - 1  # cycle(lo) == first, cycle(hi) != first
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if cycle(mid) == first:
+                lo = mid
+            else:
+                hi = mid
+        head = hi
+    window = VERIFY_WINDOW // BBSIZE
+    load(head - window, head + window)
+    for i in range(max(0, head - window), min(nsect, head + window)):
+        want = first if i < head else first - 1
+        if cycle(i) != want:
+            return "its log is uncertain (cycle numbers out of order: torn or in-flight writes)"
+    rec = next((i for i in range(head - 1, max(-1, head - window - 1), -1)
+                if struct.unpack_from(">I", sector(i), 0)[0] == LOG_MAGIC), None)
     if rec is None:
-        return "its log is uncertain (no record header before the head)"
-    h = log[rec * BBSIZE : (rec + 1) * BBSIZE]
+        return "its log is uncertain (no record header near the head)"
+    h = sector(rec)
     _magic, h_cycle, version, h_len = struct.unpack_from(">4I", h, 0)
     num_logops = struct.unpack_from(">I", h, 40)[0]
     h_size = struct.unpack_from(">I", h, 300 + 4 + 16)[0] if version & 2 else 0
@@ -168,8 +200,7 @@ def _log_verdict(read: Read, s: _Super) -> str | None:
                 f"{head})")
     if num_logops != 1 or h_len < 12 or rec + hblks >= nsect:
         return "its log was not cleanly unmounted (its newest record is not an unmount record)"
-    op = log[(rec + hblks) * BBSIZE : (rec + hblks) * BBSIZE + 12]
-    if not op[9] & UNMOUNT_TRANS:
+    if not sector(rec + hblks)[9] & UNMOUNT_TRANS:
         return "its log was not cleanly unmounted (its newest record is not an unmount record)"
     return None
 
