@@ -178,8 +178,8 @@ def _check_stats(stats: dict[str, Any]) -> None:
         _check_free_space(stats["free_space"])
 
 
-_FREE_COUNTS = ("hole_bytes", "free_bytes", "metadata_bytes_read", "chunks_skipped",
-                "bytes_skipped", "bytes_zeroed")
+_FREE_COUNTS = ("hole_bytes", "free_bytes", "unmapped_bytes", "metadata_bytes_read",
+                "chunks_skipped", "bytes_skipped", "bytes_zeroed")
 
 
 def _check_free_space(f: Any) -> None:
