@@ -176,8 +176,9 @@ def run_snapshot_backup(
             if plan.fallback:
                 warn(f"full read of {vg}/{lv}: {plan.fallback}")
             with Source(new.device) as source:
-                # A snapshot of a mounted filesystem is as after a crash: ext4 needs recovery,
-                # XFS has an unreplayed log, and survey() says so and reads everything.
+                # Not assumed clean because LVM froze the filesystem: survey() checks. A frozen
+                # ext4 is (its freeze clears needs_recovery); a frozen XFS's log still holds
+                # transactions, so it is read in full (docs/free-space.md).
                 kz = survey(source, skip_free=options.skip_free, warn=warn)
                 if origin.is_thin:
                     kz = _thin_zero(lvm, origin, new, plan, kz, warn)
