@@ -118,3 +118,36 @@ def test_probe_names_what_it_is_not(tmp_path: Path) -> None:
     assert (fm.filesystem, fm.clean) == (None, False) and "partition table" in fm.reason
     zero = bytes(1 << 16)
     assert not probe(lambda off, n: zero[off : off + n], len(zero)).clean
+
+
+def test_xfs_log_that_is_not_clean_or_not_certain(tmp_path: Path) -> None:
+    """The log check on a real log with one thing changed: the unmount record's flag cleared
+    (not clean), a sector past the head given the head's cycle (uncertain)."""
+    image = make_image(tmp_path / "fs.img", 320, ["mkfs.xfs", "-q", "-f"])
+    with mounted(image, tmp_path / "mnt") as root:
+        fill(root, 9, 10, 200, 0.3)
+    read, n = reader(image)
+    assert xfs.free_space(read, n).clean
+    s = xfs._Super(read(0, 512))
+    start = s.fsb_to_byte(s.logstart)
+    log = read(start, s.logblocks * s.block_size)
+    words = [int.from_bytes(log[i : i + 4], "big") for i in range(0, len(log), 512)]
+    cycles = [int.from_bytes(log[i * 512 + 4 : i * 512 + 8], "big")
+              if w == xfs.LOG_MAGIC else w for i, w in enumerate(words)]
+    head = next((i for i, c in enumerate(cycles) if c != cycles[0]), len(cycles))
+    rec = max(i for i in range(head) if words[i] == xfs.LOG_MAGIC)
+
+    def patched(at: int, value: bytes) -> str:
+        copy = tmp_path / "patched.img"
+        subprocess.run(["cp", "--sparse=always", str(image), str(copy)], check=True)
+        with open(copy, "r+b") as f:
+            f.seek(at)
+            f.write(value)
+        fm = probe(*reader(copy))
+        assert fm.filesystem == "xfs" and not fm.clean and not fm.free
+        return fm.reason
+
+    op_flags = start + (rec + 1) * 512 + 9  # the unmount record's op header flags (1 hdr sector)
+    assert "not cleanly unmounted" in patched(op_flags, b"\x00")
+    assert head < len(cycles)  # a young log: the head is inside it, cycle 0 sectors after it
+    assert "uncertain" in patched(start + (head + 1) * 512, cycles[0].to_bytes(4, "big"))
