@@ -151,3 +151,22 @@ def test_xfs_log_that_is_not_clean_or_not_certain(tmp_path: Path) -> None:
     assert "not cleanly unmounted" in patched(op_flags, b"\x00")
     assert head < len(cycles)  # a young log: the head is inside it, cycle 0 sectors after it
     assert "uncertain" in patched(start + (head + 1) * 512, cycles[0].to_bytes(4, "big"))
+
+
+def test_ext4_checksums_are_checked(tmp_path: Path) -> None:
+    """metadata_csum (mke2fs's default): a bit flipped in a block bitmap, which would call a
+    used block free, is caught by the bitmap's checksum; the backup then reads everything."""
+    image = make_image(tmp_path / "fs.img", 32, ["mkfs.ext4", "-q", "-F", "-b", "4096"])
+    out = subprocess.run(["dumpe2fs", str(image)], capture_output=True, text=True,
+                         check=True).stdout
+    assert "metadata_csum" in out
+    bitmap = int(out.split("Block bitmap at ")[1].split()[0])
+    with open(image, "r+b") as f:
+        f.seek(bitmap * 4096)
+        byte = f.read(1)
+        f.seek(bitmap * 4096)
+        f.write(bytes([byte[0] ^ 0x01]))  # block 0: in use, now "free"
+    with pytest.raises(FreeSpaceError, match="block bitmap checksum"):
+        ext4.free_space(*reader(image))
+    fm = probe(*reader(image))
+    assert (fm.filesystem, fm.clean) == ("ext4", False) and "checksum" in fm.reason

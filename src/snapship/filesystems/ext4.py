@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import struct
 
+import crc32c
+
 from snapship.filesystems.freemap import FreeMap, FreeSpaceError, Read, runs_from_bitmap
 from snapship.types import ByteRange
 
@@ -38,6 +40,8 @@ INCOMPAT_KNOWN = (0x1 | 0x2 | 0x4 | 0x8 | 0x10 | 0x40 | 0x80 | 0x100 | 0x200 | 0
 
 RO_COMPAT_SPARSE_SUPER = 0x1
 RO_COMPAT_BIGALLOC = 0x200
+RO_COMPAT_METADATA_CSUM = 0x400
+INCOMPAT_CSUM_SEED = 0x2000
 
 BG_BLOCK_UNINIT = 0x2
 
@@ -70,6 +74,12 @@ class _Super:
         self.first_meta_bg = struct.unpack_from("<I", sb, 260)[0]
         blocks_hi = struct.unpack_from("<I", sb, 336)[0]
         self.backup_bgs = struct.unpack_from("<2I", sb, 588)
+        self.metadata_csum = bool(self.ro_compat & RO_COMPAT_METADATA_CSUM)
+        if self.metadata_csum and struct.unpack_from("<I", sb, 1020)[0] != _crc(0xFFFFFFFF,
+                                                                               sb[:1020]):
+            raise FreeSpaceError("ext4 superblock checksum mismatch")
+        self.csum_seed = (struct.unpack_from("<I", sb, 624)[0]
+                          if self.incompat & INCOMPAT_CSUM_SEED else _crc(0xFFFFFFFF, sb[104:120]))
         if log_block > 6:
             raise FreeSpaceError(f"ext4 block size 2^{10 + log_block} is out of range")
         self.block_size = 1024 << log_block
@@ -130,6 +140,11 @@ class _Super:
         return n
 
 
+def _crc(seed: int, data: bytes) -> int:
+    """The kernel's crc32c(seed, data): CRC32C without the final inversion (ext4_chksum)."""
+    return ~crc32c.crc32c(data, ~seed & 0xFFFFFFFF) & 0xFFFFFFFF
+
+
 def _is_power(n: int, base: int) -> bool:
     while n % base == 0:
         n //= base
@@ -172,11 +187,11 @@ def free_space(read: Read, device_size: int) -> FreeMap:
     # Where every group's bitmaps and inode table lie, for BLOCK_UNINIT groups (with
     # flex_bg they may lie in another group).
     meta: list[tuple[int, int]] = []
-    for bitmap, inode_bitmap, itable, _flags in descs:
+    for bitmap, inode_bitmap, itable, _flags, _csum in descs:
         meta += [(bitmap, 1), (inode_bitmap, 1), (itable, s.itable_blocks)]
     meta.sort()
     free: list[ByteRange] = []
-    for g, (bitmap_block, _ib, _it, flags) in enumerate(descs):
+    for g, (bitmap_block, _ib, _it, flags, csum) in enumerate(descs):
         first, count = s.group_first(g), s.group_blocks(g)
         if flags & BG_BLOCK_UNINIT:
             bits = _uninit_bitmap(s, g, first, count, meta)
@@ -185,6 +200,10 @@ def free_space(read: Read, device_size: int) -> FreeMap:
                 raise FreeSpaceError(f"ext4 group {g}: block bitmap at {bitmap_block} is "
                                      "outside the filesystem")
             bits = read(bitmap_block * bs, bs)
+            if csum is not None:
+                got = _crc(s.csum_seed, bits[: s.blocks_per_group // 8])
+                if got & (0xFFFFFFFF if s.desc_size >= 64 else 0xFFFF) != csum:
+                    raise FreeSpaceError(f"ext4 group {g}: block bitmap checksum mismatch")
         for start, n in runs_from_bitmap(bits, count):
             lo = (first + start) * bs
             hi = (first + start + n) * bs
@@ -197,8 +216,9 @@ def free_space(read: Read, device_size: int) -> FreeMap:
                    f"bytes free in {s.groups} groups", free)
 
 
-def _descriptors(read: Read, s: _Super) -> list[tuple[int, int, int, int]]:
-    """(block bitmap, inode bitmap, inode table, flags) of every group."""
+def _descriptors(read: Read, s: _Super) -> list[tuple[int, int, int, int, int | None]]:
+    """(block bitmap, inode bitmap, inode table, flags, block bitmap checksum or None) of
+    every group; with metadata_csum each descriptor's own checksum is checked."""
     bs = s.block_size
     out = []
     nblocks = -(-s.groups // s.desc_per_block)
@@ -209,12 +229,22 @@ def _descriptors(read: Read, s: _Super) -> list[tuple[int, int, int, int]]:
         block = read(where * bs, bs)
         for i in range(min(s.desc_per_block, s.groups - n * s.desc_per_block)):
             d = block[i * s.desc_size : (i + 1) * s.desc_size]
+            g = n * s.desc_per_block + i
             bb, ib, it = struct.unpack_from("<3I", d, 0)
             flags = struct.unpack_from("<H", d, 18)[0]
+            csum: int | None = None
             if s.is_64bit:
                 bbh, ibh, ith = struct.unpack_from("<3I", d, 32)
                 bb, ib, it = bb | bbh << 32, ib | ibh << 32, it | ith << 32
-            out.append((bb, ib, it, flags))
+            if s.metadata_csum:
+                want = _crc(s.csum_seed, g.to_bytes(4, "little") + d[:30] + b"\0\0"
+                            + d[32:]) & 0xFFFF
+                if struct.unpack_from("<H", d, 30)[0] != want:
+                    raise FreeSpaceError(f"ext4 group {g}: descriptor checksum mismatch")
+                csum = struct.unpack_from("<H", d, 24)[0]
+                if s.desc_size >= 64:
+                    csum |= struct.unpack_from("<H", d, 56)[0] << 16
+            out.append((bb, ib, it, flags, csum))
     return out
 
 
