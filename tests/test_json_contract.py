@@ -224,6 +224,13 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> Outputs:
         out.run("backup", "--repo", repo, img, "--volume", "disk")
     write_image(tmp / "other.img", image_bytes(3 * CHUNK + 5, seed=8))
     out.run("backup", "--repo", repo, tmp / "other.img", "--volume", "other")
+    fs = tmp / "fs.img"  # a clean ext4: its free space is skipped and the skip recorded
+    with open(fs, "wb") as f:
+        f.truncate(8 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(fs)], check=True)
+    skipped = out.run("backup", "--repo", repo, fs, "--volume", "fs")
+    assert skipped["stats"]["free_space"]["skipped"] is True
+    out.run("show", "--repo", repo, "fs")
     v1 = first["version_id"]
 
     out.run("protect", "--repo", repo, f"disk@{v1[:19]}", "--note", "audit")

@@ -67,3 +67,32 @@ def test_changed_set_is_every_block_not_same(runs: list[tuple[str, int]]) -> Non
            "</superblock>")
     got = {b for r in parse(xml).changed for b in range(r.start // 4096, r.end // 4096)}
     assert got == expected
+
+
+def test_discarded_blocks_are_the_left_only_ones() -> None:
+    assert parse(SAMPLE).discarded == [ByteRange(16 * 65536, 20 * 65536)]
+
+
+DUMP = """<superblock uuid="" time="1" transaction="2" flags="0" version="2"
+ data_block_size="128" nr_data_blocks="100">
+  <device dev_id="7" mapped_blocks="4" transaction="0" creation_time="0" snap_time="1">
+    <range_mapping origin_begin="2" data_begin="10" length="2" time="0"/>
+    <single_mapping origin_block="4" data_block="40" time="0"/>
+    <single_mapping origin_block="9" data_block="41" time="1"/>
+    <single_mapping origin_block="60" data_block="42" time="1"/>
+  </device>
+</superblock>
+"""
+
+
+def test_thin_dump_mappings_and_their_complement() -> None:
+    from snapship.changes.thin_dump import mapped, unmapped
+
+    b = 65536
+    got = mapped(DUMP, 7, 10 * b - 5)  # block 9 is the partial last one; 60 lies past the end
+    assert got == [ByteRange(2 * b, 5 * b), ByteRange(9 * b, 10 * b - 5)]
+    assert unmapped(got, 10 * b - 5) == [ByteRange(0, 2 * b), ByteRange(5 * b, 9 * b)]
+    with pytest.raises(ThinDeltaError, match="exactly thin device 8"):
+        mapped(DUMP, 8, 10 * b)
+    with pytest.raises(ThinDeltaError, match="unknown element"):
+        mapped(DUMP.replace("single_mapping origin_block=\"4\"", "odd origin_block=\"4\""), 7, b)

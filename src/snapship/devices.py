@@ -93,6 +93,34 @@ class Source(_ReadOnlyDevice):
             ) from None
         return data
 
+    def data_ranges(self) -> list[tuple[int, int]] | None:
+        """(start, end) of each run of data of a regular file, by SEEK_DATA/SEEK_HOLE: what is
+        not in them is a hole and reads as zeroes. None for a block device (no holes) or a
+        filesystem that cannot tell (EINVAL/ENXIO on SEEK_DATA at 0 of a non-empty file)."""
+        if self.kind != "file":
+            return None
+        out: list[tuple[int, int]] = []
+        offset = 0
+        try:
+            while offset < self.size:
+                try:
+                    start = os.lseek(self.fd, offset, os.SEEK_DATA)
+                except OSError as e:
+                    if e.errno == errno.ENXIO:  # nothing but a hole from here to the end
+                        break
+                    raise
+                end = min(os.lseek(self.fd, start, os.SEEK_HOLE), self.size)
+                if start >= self.size:
+                    break
+                out.append((start, end))
+                offset = end
+        except OSError as e:
+            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                return None
+            raise SourceError(f"cannot find the data of {self.path}: {e.strerror or e}"
+                              ) from None
+        return out
+
 
 Warn = Callable[[str], None]
 

@@ -10,7 +10,7 @@ and `left_only` blocks were discarded in B, so they now read as zeroes.
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from snapship.changes.ranges import coalesce
 from snapship.errors import FormatError
@@ -30,9 +30,11 @@ class ThinDelta:
     """Pool data block size in bytes."""
     changed: list[ByteRange]
     """Changed byte ranges of the thin volume, coalesced."""
+    discarded: list[ByteRange] = field(default_factory=list)
+    """The `left_only` part of `changed`: unmapped in B, so zeroes, need not be read."""
 
 
-def _int(elem: ET.Element, name: str) -> int:
+def xml_int(elem: ET.Element, name: str) -> int:
     value = elem.get(name)
     if value is None or not value.isdigit():
         raise ThinDeltaError(f"thin_delta <{elem.tag}> has no valid {name!r} ({value!r})")
@@ -47,7 +49,7 @@ def parse(xml_text: str, volume_size: int | None = None) -> ThinDelta:
         raise ThinDeltaError(f"thin_delta output is not XML: {e}") from None
     if root.tag != "superblock":
         raise ThinDeltaError(f"thin_delta output starts with <{root.tag}>, not <superblock>")
-    sectors = _int(root, "data_block_size")
+    sectors = xml_int(root, "data_block_size")
     if sectors == 0:
         raise ThinDeltaError("thin_delta reports a data block size of 0")
     block = sectors * 512
@@ -55,10 +57,11 @@ def parse(xml_text: str, volume_size: int | None = None) -> ThinDelta:
     if len(diffs) != 1 or diffs[0].tag != "diff":
         raise ThinDeltaError(f"thin_delta output has {len(diffs)} elements, expected one <diff>")
     ranges = []
+    discarded = []
     for elem in diffs[0]:
         if elem.tag not in KNOWN_KINDS:
             raise ThinDeltaError(f"thin_delta output has an unknown element <{elem.tag}>")
-        begin, length = _int(elem, "begin"), _int(elem, "length")
+        begin, length = xml_int(elem, "begin"), xml_int(elem, "length")
         if elem.tag in CHANGED_KINDS and length:
             r = ByteRange(begin * block, (begin + length) * block)
             if volume_size is not None:
@@ -69,4 +72,6 @@ def parse(xml_text: str, volume_size: int | None = None) -> ThinDelta:
                     )
                 r = ByteRange(r.start, min(r.end, volume_size))
             ranges.append(r)
-    return ThinDelta(block, coalesce(ranges))
+            if elem.tag == "left_only":
+                discarded.append(r)
+    return ThinDelta(block, coalesce(ranges), coalesce(discarded))

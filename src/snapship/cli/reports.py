@@ -173,11 +173,25 @@ def describe_version(r: Report) -> list[str]:
         f"dedup        {r['dedup_ratio']}x within the version; compression of new data "
         + (f"{comp}x" if comp else "-"),
         f"read         {human_bytes(s.get('bytes_read', 0))} in {s.get('chunks_read')} chunks",
+        *_free_space(s),
         f"protected    {_protection(r)}",
         f"damaged      {_damage(r)}",
     ]
     if r["labels"]:
         lines.append("labels       " + _labels(r["labels"], ", "))
+    return lines
+
+
+def _free_space(s: dict[str, Any]) -> list[str]:
+    """What the backup knew to be zero and did not read (stats.free_space), if recorded."""
+    f = s.get("free_space")
+    if not isinstance(f, dict):
+        return []
+    lines = [f"free space   {f.get('note', '-')}"]
+    if f.get("chunks_skipped") or f.get("bytes_zeroed"):
+        lines.append(f"skipped      {human_bytes(f.get('bytes_skipped', 0))} not read "
+                     f"({f.get('chunks_skipped', 0)} zero chunks), "
+                     f"{human_bytes(f.get('bytes_zeroed', 0))} zeroed in chunks read")
     return lines
 
 
@@ -188,7 +202,7 @@ def describe_backup(r: Report) -> list[str]:
     return [f"{r['ref']}: {human_bytes(r['size'])} backed up in {duration:.1f} s "
             f"({human_bytes(rate)}/s); read {human_bytes(s.get('bytes_read', 0))}, "
             f"{s.get('chunks_new', 0)} new chunks ({human_bytes(r['new_bytes_stored'])} "
-            "stored)"]
+            "stored)", *_free_space(s)[1:]]
 
 
 def describe_restore(r: Report) -> list[str]:

@@ -100,7 +100,9 @@ def cmd_backup(args: argparse.Namespace) -> int:
     m = backup_source(
         repo, args.source, volume, explicit_volume=args.volume is not None, lvm=Lvm(),
         labels=labels, changed=changed,
-        snapshot=SnapshotOptions(args.snapshot_size, args.pre_snapshot, args.post_snapshot),
+        snapshot=SnapshotOptions(args.snapshot_size, args.pre_snapshot, args.post_snapshot,
+                                 skip_free=not args.no_skip_free),
+        skip_free=not args.no_skip_free,
         progress=TerminalProgress(f"backup {volume}"), warn=warn)
     report_backup(args, m)
     return 0
@@ -218,6 +220,9 @@ def register(sub: options.SubParsers) -> None:
     p.add_argument("--changed-ranges", metavar="FILE",
                    help="read only these byte ranges, on top of the newest version "
                    "(docs/changed-ranges.md; - for stdin)")
+    p.add_argument("--no-skip-free", action="store_true",
+                   help="read the free space of a clean ext4/XFS filesystem too (by default "
+                   "it is recorded as zeroes without being read: docs/free-space.md)")
     p.add_argument("--snapshot-size", default="10%", metavar="SIZE",
                    type=options.snapshot_size,
                    help="lvm: classic snapshot size, N%% of the origin or e.g. 2G "

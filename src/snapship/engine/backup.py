@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from snapship.changes.ranges import touched_chunks
+from snapship.engine.known_zero import KnownZero, zero_parts
 from snapship.engine.pipeline import bounded_map, default_workers, window_for
 from snapship.engine.progress import NoProgress, Progress
 from snapship.errors import Corrupt, UsageError
@@ -42,6 +43,8 @@ class _Result:
     raw: int
     stored: int | None
     """Size of the chunk's object; None for an in-run duplicate, whose first copy knows it."""
+    read: int
+    """Bytes read from the source for it: 0 for a chunk known to be zero."""
 
 
 class BackupSource(Protocol):
@@ -70,6 +73,8 @@ class BackupPlan:
     """Why change tracking was not used, when it was wanted; recorded in the stats."""
     labels: dict[str, str] = field(default_factory=dict)
     """Labels the preparation adds to the version (e.g. the snapshot it read)."""
+    known_zero: KnownZero | None = None
+    """Ranges known to read as zeroes (holes, free space): not read, zeroed where read."""
 
 
 Prepared = tuple[BackupSource, BackupPlan]
@@ -176,22 +181,37 @@ def _backup(
     stored_sizes: dict[bytes, int] = {}
     lock = threading.Lock()
 
-    def reads() -> Iterator[tuple[int, bytes]]:
+    kz = plan.known_zero
+    skipped = [0, 0, 0]  # chunks not read, bytes not read, bytes zeroed in chunks read
+
+    def reads() -> Iterator[tuple[int, bytes | int]]:
+        """(index, data), or (index, length) for a chunk known to be zero: not read."""
         for i in indices:
             off = i * cs
-            yield i, source.read(off, min(cs, size - off))
+            n = min(cs, size - off)
+            parts = kz.cover(off, off + n) if kz is not None else []
+            if sum(hi - lo for lo, hi in parts) == n:
+                skipped[0] += 1
+                skipped[1] += n
+                yield i, n
+                continue
+            data, zeroed = zero_parts(source.read(off, n), off, parts)
+            skipped[2] += zeroed
+            yield i, data
 
-    def process(item: tuple[int, bytes]) -> _Result:
+    def process(item: tuple[int, bytes | int]) -> _Result:
         index, data = item
+        if isinstance(data, int):
+            return _Result(index, ZERO_ID, ZERO, data, 0, 0)
         n = len(data)
         if data == (zero_full if n == cs else bytes(n)):
-            return _Result(index, ZERO_ID, ZERO, n, 0)
+            return _Result(index, ZERO_ID, ZERO, n, 0, n)
         cid = repo.chunk_id(data)
         if base_ids[index * 32 : index * 32 + 32] == cid and cid not in damaged:
-            return _Result(index, cid, KNOWN, n, base_sizes[index])
+            return _Result(index, cid, KNOWN, n, base_sizes[index], n)
         with lock:
             if cid in claimed:
-                return _Result(index, cid, DUPLICATE, n, None)
+                return _Result(index, cid, DUPLICATE, n, None, n)
             claimed.add(cid)
         existing = repo.stat_chunk(cid)
         blob = repo.seal_chunk(cid, data)
@@ -199,10 +219,10 @@ def _backup(
         # damaged (or left by a crash of another tool) and is replaced, never trusted.
         if existing == len(blob) and cid not in damaged:
             stored_sizes[cid] = existing
-            return _Result(index, cid, EXISTING, n, existing)
+            return _Result(index, cid, EXISTING, n, existing, n)
         stored = repo.put_chunk(cid, blob)
         stored_sizes[cid] = stored
-        return _Result(index, cid, NEW, n, stored)
+        return _Result(index, cid, NEW, n, stored, n)
 
     nworkers = workers or default_workers(repo.storage)
     counts = [0] * 5
@@ -212,7 +232,7 @@ def _backup(
     for r in bounded_map(process, reads(), nworkers, window_for(nworkers, cs)):
         ids[r.index * 32 : r.index * 32 + 32] = r.cid
         counts[r.outcome] += 1
-        bytes_read += r.raw
+        bytes_read += r.read
         if r.stored is None:
             duplicates.append(r)
         else:
@@ -232,7 +252,7 @@ def _backup(
         read = set(indices)
         reused = [i for i in range(count) if i not in read and sizes[i]]
         reused += [r.index for r in known]
-        restored = _restore_missing(repo, source, reused, ids, sizes, nworkers)
+        restored = _restore_missing(repo, source, reused, ids, sizes, nworkers, kz)
         counts[NEW] += restored
 
     # The new id must sort after every existing version of the volume, so `latest` is this one.
@@ -256,8 +276,8 @@ def _backup(
                 "change_source": plan.change_source,
                 **({"fallback": plan.fallback} if plan.fallback else {}),
                 "bytes_read": bytes_read,
-                "chunks_read": len(indices),
-                "chunks_zero_read": counts[ZERO],
+                "chunks_read": len(indices) - skipped[0],
+                "chunks_zero_read": counts[ZERO] - skipped[0],
                 "chunks_known": counts[KNOWN] + counts[DUPLICATE],
                 "chunks_existing": counts[EXISTING],
                 "chunks_new": counts[NEW],
@@ -265,6 +285,9 @@ def _backup(
                 "bytes_new_stored": new_stored,
                 "workers": nworkers,
                 "duration": round(time.monotonic() - started, 3),
+                **({"free_space": {**kz.record, "chunks_skipped": skipped[0],
+                                   "bytes_skipped": skipped[1], "bytes_zeroed": skipped[2]}}
+                   if kz is not None else {}),
             },
         )
 
@@ -275,7 +298,7 @@ def _backup(
                           f"re-checking every chunk {when}")
         session.renew()
         used = [i for i in range(count) if sizes[i]]
-        counts[NEW] += _restore_missing(repo, source, used, ids, sizes, nworkers)
+        counts[NEW] += _restore_missing(repo, source, used, ids, sizes, nworkers, kz)
 
     for attempt in range(MAX_RENEWALS + 1):
         if session.confirm():
@@ -312,7 +335,7 @@ def _ignore(message: str) -> None:
 
 
 def _restore_missing(repo: Repository, source: BackupSource, indices: Sequence[int], ids: bytearray,
-                     sizes: array[int], nworkers: int) -> int:
+                     sizes: array[int], nworkers: int, kz: KnownZero | None = None) -> int:
     """Re-store, from the source, reused chunks that storage no longer has under their name;
     returns how many. The source still holds that data: those chunks are unchanged."""
     cs = repo.chunk_size
@@ -326,7 +349,8 @@ def _restore_missing(repo: Repository, source: BackupSource, indices: Sequence[i
             return []
         out = []
         for i in where:
-            data = source.read(i * cs, min(cs, source.size - i * cs))
+            off, n = i * cs, min(cs, source.size - i * cs)
+            data, _ = zero_parts(source.read(off, n), off, kz.cover(off, off + n) if kz else [])
             new_id = repo.chunk_id(data)
             blob = repo.seal_chunk(new_id, data)
             stored = repo.put_chunk(new_id, blob)

@@ -26,10 +26,12 @@ import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from snapship.changes import cow, thin_delta
-from snapship.changes.lvm import LvInfo, Lvm, LvmError
+from snapship.changes import cow, thin_delta, thin_dump
+from snapship.changes.lvm import LvInfo, Lvm, LvmError, mapper_name
+from snapship.changes.ranges import coalesce
 from snapship.devices import Source, UncachedReader
 from snapship.engine.backup import BackupPlan, Prepared, run_backup
+from snapship.engine.known_zero import KnownZero, survey
 from snapship.engine.progress import Progress
 from snapship.errors import SnapshipError, SourceError, UsageError
 from snapship.formats.manifest import Manifest
@@ -47,6 +49,8 @@ class SnapshotOptions:
     """Classic snapshot size: `N%` of the origin or an lvcreate size such as `2G`."""
     pre_hook: str | None = None
     post_hook: str | None = None
+    skip_free: bool = True
+    """Skip the free space of a clean filesystem on the snapshot (docs/free-space.md)."""
 
 
 _LVM_SIZE = re.compile(r"(\d+(?:\.\d+)?)([bBsSkKmMgGtTpPeE]?)")
@@ -93,7 +97,11 @@ def plan_changes(
         if tracking.thin_id is None or new.thin_id is None or not origin.pool:
             return BackupPlan(fallback="thin ids of the snapshots are unknown")
         xml = lvm.thin_delta(origin.vg, origin.pool, tracking.thin_id, new.thin_id)
-        return BackupPlan(thin_delta.parse(xml, origin.size).changed, "thin_delta")
+        delta = thin_delta.parse(xml, origin.size)
+        # Discarded blocks (left_only) are unmapped in the new snapshot: zeroes, not read.
+        return BackupPlan(delta.changed, "thin_delta",
+                          known_zero=KnownZero(delta.discarded, {"unmapped_bytes": sum(
+                              r.length for r in delta.discarded)}))
     if tracking.invalid:
         return BackupPlan(fallback=f"tracking snapshot {tracking.name} overflowed")
     try:
@@ -104,6 +112,40 @@ def plan_changes(
     except (cow.CowError, SourceError) as e:
         return BackupPlan(fallback=f"COW table of {tracking.name} unusable: {e}")
     return BackupPlan(table.changed_ranges(origin.size), "COW table")
+
+
+def thin_mappings(lvm: Lvm, vg: str, pool: str, thin_id: int) -> str:
+    """thin_dump XML of one thin device's mappings, under a reserved metadata snapshot that is
+    released again whatever happens (as Lvm.thin_delta)."""
+    tpool = mapper_name(vg, pool) + "-tpool"
+    tmeta = f"/dev/mapper/{mapper_name(vg, pool + '_tmeta')}"
+    lvm.runner(["dmsetup", "message", tpool, "0", "reserve_metadata_snap"])
+    try:
+        return lvm.runner(["thin_dump", "--metadata-snap", "--dev-id", str(thin_id), tmeta])
+    finally:
+        lvm.runner(["dmsetup", "message", tpool, "0", "release_metadata_snap"])
+
+
+def _thin_zero(lvm: Lvm, origin: LvInfo, new: LvInfo, plan: BackupPlan, kz: KnownZero,
+               warn: Warn) -> KnownZero:
+    """Add what the thin snapshot does not map to what is known to be zero: for a full read
+    every unmapped block (thin_dump), for thin_delta's incremental the discarded ones."""
+    record = dict(kz.record)
+    if plan.changed is not None:
+        extra = plan.known_zero.ranges if plan.known_zero is not None else []
+        record["unmapped_bytes"] = sum(r.length for r in extra)
+    else:
+        if new.thin_id is None or not origin.pool:
+            return kz
+        try:
+            xml = thin_mappings(lvm, origin.vg, origin.pool, new.thin_id)
+            extra = thin_dump.unmapped(thin_dump.mapped(xml, new.thin_id, origin.size),
+                                       origin.size)
+        except (LvmError, thin_delta.ThinDeltaError) as e:
+            warn(f"reading unmapped blocks of {origin.vg}/{origin.name} too: {e}")
+            return kz
+        record["unmapped_bytes"] = sum(r.length for r in extra)
+    return KnownZero(coalesce([*kz.ranges, *extra]), record)
 
 
 def run_snapshot_backup(
@@ -145,9 +187,16 @@ def run_snapshot_backup(
             plan = plan_changes(lvm, origin, tracking, new, base)
             if plan.fallback:
                 warn(f"full read of {vg}/{lv}: {plan.fallback}")
-            plan = dataclasses.replace(plan, labels={LABEL_SNAPSHOT: f"{vg}/{new.name}",
-                                                     LABEL_SNAPSHOT_UUID: new.uuid})
             with Source(new.device) as source:
+                # Not assumed clean because LVM froze the filesystem: survey() checks. A frozen
+                # ext4 is (its freeze clears needs_recovery); a frozen XFS's log still holds
+                # transactions, so it is read in full (docs/free-space.md).
+                kz = survey(source, skip_free=options.skip_free, warn=warn)
+                if origin.is_thin:
+                    kz = _thin_zero(lvm, origin, new, plan, kz, warn)
+                plan = dataclasses.replace(
+                    plan, labels={LABEL_SNAPSHOT: f"{vg}/{new.name}",
+                                  LABEL_SNAPSHOT_UUID: new.uuid}, known_zero=kz)
                 yield source, plan
         except BaseException:
             try:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from snapship.changes.lvm import Lvm
 from snapship.devices import Source
 from snapship.engine.backup import BackupPlan, Prepared, run_backup
+from snapship.engine.known_zero import survey
 from snapship.engine.progress import Progress
 from snapship.engine.snapshot_backup import SnapshotOptions, run_snapshot_backup
 from snapship.errors import UsageError
@@ -73,12 +74,14 @@ def backup_source(
     labels: dict[str, str] | None = None,
     changed: Sequence[ByteRange] | None = None,
     snapshot: SnapshotOptions | None = None,
+    skip_free: bool = True,
     progress: Progress | None = None,
     warn: Warn = lambda message: None,
 ) -> Manifest:
     """Back up `source` as a new version of `volume`: `lvm:VG/LV` through its tracking
     snapshot, anything else read as it is (with `changed`: only those ranges, on top of the
-    newest version)."""
+    newest version). Holes of a file are never read; with `skip_free`, neither is the free
+    space of a clean file system on a plain source (the snapshot options say it for LVM)."""
     if source.startswith("lvm:"):
         vg, lv = parse_lvm_source(source)
         if changed is not None:
@@ -101,7 +104,8 @@ def backup_source(
                 raise UsageError(f"--changed-ranges needs an earlier version of {volume} to "
                                  "apply to")
             yield reader, BackupPlan(changed, "ranges file" if changed is not None
-                                     else "full read")
+                                     else "full read",
+                                     known_zero=survey(reader, skip_free=skip_free, warn=warn))
 
         return run_backup(repo, prepare, volume, labels=labels, source_desc=source_desc,
                           progress=progress, warn=warn)

@@ -174,6 +174,27 @@ def _check_stats(stats: dict[str, Any]) -> None:
     for key in _TEXTS:
         if key in stats and not isinstance(stats[key], str):
             raise ValueError(f"stats field {key!r} is not a string")
+    if "free_space" in stats:
+        _check_free_space(stats["free_space"])
+
+
+_FREE_COUNTS = ("hole_bytes", "free_bytes", "unmapped_bytes", "metadata_bytes_read",
+                "chunks_skipped", "bytes_skipped", "bytes_zeroed")
+
+
+def _check_free_space(f: Any) -> None:
+    """stats.free_space (docs/format.md): what the backup knew to be zero and skipped."""
+    if not isinstance(f, dict):
+        raise ValueError("stats field 'free_space' is not an object")
+    for key in _FREE_COUNTS:
+        if key in f and (not isinstance(f[key], int) or isinstance(f[key], bool) or f[key] < 0):
+            raise ValueError(f"stats field 'free_space.{key}' is not a count")
+    if "note" in f and not isinstance(f["note"], str):
+        raise ValueError("stats field 'free_space.note' is not a string")
+    if "skipped" in f and not isinstance(f["skipped"], bool):
+        raise ValueError("stats field 'free_space.skipped' is not a boolean")
+    if "filesystem" in f and f["filesystem"] is not None and not isinstance(f["filesystem"], str):
+        raise ValueError("stats field 'free_space.filesystem' is not a string or null")
 
 
 def validate(m: Manifest) -> None:
