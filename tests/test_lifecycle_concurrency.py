@@ -64,15 +64,23 @@ def test_backups_prunes_and_gcs_racing(tmp_path: Path) -> None:
     init_repo_fast_kdf(repo)
     images = {v: tmp_path / f"{v}.img" for v in ("a", "b")}
     data = {v: bytearray(rng.randbytes(48 * CHUNK)) for v in images}
-    deadline = time.monotonic() + 45
+    started = time.monotonic()
     failures: list[str] = []
     counts = {"backup": 0, "prune": 0, "gc": 0, "freed": 0}
     lock = threading.Lock()
 
+    def enough() -> bool:
+        return counts["backup"] >= 10 and counts["gc"] >= 5 and counts["freed"] > 0
+
+    def racing() -> bool:
+        """45 s of racing; on a loaded machine longer (up to 5 minutes), until enough raced."""
+        elapsed = time.monotonic() - started
+        return not failures and elapsed < 300 and (elapsed < 45 or not enough())
+
     def backups(volume: str, seed: int) -> None:
         r = random.Random(seed)
         other = "b" if volume == "a" else "a"
-        while time.monotonic() < deadline and not failures:
+        while racing():
             d = data[volume]
             for i in r.sample(range(48), r.randint(1, 12)):
                 d[i * CHUNK : (i + 1) * CHUNK] = r.randbytes(CHUNK)
@@ -89,7 +97,7 @@ def test_backups_prunes_and_gcs_racing(tmp_path: Path) -> None:
 
     def maintenance(cmd: list[str], seed: int) -> None:
         r = random.Random(seed)
-        while time.monotonic() < deadline and not failures:
+        while racing():
             time.sleep(r.random() * 1.5)
             res = run_cli(*cmd, "--repo", repo, "--json", passphrase=None)
             if res.returncode != 0:
@@ -110,7 +118,7 @@ def test_backups_prunes_and_gcs_racing(tmp_path: Path) -> None:
     for t in threads:
         t.join()
     assert not failures, failures[0]
-    assert counts["backup"] >= 10 and counts["gc"] >= 5 and counts["freed"] > 0, counts
+    assert enough(), counts
 
     assert assert_every_version_restores(repo, tmp_path) >= 4
     ok(run_cli("prune", "--repo", repo, "--keep-last", "2"))  # backups may have run last
