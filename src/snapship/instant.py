@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-from snapship.changes.lvm import LVM_CONFIG, LvmError, mapper_name
+from snapship.changes.lvm import LVM_CONFIG, mapper_name, run
 
 INCOMPLETE_TAG = "snapship_instant_incomplete"
 """On the LV from its creation until the copy is complete: `lvs -o tags` says it is not a
@@ -33,20 +32,8 @@ MAX_REGION_SECTORS = 2048
 """Regions of at most 1 MiB: the unit the mirror copies and tracks."""
 
 
-def _run(argv: Sequence[str]) -> str:
-    try:
-        p = subprocess.run(list(argv), capture_output=True, text=True, check=False,
-                           stdin=subprocess.DEVNULL)
-    except FileNotFoundError:
-        raise LvmError(f"{argv[0]} is not installed (needed for instant restore)") from None
-    if p.returncode != 0:
-        detail = (p.stderr.strip() or p.stdout.strip()).splitlines()
-        raise LvmError(f"{' '.join(argv[:2])} failed: {detail[-1] if detail else p.returncode}")
-    return p.stdout
-
-
 def _lvm(*args: str) -> str:
-    return _run(["lvm", args[0], "--config", LVM_CONFIG, *args[1:]])
+    return run(["lvm", args[0], "--config", LVM_CONFIG, *args[1:]])
 
 
 def lv_exists(vg: str, lv: str) -> bool:
@@ -79,7 +66,7 @@ def device(vg: str, lv: str) -> str:
 
 
 def table(name: str) -> str:
-    return _run(["dmsetup", "table", name]).strip()
+    return run(["dmsetup", "table", name]).strip()
 
 
 # State changes do not wait for udev (none runs in a minimal system, and then libdm would
@@ -88,9 +75,9 @@ def table(name: str) -> str:
 
 def create_device(name: str, table_text: str) -> str:
     """A new dm device; returns it as MAJOR:MINOR, the way a table names it."""
-    _run(["dmsetup", "create", "--noudevsync", name, "--table", table_text])
-    _run(["dmsetup", "mknodes", name])
-    out = _run(["dmsetup", "info", "-c", "--noheadings", "-o", "major,minor", name])
+    run(["dmsetup", "create", "--noudevsync", name, "--table", table_text])
+    run(["dmsetup", "mknodes", name])
+    out = run(["dmsetup", "info", "-c", "--noheadings", "-o", "major,minor", name])
     return out.strip()
 
 
@@ -101,23 +88,23 @@ def device_exists(name: str) -> bool:
 
 def remove_device(name: str) -> None:
     if device_exists(name):
-        _run(["dmsetup", "remove", "--noudevsync", name])
-        _run(["dmsetup", "mknodes"])
+        run(["dmsetup", "remove", "--noudevsync", name])
+        run(["dmsetup", "mknodes"])
 
 
 def open_count(name: str) -> int:
-    out = _run(["dmsetup", "info", "-c", "--noheadings", "-o", "open", name])
+    out = run(["dmsetup", "info", "-c", "--noheadings", "-o", "open", name])
     return int(out.strip())
 
 
 def swap_table(name: str, table_text: str) -> None:
     """Load a new table into a live device: suspend (in-flight I/O completes, new I/O
     waits), load, resume. A mounted file system on it notices nothing."""
-    _run(["dmsetup", "suspend", "--noudevsync", name])
+    run(["dmsetup", "suspend", "--noudevsync", name])
     try:
-        _run(["dmsetup", "load", name, "--table", table_text])
+        run(["dmsetup", "load", name, "--table", table_text])
     finally:
-        _run(["dmsetup", "resume", "--noudevsync", name])
+        run(["dmsetup", "resume", "--noudevsync", name])
 
 
 def region_sectors(sectors: int, largest: int = MAX_REGION_SECTORS) -> int:
@@ -165,7 +152,7 @@ class MirrorStatus:
 
 def mirror_status(name: str) -> MirrorStatus | None:
     """The mirror's progress, None if the device holds no mirror (any more)."""
-    return parse_mirror_status(_run(["dmsetup", "status", name]))
+    return parse_mirror_status(run(["dmsetup", "status", name]))
 
 
 def parse_mirror_status(out: str) -> MirrorStatus | None:

@@ -34,7 +34,8 @@ class LvmError(SnapshipError):
 
 def run(argv: Sequence[str]) -> str:
     try:
-        p = subprocess.run(list(argv), capture_output=True, text=True, check=False)
+        p = subprocess.run(list(argv), capture_output=True, text=True, check=False,
+                           stdin=subprocess.DEVNULL)
     except FileNotFoundError:
         raise LvmError(f"{argv[0]} is not installed (needed for LVM volumes)") from None
     if p.returncode != 0:

@@ -158,7 +158,7 @@ def remember(cfg: RepoConfig, location: str, path: Path | None = None) -> None:
             entries[cfg.repo_id] = Known(cfg.encryption, cfg.chunk_size, location, now_iso())
             obj = {"format": FORMAT, "version": VERSION,
                    "repositories": {k: asdict(v) for k, v in sorted(entries.items())}}
-            _replace(path, json.dumps(obj, indent=1) + "\n")
+            replace_file(path, json.dumps(obj, indent=1) + "\n")
     except StateUnavailable as e:
         warn(f"{e}; a later change of this repository's config will not be noticed")
     except OSError as e:
@@ -187,7 +187,9 @@ def _locked(path: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def _replace(path: Path, text: str) -> None:
+def replace_file(path: Path, text: str) -> None:
+    """Put `text` in place of `path` whole or not at all, durably (temporary file, fsync,
+    rename, fsync of the directory)."""
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

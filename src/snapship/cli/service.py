@@ -21,13 +21,13 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from snapship.cli import known_repos
+from snapship.cli.known_repos import replace_file
 from snapship.cli.signals import Terminated
 from snapship.errors import FormatError, SnapshipError
 
@@ -72,18 +72,8 @@ def load_record(path: Path, fmt: str) -> dict[str, Any] | None:
 
 def save_record(path: Path, obj: dict[str, Any]) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({**obj, "version": RECORD_VERSION}, f, indent=1, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
+    replace_file(path, json.dumps({**obj, "version": RECORD_VERSION}, indent=1,
+                                  sort_keys=True) + "\n")
 
 
 def remove_record(path: Path) -> None:
