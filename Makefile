@@ -48,9 +48,10 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 # Spread over every core, a test file per worker (files share fixtures and servers); the VM
-# files are collected first (tests/conftest.py) so the longest work starts first.
+# files are collected first (tests/conftest.py) and kept first (xdist would otherwise order
+# files by their number of tests) so the longest work starts first.
 unit: $(STAMP) apt-test vm-assets
-	$(BIN)/pytest -q -n auto --dist loadfile
+	$(BIN)/pytest -q -n auto --dist loadfile --no-loadscope-reorder
 
 test: lint unit
 
