@@ -1,5 +1,5 @@
 """The on-disk map log of a durable overlay layer, version 2, and a reader of version 1
-(docs/nbd.md, "Durable exports").
+(docs/nbd.md, "State directory").
 
 Pure encoding and decoding, no I/O. A version 2 map file is a header followed by entries, each
 sealed by a CRC-32 and numbered (consecutive sequence numbers):

@@ -4,7 +4,7 @@ Same reading interface as `overlay.Overlay` (segments, pread, changed_ranges), s
 layer can be committed by `commit.OverlaySource`. Writes land in the data file at once; each
 request's map record is appended to the map log (`journal`) before it is answered, with the
 boot id, not synced: a killed server's page cache keeps it. A flush makes them durable in the
-order docs/nbd.md ("Durable exports") gives: fdatasync the data file, append a durable mark
+order docs/nbd.md ("State directory") gives: fdatasync the data file, append a durable mark
 naming the last entry it covers, fdatasync the map file. On open, entries a mark covers are
 trusted, later ones only if written in the current boot (`boot_id`); the rest is cut off.
 The map is only changed from the event loop; `pwrite`, `pread` and the blocking halves of a
