@@ -34,19 +34,48 @@ def run(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str
     return r
 
 
-def write_random(uri: str, scratch: Path, length: int) -> float:
-    """Seconds for nbdcopy to write `length` fresh random bytes at offset 0 and flush."""
+def write_random(uri: str, scratch: Path, length: int, request_size: int | None = None
+                 ) -> float:  # fmt: skip
+    """Seconds for nbdcopy to write `length` fresh random bytes at offset 0 and flush
+    (in requests of `request_size` bytes if given, else nbdcopy's default)."""
     src = scratch / "random.bin"
     with open(src, "wb") as f:
         f.write(os.urandom(length))
     start = time.monotonic()
-    r = subprocess.run(["nbdcopy", "--flush", str(src), uri], capture_output=True, text=True,
-                       check=False)
+    sized = [] if request_size is None else [f"--request-size={request_size}"]
+    r = subprocess.run(["nbdcopy", "--flush", *sized, str(src), uri], capture_output=True,
+                       text=True, check=False)
     took = time.monotonic() - start
     src.unlink()
     if r.returncode != 0:
         raise SystemExit(f"nbdcopy failed:\n{r.stderr[-2000:]}")
     return took
+
+
+def journal_cost(scratch: Path, requests: int = 50_000) -> dict[str, float]:
+    """In this process: microseconds per 4 KiB request for the in-memory map update alone and
+    for a durable layer's `journal` (the update, plus encoding and appending the map entry)."""
+    import random
+
+    from snapship.nbd.durable import DurableLayer
+    from snapship.nbd.rangemap import RangeMap
+
+    rng = random.Random(1)
+    offsets = [rng.randrange(0, 1 << 18) * 4096 for _ in range(requests)]
+    m = RangeMap()
+    start = time.perf_counter()
+    for o in offsets:
+        m.set(o, o + 4096, 1)
+    alone = time.perf_counter() - start
+    layer = DurableLayer(scratch, 1, 1 << 30, create=True)
+    start = time.perf_counter()
+    for o in offsets:
+        layer.journal(o, o + 4096, 1)
+    journaled = time.perf_counter() - start
+    layer.close()
+    layer.remove()
+    return {"map_set_us": round(alone / requests * 1e6, 2),
+            "journal_us": round(journaled / requests * 1e6, 2)}
 
 
 def main() -> int:
@@ -55,7 +84,11 @@ def main() -> int:
     ap.add_argument("--small", type=int, default=256, help="small volume, MiB")
     ap.add_argument("--large", type=int, default=2048, help="large volume, MiB")
     ap.add_argument("--write", type=int, default=64, help="MiB written per throughput step")
+    ap.add_argument("--small-writes", type=int, default=16,
+                    help="MiB written in 4 KiB requests (the per-request cost)")
     ap.add_argument("--dirty", default="8,32,128", help="dirty MiB per checkpoint, listed")
+    ap.add_argument("--journal", action="store_true",
+                    help="also time the map journal's append per request, in this process")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     dirty_sizes = [int(x) for x in args.dirty.split(",")]
@@ -92,6 +125,8 @@ def main() -> int:
             write_random(uri + "small", t, args.write * MiB)
             checkpoint("small")
             quiet = write_random(uri + "small", t, args.write * MiB)
+            small = write_random(uri + "small", t, args.small_writes * MiB, 4096)
+            results["write_mb_s_4k_requests"] = round(args.small_writes * MiB / small / 1e6, 2)
             # Throughput while a checkpoint of 128 MiB of dirty data runs.
             big = max(dirty_sizes)
             write_random(uri + "small", t, big * MiB)
@@ -117,6 +152,8 @@ def main() -> int:
                                  "checkpoint_s": cp_json["seconds"],
                                  "command_s": round(wall, 3)})
             results["checkpoints"] = rows
+            if args.journal:
+                results["journal"] = journal_cost(t)
             results["load_after"] = os.getloadavg()[0]
         finally:
             proc.terminate()
@@ -127,7 +164,12 @@ def main() -> int:
     print(f"load average before {results['load_before']:.2f}, after {results['load_after']:.2f}")
     print(f"write throughput: {results['write_mb_s_quiet']} MB/s quiet, "
           f"{results['write_mb_s_during_checkpoint']} MB/s during a checkpoint "
-          f"(quiet/during time ratio {results['during_ratio']})")
+          f"(quiet/during time ratio {results['during_ratio']}); "
+          f"{results['write_mb_s_4k_requests']} MB/s in 4 KiB requests")
+    if "journal" in results:
+        j = results["journal"]
+        print(f"per 4 KiB request: map update {j['map_set_us']} us, with the journal append "
+              f"{j['journal_us']} us")
     print("volume MiB  dirty MiB  checkpoint s  command s")
     for r in results["checkpoints"]:
         print(f"{r['volume_mib']:>10}  {r['dirty_mib']:>9}  {r['checkpoint_s']:>12}  "

@@ -148,16 +148,18 @@ class Server:
 
 
 @contextlib.contextmanager
-def serve(repo: Path, *args: str, log_dir: Path, passphrase: str = PASSPHRASE) -> Iterator[Server]:
-    """`snapship nbd serve --repo REPO --listen 127.0.0.1:0 --json --debug ARGS...`."""
+def serve(repo: Path, *args: str, log_dir: Path, passphrase: str = PASSPHRASE,
+          env: dict[str, str] | None = None) -> Iterator[Server]:
+    """`snapship nbd serve --repo REPO --listen 127.0.0.1:0 --json --debug ARGS...`, with
+    `env` added to its environment."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"server-{time.monotonic_ns()}.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [*CLI, "nbd", "serve", "--repo", str(repo), "--listen", "127.0.0.1:0", "--json",
              "--debug", *args],
-            env=cli_env(passphrase), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=log, text=True,
+            env={**cli_env(passphrase), **(env or {})}, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=log, text=True,
         )  # fmt: skip
     server: Server | None = None
     try:

@@ -286,14 +286,20 @@ class ExportSession:
     def write_zeroes(self, offset: int, length: int, no_hole: bool) -> None:
         overlay = self._writable()
         if length:
-            overlay.mark(offset, offset + length, ZERO_ALLOCATED if no_hole else ZERO)
+            try:  # a live export appends the mark to its map log: that can fail
+                overlay.mark(offset, offset + length, ZERO_ALLOCATED if no_hole else ZERO)
+            except OSError as e:
+                raise _failed(e, f"cannot zero the overlay at {offset}") from None
             self.wrote = True
 
     def trim(self, offset: int, length: int) -> None:
         # Trimmed ranges read as zeroes from then on: the served version's holes do the same.
         overlay = self._writable()
         if length:
-            overlay.mark(offset, offset + length, ZERO)
+            try:
+                overlay.mark(offset, offset + length, ZERO)
+            except OSError as e:
+                raise _failed(e, f"cannot trim the overlay at {offset}") from None
             self.wrote = True
 
 

@@ -131,6 +131,13 @@ class LiveExport:
             raise LiveStateError(f"{directory}: {volume}@{base} has {image.size} bytes, the "
                                  f"live export {doc['size']}")
         layers = [DurableLayer(directory, n, image.size, create=False) for n in doc["layers"]]
+        for layer in layers:
+            if layer.dropped:
+                # Written since the last FLUSH of a boot that ended: never acknowledged as
+                # durable, and the data they point at may not have reached the disk.
+                log.warning("live export %s, layer %d: %d map records not made durable "
+                            "before the machine restarted were dropped", volume, layer.number,
+                            layer.dropped)
         listed = {f"layer-{n}.{kind}" for n in doc["layers"] for kind in ("data", "map")}
         for leftover in directory.glob("layer-*"):
             # A layer made for a freeze that never reached export.json, or one already
@@ -171,7 +178,7 @@ class LiveExport:
         return _Pin(self, layer)
 
     def mark(self, start: int, end: int, state: int) -> None:
-        self.active.mark(start, end, state)
+        self.active.journal(start, end, state)
 
     async def write(self, io: Executor, offset: int, data: bytes) -> None:
         # Data and its mark go to the layer active when the write began, even if a freeze
@@ -181,7 +188,7 @@ class LiveExport:
         try:
             await asyncio.get_running_loop().run_in_executor(io, layer.pwrite, offset, data)
             layer.data_dirty = True
-            layer.mark(offset, offset + len(data), WRITTEN)
+            layer.journal(offset, offset + len(data), WRITTEN)
         finally:
             layer.writers -= 1
             self._write_done.set()
@@ -197,12 +204,16 @@ class LiveExport:
         for layer in (self.frozen, self.active):
             if layer is None or not layer.unflushed:
                 continue
-            records, dirty, whole = layer.take()
+            # Writes go on meanwhile: their entries follow the ones this flush covers.
+            ticket = layer.begin_flush()
+            ok = False
             try:
-                await asyncio.to_thread(layer.write_durable, records, dirty, whole)
-            except BaseException:
-                layer.give_back(records, dirty)
-                raise
+                await asyncio.to_thread(layer.sync_data, ticket)
+                layer.seal(ticket)
+                await asyncio.to_thread(layer.sync_map, ticket)
+                ok = True
+            finally:
+                layer.end_flush(ticket, ok)
 
     # -- checkpoints ------------------------------------------------------------------------
 
