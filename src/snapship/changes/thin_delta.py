@@ -41,18 +41,24 @@ def xml_int(elem: ET.Element, name: str) -> int:
     return int(value)
 
 
-def parse(xml_text: str, volume_size: int | None = None) -> ThinDelta:
-    """Changed ranges from thin_delta output; refuses ranges beyond `volume_size` if given."""
+def superblock(xml_text: str, tool: str) -> tuple[ET.Element, int]:
+    """The <superblock> root of thin_delta's or thin_dump's output and its data block size in
+    bytes; refuses anything else."""
     try:
         root = ET.fromstring(xml_text)
     except ET.ParseError as e:
-        raise ThinDeltaError(f"thin_delta output is not XML: {e}") from None
+        raise ThinDeltaError(f"{tool} output is not XML: {e}") from None
     if root.tag != "superblock":
-        raise ThinDeltaError(f"thin_delta output starts with <{root.tag}>, not <superblock>")
+        raise ThinDeltaError(f"{tool} output starts with <{root.tag}>, not <superblock>")
     sectors = xml_int(root, "data_block_size")
     if sectors == 0:
-        raise ThinDeltaError("thin_delta reports a data block size of 0")
-    block = sectors * 512
+        raise ThinDeltaError(f"{tool} reports a data block size of 0")
+    return root, sectors * 512
+
+
+def parse(xml_text: str, volume_size: int | None = None) -> ThinDelta:
+    """Changed ranges from thin_delta output; refuses ranges beyond `volume_size` if given."""
+    root, block = superblock(xml_text, "thin_delta")
     diffs = list(root)
     if len(diffs) != 1 or diffs[0].tag != "diff":
         raise ThinDeltaError(f"thin_delta output has {len(diffs)} elements, expected one <diff>")

@@ -8,26 +8,15 @@ holding one `<device dev_id="N" ...>` with `single_mapping origin_block=".."` an
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
-
 from snapship.changes.ranges import coalesce
-from snapship.changes.thin_delta import ThinDeltaError, xml_int
+from snapship.changes.thin_delta import ThinDeltaError, superblock, xml_int
 from snapship.types import ByteRange
 
 
 def mapped(xml_text: str, dev_id: int, volume_size: int) -> list[ByteRange]:
     """The byte ranges of thin device `dev_id` that the pool maps, coalesced, clipped to the
     volume; refuses anything it does not understand (the caller then reads everything)."""
-    try:
-        root = ET.fromstring(xml_text)
-    except ET.ParseError as e:
-        raise ThinDeltaError(f"thin_dump output is not XML: {e}") from None
-    if root.tag != "superblock":
-        raise ThinDeltaError(f"thin_dump output starts with <{root.tag}>, not <superblock>")
-    sectors = xml_int(root, "data_block_size")
-    if sectors == 0:
-        raise ThinDeltaError("thin_dump reports a data block size of 0")
-    block = sectors * 512
+    root, block = superblock(xml_text, "thin_dump")
     devices = [d for d in root if d.tag == "device"]
     if len(devices) != 1 or xml_int(devices[0], "dev_id") != dev_id or len(root) != 1:
         raise ThinDeltaError(f"thin_dump output does not describe exactly thin device {dev_id}")
