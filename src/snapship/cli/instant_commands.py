@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from snapship import attach, instant
 from snapship.changes.lvm import LvmError
@@ -38,10 +38,10 @@ from snapship.cli.reports import emit, ref
 from snapship.cli.signals import Terminated
 from snapship.errors import NotFound, SnapshipError, UsageError
 from snapship.formats.manifest import check_name
-from snapship.nbd.inprocess import ThreadedServer
-from snapship.nbd.names import ExportNames
-from snapship.nbd.server import ServerOptions
 from snapship.types import VersionRef
+
+if TYPE_CHECKING:  # the NBD stack is loaded only by an instant restore, not by every restore
+    from snapship.nbd.inprocess import ThreadedServer
 
 RECORD_FORMAT = "snapship instant restore"
 RECORD_KIND = "instant"
@@ -167,6 +167,10 @@ def _hydrate(args: argparse.Namespace, wanted: VersionRef, vg: str, lv: str, pat
     # regions of one chunk and a read-ahead of one chunk (not the server's 8 MiB): a read
     # waits for two chunks of the copy at most.
     region = max(8, manifest.chunk_size // 512)
+    from snapship.nbd.inprocess import ThreadedServer
+    from snapship.nbd.names import ExportNames
+    from snapship.nbd.server import ServerOptions
+
     server = ThreadedServer(ExportNames(repo, read_only=False),
                             ServerOptions(writable=True, readahead_bytes=manifest.chunk_size))
     try:
