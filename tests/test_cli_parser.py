@@ -82,7 +82,8 @@ TEXT = {"--repo", "--token-file", "--ca", "--passphrase-file", "--passphrase-com
         "--from-token-file", "--from-passphrase-file", "--from-passphrase-command",
         "--copy-key-from", "--volume", "--label",
         "--changed-ranges", "--pre-snapshot", "--post-snapshot", "--note", "--root", "--tokens",
-        "--tls-cert", "--tls-key", "--overlay-dir", "--tls-client-ca", "--repos", "--against",
+        "--tls-cert", "--tls-key", "--overlay-dir", "--tls-client-ca", "--tls-authz", "--repos",
+        "--against",
         "--thin-pool", "--pv", "--config", "--unit-dir", "--executable",
         "--metrics-file", "--state-dir"}
 WHOLE_1 = ["0", "-1", "-5", "x", "1.5", ""]

@@ -1,20 +1,14 @@
 """TLS: STARTTLS with libnbd's nbds:// and qemu's tls-creds-x509, the 'require' and 'allow'
-modes, and client certificates. The test makes its own CA with the `cryptography` package."""
+modes, and client certificates. The test makes its own CA (tests/tlshelp.py)."""
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from snapship.nbd import protocol as p
 from tests.clihelp import assert_one_line_error, run_cli
@@ -28,65 +22,14 @@ from tests.nbdhelp import (
     serve,
     tool_stdout_sha,
 )
-
-
-def _key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                       serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))  # fmt: skip
-
-
-def _cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name | None,
-          issuer_key: ec.EllipticCurvePrivateKey, *, ca: bool = False,
-          server: bool = False) -> x509.Certificate:  # fmt: skip
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    now = dt.datetime.now(dt.UTC)
-    b = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer or name)
-         .public_key(key.public_key()).serial_number(x509.random_serial_number())
-         .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=2))
-         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if ca:
-        b = b.add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False,
-                                          False), critical=True)
-    else:
-        b = b.add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False,
-                                          False), critical=True)
-        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
-        b = b.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-    if server:
-        b = b.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False)
-    return b.sign(issuer_key, hashes.SHA256())
+from tests.tlshelp import make_pki, server_args
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A CA, a server certificate for 127.0.0.1, a client certificate, under the file names
-    libnbd and qemu look for: `server/` holds the server's, `client/` a client's with its
-    certificate, `anon/` a client's with only the CA."""
-    root = tmp_path_factory.mktemp("pki")
-    ca_key = _key()
-    ca = _cert("snapship test CA", ca_key, None, ca_key, ca=True)
-    ca_pem = ca.public_bytes(serialization.Encoding.PEM)
-    for d in ("server", "client", "anon"):
-        (root / d).mkdir()
-        (root / d / "ca-cert.pem").write_bytes(ca_pem)
-    server_key = _key()
-    _write_key(server_key, root / "server" / "server-key.pem")
-    (root / "server" / "server-cert.pem").write_bytes(
-        _cert("127.0.0.1", server_key, ca.subject, ca_key, server=True).public_bytes(
-            serialization.Encoding.PEM))
-    client_key = _key()
-    _write_key(client_key, root / "client" / "client-key.pem")
-    (root / "client" / "client-cert.pem").write_bytes(
-        _cert("nbd client", client_key, ca.subject, ca_key).public_bytes(
-            serialization.Encoding.PEM))
-    return root
+    """`server/` holds the server's certificate, `client/` a client's with its certificate,
+    `anon/` a client's with only the CA (tests/tlshelp.py)."""
+    return make_pki(tmp_path_factory.mktemp("pki"), {"client": ("nbd client", ())})
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +40,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> NbdRepo:
 
 
 def tls_args(pki: Path, *extra: str) -> list[str]:
-    s = pki / "server"
-    return ["--tls-cert", str(s / "server-cert.pem"), "--tls-key", str(s / "server-key.pem"),
-            *extra]
+    return server_args(pki, *extra)
 
 
 def nbds(server: Server, export: str, certs: Path) -> str:

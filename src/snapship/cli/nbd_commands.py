@@ -19,6 +19,7 @@ from snapship.cli.transfer_commands import parse_labels
 from snapship.engine.pipeline import default_workers
 from snapship.errors import UsageError
 from snapship.formats.manifest import Manifest
+from snapship.nbd import authz as az
 from snapship.nbd.commit import commit_overlay
 from snapship.nbd.control import ControlServer, request_checkpoint
 from snapship.nbd.durable import DurableLayer
@@ -86,6 +87,11 @@ def build_options(args: argparse.Namespace) -> ServerOptions:
         raise UsageError("TLS needs both --tls-cert and --tls-key")
     if (args.tls or args.tls_client_ca) and not args.tls_cert:
         raise UsageError("--tls and --tls-client-ca need --tls-cert and --tls-key")
+    if args.tls_authz and not args.tls_client_ca:
+        raise UsageError("--tls-authz needs --tls-client-ca: it authorizes client certificates")
+    if args.tls_authz and args.tls == TlsMode.ALLOW.value:
+        raise UsageError("--tls-authz needs --tls require: a client without TLS has no "
+                         "certificate to authorize")
     if args.writable and not args.state_dir:
         try:  # refuse a directory that cannot hold overlays now, not at the first client
             Overlay(0, args.overlay_dir).close()
@@ -101,10 +107,23 @@ def build_options(args: argparse.Namespace) -> ServerOptions:
         writable=args.writable,
         tls=tls,
         ssl_context=ssl_context,
+        authz=load_authz(args.tls_authz) if args.tls_authz else None,
         cache_bytes=args.cache_size,
         readahead_bytes=args.readahead,
         workers=args.workers or default_workers(),
     )
+
+
+def load_authz(path: str) -> az.Authz:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read the TLS authorization file {path}: "
+                         f"{getattr(e, 'strerror', None) or e}") from None
+    try:
+        return az.parse(text)
+    except az.AuthzError as e:
+        raise UsageError(f"TLS authorization file {path}: {e}") from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -258,6 +277,9 @@ def register(sub: options.SubParsers) -> None:
     p.add_argument("--tls-key", metavar="FILE", help="its private key (PEM)")
     p.add_argument("--tls-client-ca", metavar="FILE",
                    help="require client certificates signed by this CA (PEM)")
+    p.add_argument("--tls-authz", metavar="FILE",
+                   help="with --tls-client-ca: which volumes each client certificate (by its "
+                   "CN or DNS names) may reach; others are hidden (docs/nbd.md, TLS)")
     p.add_argument("--tls", choices=[TlsMode.ALLOW.value, TlsMode.REQUIRE.value],
                    help="with a certificate: 'require' refuses clients that do not start TLS "
                    "(the default), 'allow' lets them choose")

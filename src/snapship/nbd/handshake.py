@@ -5,6 +5,13 @@ to send and what comes next. Where the answer depends on the repository (which e
 exist), the step asks for that (`NeedExport`, `NeedList`) and the server calls back with what
 it found. TLS modes follow the protocol's NOTLS / SELECTIVETLS (here "allow": every export is
 available either way) / FORCEDTLS ("require").
+
+With an authorization (`authz.Authz`, FORCEDTLS only), a client reaches only the volumes its
+certificate is granted: `LIST` shows only those, and every option naming another export is
+answered exactly as for an export that does not exist (`ERR_UNKNOWN`; `EXPORT_NAME` closes),
+decided on the name as sent before any lookup (so the repository is not even asked) and again
+on the export it resolved to (the empty name). A client learns nothing of exports it may not
+use, not even whether they exist.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from snapship.nbd import authz as az
 from snapship.nbd import protocol as p
 
 
@@ -106,8 +114,14 @@ def _matches_base_allocation(query: str, listing: bool) -> bool:
 
 
 class Handshake:
-    def __init__(self, tls: TlsMode, *, multi_conn: bool = True) -> None:
+    def __init__(self, tls: TlsMode, *, multi_conn: bool = True,
+                 authz: az.Authz | None = None) -> None:  # fmt: skip
+        if authz is not None and tls is not TlsMode.REQUIRE:
+            # Under "allow" a client that skips TLS has no certificate to be authorized by.
+            raise ValueError("an authorization needs TLS required")
         self.tls_mode = tls
+        self.authz = authz
+        self._volumes: frozenset[str] = frozenset()
         self.multi_conn = multi_conn
         self.tls_active = False
         self.no_zeroes = False
@@ -124,9 +138,12 @@ class Handshake:
         flags = p.parse_client_flags(data)
         self.no_zeroes = bool(flags & p.CLIENT_NO_ZEROES)
 
-    def tls_started(self) -> None:
+    def tls_started(self, identities: frozenset[str] = frozenset()) -> None:
+        """TLS is up; `identities` are the verified client certificate's (`authz.identities`)."""
         # Nothing negotiated in the clear survives the upgrade (proto.md, NBD_OPT_STARTTLS).
         self.tls_active = True
+        if self.authz is not None:
+            self._volumes = self.authz.volumes(identities)
         self.structured = False
         self._meta_name = self._meta_id = None
 
@@ -196,22 +213,29 @@ class Handshake:
             if option == p.OPT_EXPORT_NAME:
                 return Close(b"", f"bad export name: {e}")
             return self._invalid(option, str(e))
+        if name and not self.may_use(name):
+            return self._unknown(option, name)
         self._pending = (option, request)
         return NeedExport(name)
 
+    def may_use(self, name: str) -> bool:
+        """Whether this client may use export `name` (always, without an authorization)."""
+        if self.authz is None:
+            return True
+        return self.tls_active and az.may_use(self._volumes, name)
+
     def listed(self, exports: Sequence[tuple[str, str]]) -> Step:
         option, _ = self._take_pending()
-        out = [p.option_reply(option, p.REP_SERVER, p.server_entry(n, d)) for n, d in exports]
+        out = [p.option_reply(option, p.REP_SERVER, p.server_entry(n, d))
+               for n, d in exports if self.may_use(n)]
         out.append(p.option_reply(option, p.REP_ACK))
         return Reply(b"".join(out))
 
     def resolved(self, export: ExportInfo | None) -> Step:
         option, request = self._take_pending()
-        if export is None:
+        if export is None or not self.may_use(export.name):
             name = request if isinstance(request, str) else getattr(request, "name", "")
-            if option == p.OPT_EXPORT_NAME:
-                return Close(b"", f"unknown export {name!r} in NBD_OPT_EXPORT_NAME")
-            return Reply(p.option_error(option, p.REP_ERR_UNKNOWN, f"no export named {name!r}"))
+            return self._unknown(option, name)
         if option == p.OPT_EXPORT_NAME:
             assert isinstance(request, str)
             flags = self._flags(export)
@@ -268,6 +292,12 @@ class Handshake:
             raise RuntimeError("no option is waiting for a lookup")
         pending, self._pending = self._pending, None
         return pending
+
+    @staticmethod
+    def _unknown(option: int, name: str) -> Step:
+        if option == p.OPT_EXPORT_NAME:
+            return Close(b"", f"unknown export {name!r} in NBD_OPT_EXPORT_NAME")
+        return Reply(p.option_error(option, p.REP_ERR_UNKNOWN, f"no export named {name!r}"))
 
     @staticmethod
     def _invalid(option: int, message: str) -> Reply:

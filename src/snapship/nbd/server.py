@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from snapship.errors import UsageError
+from snapship.nbd import authz as az
 from snapship.nbd import protocol as p
 from snapship.nbd.chunkcache import ChunkCache
 from snapship.nbd.exports import ExportSession, Piece, RequestFailed, VersionImage
@@ -49,6 +50,8 @@ class ServerOptions:
     writable: bool = False
     tls: TlsMode = TlsMode.OFF
     ssl_context: ssl.SSLContext | None = None
+    authz: az.Authz | None = None
+    """Which volumes each client certificate may reach (None: every one)."""
     cache_bytes: int = 256 << 20
     readahead_bytes: int = 8 << 20
     workers: int = 2
@@ -79,6 +82,10 @@ class NbdServer:
             raise ValueError("a writable server needs an overlay registry")
         if options.tls is not TlsMode.OFF and options.ssl_context is None:
             raise ValueError("TLS needs an SSL context")
+        if options.authz is not None and (
+                options.tls is not TlsMode.REQUIRE or options.ssl_context is None
+                or options.ssl_context.verify_mode is not ssl.CERT_REQUIRED):
+            raise ValueError("an authorization needs TLS required with client certificates")
         self.names = names
         self.registry = registry
         self.options = options
@@ -222,7 +229,7 @@ class Connection:
 
     async def _handshake(self) -> tuple[Transmit, VersionImage] | None:
         opts = self.server.options
-        hs = Handshake(opts.tls)
+        hs = Handshake(opts.tls, authz=opts.authz)
         self.writer.write(hs.greeting())
         await self.writer.drain()
         hs.client_flags(await self.reader.readexactly(p.CLIENT_FLAGS_SIZE))
@@ -250,7 +257,7 @@ class Connection:
             if isinstance(step, StartTls):
                 assert opts.ssl_context is not None
                 await self.writer.start_tls(opts.ssl_context)
-                hs.tls_started()
+                hs.tls_started(az.identities(self.writer.get_extra_info("peercert")))
             elif isinstance(step, Close):
                 log.debug("%s: %s", self.peer, step.reason)
                 return None
