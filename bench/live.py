@@ -52,6 +52,76 @@ def write_random(uri: str, scratch: Path, length: int, request_size: int | None 
     return took
 
 
+def state_layers(state: Path, volume: str) -> int:
+    try:
+        doc = json.loads((state / "exports" / volume / "export.json").read_text())
+    except (OSError, ValueError):  # replaced whole, never torn: only absent meanwhile
+        return 0
+    return len(doc["layers"])
+
+
+def throughput_during_checkpoint(snap: list[str], env: dict[str, str], uri: str, state: Path,
+                                 scratch: Path, volume: str, dirty: int, piece: int,
+                                 quiet_pieces: int) -> dict[str, Any]:  # fmt: skip
+    """Write `piece`-byte pieces (nbdcopy --flush each) through the export: `quiet_pieces` of
+    them with nothing else running, then `dirty` bytes to make a checkpoint of, then pieces
+    for exactly as long as that checkpoint commits (from its freeze, seen in export.json, to
+    its answer). Throughput counts only the nbdcopy runs."""
+    quiet = sum(write_random(uri + volume, scratch, piece) for _ in range(quiet_pieces))
+    write_random(uri + volume, scratch, dirty)
+    cp = subprocess.Popen([*snap, "nbd", "checkpoint", volume, "--state-dir", str(state),
+                           "--json"], env=env, stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while state_layers(state, volume) < 2 and cp.poll() is None:  # poll for the freeze
+        if time.monotonic() > deadline:
+            raise SystemExit("the checkpoint never froze its layer")
+        time.sleep(0.005)
+    busy, pieces = 0.0, 0
+    while cp.poll() is None:
+        busy += write_random(uri + volume, scratch, piece)
+        pieces += 1
+    out, _ = cp.communicate()
+    answer = json.loads(out)
+    quiet_mb_s = quiet_pieces * piece / quiet / 1e6
+    busy_mb_s = pieces * piece / busy / 1e6 if pieces else 0.0
+    return {"quiet_mb_s": round(quiet_mb_s, 1), "during_mb_s": round(busy_mb_s, 1),
+            "ratio": round(busy_mb_s / quiet_mb_s, 3), "pieces_during": pieces,
+            "checkpoint_s": answer["seconds"], "dirty_bytes": answer["dirty_bytes"]}
+
+
+def serving(snap: list[str], env: dict[str, str], repo: Path,
+            state: Path) -> tuple[subprocess.Popen[str], str]:  # fmt: skip
+    proc = subprocess.Popen(
+        [*snap, "nbd", "serve", "--repo", str(repo), "--writable", "--state-dir",
+         str(state), "--listen", "127.0.0.1:0", "--json"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    port = json.loads(proc.stdout.readline())["listening"][0].rsplit(":", 1)[1]
+    return proc, f"nbd://127.0.0.1:{port}/"
+
+
+def compare(args: argparse.Namespace, env: dict[str, str], repo: Path,
+            t: Path) -> list[dict[str, Any]]:  # fmt: skip
+    """Write throughput during a checkpoint, for each snapship in turn (this one, then each
+    --compare), `--rounds` times alternating: one load, the ratios side by side."""
+    rows = []
+    snaps = [args.snapship, *args.compare]
+    for r in range(args.rounds):
+        for i, exe in enumerate(snaps):
+            state = t / f"cmp-{r}-{i}"
+            proc, uri = serving([exe], env, repo, state)
+            try:
+                write_random(uri + "small", t, args.piece * MiB)  # creates the export
+                rows.append({"snapship": exe, "round": r, "load": os.getloadavg()[0],
+                             **throughput_during_checkpoint(
+                                 [exe], env, uri, state, t, "small", args.during_dirty * MiB,
+                                 args.piece * MiB, args.quiet_pieces)})
+            finally:
+                proc.terminate()
+                proc.wait(60)
+    return rows
+
+
 def journal_cost(scratch: Path, requests: int = 50_000) -> dict[str, float]:
     """In this process: microseconds per 4 KiB request for the in-memory map update alone and
     for a durable layer's `journal` (the update, plus encoding and appending the map entry)."""
@@ -89,10 +159,22 @@ def main() -> int:
     ap.add_argument("--dirty", default="8,32,128", help="dirty MiB per checkpoint, listed")
     ap.add_argument("--journal", action="store_true",
                     help="also time the map journal's append per request, in this process")
+    ap.add_argument("--during-dirty", type=int, default=128,
+                    help="MiB dirty in the checkpoint writes run beside (default 128)")
+    ap.add_argument("--piece", type=int, default=4, help="MiB per nbdcopy beside it")
+    ap.add_argument("--quiet-pieces", type=int, default=16,
+                    help="pieces written with no checkpoint, for the quiet throughput")
+    ap.add_argument("--compare", action="append", default=[], metavar="SNAPSHIP",
+                    help="another snapship executable (e.g. an older build) to measure the "
+                    "write throughput during a checkpoint of, alternating with this one")
+    ap.add_argument("--rounds", type=int, default=2, help="alternations for --compare")
+    ap.add_argument("--only-compare", action="store_true",
+                    help="measure only the throughput during a checkpoint")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     dirty_sizes = [int(x) for x in args.dirty.split(",")]
     snap = [args.snapship]
+    results: dict[str, Any] = {"load_before": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory(prefix="snapship-bench-live.") as tmp:
         t = Path(tmp)
         env = {**os.environ, "SNAPSHIP_PASSPHRASE": PASSPHRASE,
@@ -105,67 +187,71 @@ def main() -> int:
                 f.truncate(size * MiB)
             run([*snap, "backup", "--repo", str(repo), str(img), "--volume", name], env)
             img.unlink()
-        proc = subprocess.Popen(
-            [*snap, "nbd", "serve", "--repo", str(repo), "--writable", "--state-dir",
-             str(state), "--listen", "127.0.0.1:0", "--json"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        try:
-            assert proc.stdout is not None
-            port = json.loads(proc.stdout.readline())["listening"][0].rsplit(":", 1)[1]
-            uri = f"nbd://127.0.0.1:{port}/"
-            results: dict[str, Any] = {"load_before": os.getloadavg()[0]}
-
-            def checkpoint(volume: str) -> tuple[dict[str, Any], float]:
-                start = time.monotonic()
-                r = run([*snap, "nbd", "checkpoint", volume, "--state-dir", str(state),
-                         "--json"], env)
-                return json.loads(r.stdout), time.monotonic() - start
-
-            # Throughput, quiet: the first write creates the export; measure a second one.
-            write_random(uri + "small", t, args.write * MiB)
-            checkpoint("small")
-            quiet = write_random(uri + "small", t, args.write * MiB)
-            small = write_random(uri + "small", t, args.small_writes * MiB, 4096)
-            results["write_mb_s_4k_requests"] = round(args.small_writes * MiB / small / 1e6, 2)
-            # Throughput while a checkpoint of 128 MiB of dirty data runs.
-            big = max(dirty_sizes)
-            write_random(uri + "small", t, big * MiB)
-            cp = subprocess.Popen([*snap, "nbd", "checkpoint", "small", "--state-dir",
-                                   str(state), "--json"], env=env, stdout=subprocess.PIPE,
-                                  text=True)
-            busy = write_random(uri + "small", t, args.write * MiB)
-            cp_out, _ = cp.communicate()
-            during = json.loads(cp_out)
-            results["write_mb_s_quiet"] = round(args.write * MiB / quiet / 1e6, 1)
-            results["write_mb_s_during_checkpoint"] = round(args.write * MiB / busy / 1e6, 1)
-            results["during_ratio"] = round(quiet / busy, 3)
-            results["checkpoint_overlapped_write"] = during["seconds"] > 0
-            checkpoint("small")
-            # Checkpoint duration against dirty bytes, on both volume sizes.
-            rows = []
-            for volume, size in (("small", args.small), ("large", args.large)):
-                for d in dirty_sizes:
-                    write_random(uri + volume, t, d * MiB)
-                    cp_json, wall = checkpoint(volume)
-                    rows.append({"volume_mib": size, "dirty_mib": d,
-                                 "dirty_bytes": cp_json["dirty_bytes"],
-                                 "checkpoint_s": cp_json["seconds"],
-                                 "command_s": round(wall, 3)})
-            results["checkpoints"] = rows
-            if args.journal:
-                results["journal"] = journal_cost(t)
-            results["load_after"] = os.getloadavg()[0]
-        finally:
-            proc.terminate()
-            proc.wait(60)
+        if args.compare or args.only_compare:
+            results["during_checkpoint"] = compare(args, env, repo, t)
+        if not args.only_compare:
+            proc, uri = serving(snap, env, repo, state)
+            try:
+                measure(args, snap, env, uri, state, t, dirty_sizes, results)
+            finally:
+                proc.terminate()
+                proc.wait(60)
+    results["load_after"] = os.getloadavg()[0]
     if args.json:
         print(json.dumps(results, indent=1))
         return 0
+    report(results)
+    return 0
+
+
+def measure(args: argparse.Namespace, snap: list[str], env: dict[str, str], uri: str,
+            state: Path, t: Path, dirty_sizes: list[int],
+            results: dict[str, Any]) -> None:  # fmt: skip
+    def checkpoint(volume: str) -> tuple[dict[str, Any], float]:
+        start = time.monotonic()
+        r = run([*snap, "nbd", "checkpoint", volume, "--state-dir", str(state), "--json"], env)
+        return json.loads(r.stdout), time.monotonic() - start
+
+    # Throughput, quiet: the first write creates the export; measure a second one.
+    write_random(uri + "small", t, args.write * MiB)
+    checkpoint("small")
+    quiet = write_random(uri + "small", t, args.write * MiB)
+    small = write_random(uri + "small", t, args.small_writes * MiB, 4096)
+    results["write_mb_s_quiet"] = round(args.write * MiB / quiet / 1e6, 1)
+    results["write_mb_s_4k_requests"] = round(args.small_writes * MiB / small / 1e6, 2)
+    checkpoint("small")
+    # Throughput while a checkpoint runs, from its freeze to its answer.
+    results["during"] = throughput_during_checkpoint(
+        snap, env, uri, state, t, "small", args.during_dirty * MiB, args.piece * MiB,
+        args.quiet_pieces)
+    # Checkpoint duration against dirty bytes, on both volume sizes.
+    rows = []
+    for volume, size in (("small", args.small), ("large", args.large)):
+        for d in dirty_sizes:
+            write_random(uri + volume, t, d * MiB)
+            cp_json, wall = checkpoint(volume)
+            rows.append({"volume_mib": size, "dirty_mib": d,
+                         "dirty_bytes": cp_json["dirty_bytes"],
+                         "checkpoint_s": cp_json["seconds"], "command_s": round(wall, 3)})
+    results["checkpoints"] = rows
+    if args.journal:
+        results["journal"] = journal_cost(t)
+
+
+def report(results: dict[str, Any]) -> None:
     print(f"load average before {results['load_before']:.2f}, after {results['load_after']:.2f}")
-    print(f"write throughput: {results['write_mb_s_quiet']} MB/s quiet, "
-          f"{results['write_mb_s_during_checkpoint']} MB/s during a checkpoint "
-          f"(quiet/during time ratio {results['during_ratio']}); "
-          f"{results['write_mb_s_4k_requests']} MB/s in 4 KiB requests")
+    for row in results.get("during_checkpoint", []):
+        print(f"{row['snapship']} (round {row['round']}, load {row['load']:.2f}): "
+              f"{row['quiet_mb_s']} MB/s quiet, {row['during_mb_s']} MB/s during a "
+              f"{row['dirty_bytes'] >> 20} MiB checkpoint ({row['checkpoint_s']} s, "
+              f"{row['pieces_during']} pieces): ratio {row['ratio']}")
+    if "during" not in results:
+        return
+    d = results["during"]
+    print(f"write throughput: {results['write_mb_s_quiet']} MB/s quiet; beside a "
+          f"{d['dirty_bytes'] >> 20} MiB checkpoint ({d['checkpoint_s']} s): "
+          f"{d['during_mb_s']} MB/s against {d['quiet_mb_s']} MB/s just before (ratio "
+          f"{d['ratio']}); {results['write_mb_s_4k_requests']} MB/s in 4 KiB requests")
     if "journal" in results:
         j = results["journal"]
         print(f"per 4 KiB request: map update {j['map_set_us']} us, with the journal append "
@@ -174,7 +260,6 @@ def main() -> int:
     for r in results["checkpoints"]:
         print(f"{r['volume_mib']:>10}  {r['dirty_mib']:>9}  {r['checkpoint_s']:>12}  "
               f"{r['command_s']:>9}")
-    return 0
 
 
 if __name__ == "__main__":
