@@ -166,6 +166,7 @@ def test_a_live_export_over_tls_with_client_certificates(repo: NbdRepo, pki: Pat
         # The empty name stands for the only volume only if there is one: not here, and
         # never a way around the rule.
         assert go_reply(tls_raw(server, pki / "host1"), "")[0][0] == p.REP_ERR_UNKNOWN
+        assert "refused export 'disk': the client certificate is not granted" in server.log()
         # Nothing host2 tried changed the export.
         assert tool_stdout_sha("nbdcopy", nbds(server, "disk", pki / "host1"), "-")[0] == want
         server.assert_alive()

@@ -122,6 +122,9 @@ class Handshake:
         self.tls_mode = tls
         self.authz = authz
         self._volumes: frozenset[str] = frozenset()
+        self.denied: str | None = None
+        """The last export name refused by the authorization (for the server's log only: the
+        client's answer is that of an unknown export)."""
         self.multi_conn = multi_conn
         self.tls_active = False
         self.no_zeroes = False
@@ -214,6 +217,7 @@ class Handshake:
                 return Close(b"", f"bad export name: {e}")
             return self._invalid(option, str(e))
         if name and not self.may_use(name):
+            self.denied = name
             return self._unknown(option, name)
         self._pending = (option, request)
         return NeedExport(name)
@@ -235,6 +239,8 @@ class Handshake:
         option, request = self._take_pending()
         if export is None or not self.may_use(export.name):
             name = request if isinstance(request, str) else getattr(request, "name", "")
+            if export is not None:
+                self.denied = name or export.name
             return self._unknown(option, name)
         if option == p.OPT_EXPORT_NAME:
             assert isinstance(request, str)

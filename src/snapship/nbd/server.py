@@ -252,12 +252,19 @@ class Connection:
                     images[image.name] = image
                     info = self.server.names.info(image)
                 step = hs.resolved(info)
+            if hs.denied is not None:
+                log.info("%s: refused export %r: the client certificate is not granted its "
+                         "volume (--tls-authz)", self.peer, hs.denied)
+                hs.denied = None
             self.writer.write(step.data)
             await self.writer.drain()
             if isinstance(step, StartTls):
                 assert opts.ssl_context is not None
                 await self.writer.start_tls(opts.ssl_context)
-                hs.tls_started(az.identities(self.writer.get_extra_info("peercert")))
+                identities = az.identities(self.writer.get_extra_info("peercert"))
+                hs.tls_started(identities)
+                log.debug("%s: TLS up, client certificate %s", self.peer,
+                          ", ".join(sorted(identities)) or "without a name")
             elif isinstance(step, Close):
                 log.debug("%s: %s", self.peer, step.reason)
                 return None
