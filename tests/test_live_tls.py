@@ -148,11 +148,11 @@ def test_a_live_export_over_tls_with_client_certificates(repo: NbdRepo, pki: Pat
         # nbd-client, the mirror leg's client, lists what its certificate may attach (3.24 knows
         # -certfile and -keyfile, not the -F and -K its help names).
         d = pki / "host2"
-        out = run_tool("nbd-client", "-l", "127.0.0.1", str(server.port), "-x",
+        listing = run_tool("nbd-client", "-l", "127.0.0.1", str(server.port), "-x",
                        "-A", d / "ca-cert.pem", "-certfile", d / "client-cert.pem",
                        "-keyfile", d / "client-key.pem").stdout.decode()
-        assert {line.split(":", 1)[0] for line in out.splitlines()[1:] if ":" in line} == \
-            {"other", other.name}, out
+        assert {line.split(":", 1)[0] for line in listing.splitlines()[1:] if ":" in line} == \
+            {"other", other.name}, listing
         assert nbdinfo_listed(server, pki / "host1") == {str(cp["ref"])}
         assert nbdinfo_listed(server, pki / "host2") == {other.name}
         assert tool_stdout_sha("nbdcopy", nbds(server, "other", pki / "host2"), "-")[0] == \

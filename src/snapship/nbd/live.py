@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -40,45 +39,11 @@ STATE_FORMAT = "snapship live export"
 STATE_VERSION = 1
 
 Commit = Callable[[VersionImage, DurableLayer], Manifest]
+"""Stores a frozen layer over a version as a new version (blocking; on a worker thread)."""
 
 COMMIT_NICE = 10
 """How much lower a checkpoint commit's CPU priority is than the server's (nice +10: about a
 tenth of a contended CPU)."""
-
-
-SWITCH_INTERVAL = 0.0005
-"""While a commit runs: seconds a thread may hold the GIL while another waits for it."""
-
-
-class _ShortSwitches:
-    """While any commit runs, the interpreter's switch interval is SWITCH_INTERVAL instead of
-    its default (5 ms). A commit thread busy in Python keeps the GIL up to a whole interval
-    each time a serving thread asks for it back after a system call (the convoy effect), and
-    one request makes several such calls (socket, pwrite, fsync): at 5 ms each, writes beside
-    a commit crawled. Outside commits the default stays (fewer switches for the server)."""
-
-    def __init__(self) -> None:
-        self._running = 0
-        self._default = sys.getswitchinterval()
-        self._lock = threading.Lock()
-
-    @contextlib.contextmanager
-    def __call__(self) -> Iterator[None]:
-        with self._lock:
-            if not self._running:
-                self._default = sys.getswitchinterval()
-                sys.setswitchinterval(min(self._default, SWITCH_INTERVAL))
-            self._running += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._running -= 1
-                if not self._running:
-                    sys.setswitchinterval(self._default)
-
-
-short_switches = _ShortSwitches()
 
 
 def lower_priority() -> None:
@@ -90,7 +55,8 @@ def lower_priority() -> None:
     with contextlib.suppress(OSError):
         os.setpriority(os.PRIO_PROCESS, tid,
                        min(19, os.getpriority(os.PRIO_PROCESS, tid) + COMMIT_NICE))
-"""Stores a frozen layer over a version as a new version (blocking; on a worker thread)."""
+
+
 OpenVersion = Callable[[str, str], VersionImage | None]
 """Loads VOLUME, VERSION (blocking)."""
 
@@ -287,7 +253,7 @@ class LiveExport:
 
     async def checkpoint(self, commit: Commit, executor: Executor | None = None) -> Checkpoint:
         """Store the export's content as of now (a FLUSH boundary) as a new version; the
-        commit runs on `executor` (default: the loop's), with short GIL switches."""
+        commit runs on `executor` (default: the loop's)."""
         async with self._checkpoint_lock:
             started = time.monotonic()
             if not self.dirty:
@@ -300,9 +266,8 @@ class LiveExport:
                 frozen = self.frozen
                 assert frozen is not None
                 dirty_bytes += frozen.map.covered()
-                with short_switches():
-                    m = await asyncio.get_running_loop().run_in_executor(
-                        executor, commit, self.image, frozen)
+                m = await asyncio.get_running_loop().run_in_executor(
+                    executor, commit, self.image, frozen)
                 await self._rebase(VersionImage(m))
                 if froze:
                     self.last_checkpoint = time.monotonic()
@@ -396,7 +361,7 @@ class LiveRegistry:
         """Checkpoints on FLUSH waiting for their rate limit (cancelled at shutdown)."""
         # Commits compete with serving for the CPUs (hashing, compression, encryption): on
         # threads of their own at a lower priority, never the loop's default executor, whose
-        # threads serve flushes (docs/live.md, "Checkpoint cost").
+        # threads serve flushes (docs/live.md, "What a checkpoint costs the writes").
         self._commit_pool = ThreadPoolExecutor(2, thread_name_prefix="snapship-commit",
                                                initializer=lower_priority)
 
