@@ -1,13 +1,15 @@
 """A kernel md RAID-1 whose second leg is a live export of `snapship nbd serve --state-dir`.
 
 In one guest (real kernel, md raid1, kernel nbd-client, XFS): a local disk and the export,
-attached with nbd-client, are mirrored (`--metadata=1.0 --bitmap=internal`, the export
-`--write-mostly`); XFS on the array; a write workload; three checkpoints while it runs (two
-inside `xfs_freeze`, with the array's checksum taken inside the freeze, one crash-consistent
-under a running writer). Then the server is SIGKILLed mid-workload: md marks the leg faulty
-and the writes go on; the server restarts on the same state directory, the leg is re-added,
-and the bitmap resync writes only the dirty regions; a last checkpoint equals the array.
-The host then restores every checkpoint and checks it (checksums, xfs_repair -n).
+attached with nbd-client over TLS with a client certificate (`--tls-authz` grants it the
+volume; another host's certificate is refused), are mirrored (`--metadata=1.0
+--bitmap=internal`, the export `--write-mostly`); XFS on the array; a write workload; three
+checkpoints while it runs (two inside `xfs_freeze`, with the array's checksum taken inside
+the freeze, one crash-consistent under a running writer). Then the server is SIGKILLed
+mid-workload: md marks the leg faulty and the writes go on; the server restarts on the same
+state directory, the leg is re-added, and the bitmap resync writes only the dirty regions; a
+last checkpoint equals the array. The host then restores every checkpoint and checks it
+(checksums, xfs_repair -n).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.clihelp import CLI, cli_env
+from tests.tlshelp import make_pki
 from tests.vm.harness import run_in_vm
 
 pytestmark = pytest.mark.slow
@@ -33,11 +36,16 @@ ip link set lo up
 export MDADM_NO_UDEV=1 SNAPSHIP_REPO=/scratch/repo SNAPSHIP_PASSPHRASE=vm
 STATE=/tmp/state
 S() { $PYTHON -m snapship.cli.main "$@"; }  # each start costs seconds under TCG: few calls
+PKI=/scratch/pki  # made by the host: a CA, the server's certificate, two clients'
+TLS="-x -A $PKI/host/ca-cert.pem -certfile $PKI/host/client-cert.pem \
+  -keyfile $PKI/host/client-key.pem"
 serve() {
   $PYTHON -m snapship.cli.main nbd serve --writable --state-dir $STATE \
-    --listen 127.0.0.1:10809 >> /scratch/serve.out 2>> /scratch/serve.err &
+    --listen 127.0.0.1:10809 --tls-cert $PKI/server/server-cert.pem \
+    --tls-key $PKI/server/server-key.pem --tls-client-ca $PKI/server/ca-cert.pem \
+    --tls-authz $PKI/authz.json >> /scratch/serve.out 2>> /scratch/serve.err &
   SERVER=$!
-  wait_for 120 nbd-client -l 127.0.0.1 10809
+  wait_for 120 nbd-client -l 127.0.0.1 10809 $TLS
 }
 wait_for() {  # SECONDS COMMAND...: poll until COMMAND succeeds
   local n=$(( $1 * 5 )); shift
@@ -63,7 +71,16 @@ mkdir -p /tmp/mnt
 S init --encryption none > /dev/null
 S backup /dev/vda --volume leg --json > /scratch/base.json   # all zeroes, as the local leg
 serve
-nbd-client -t 30 -N leg 127.0.0.1 10809 /dev/nbd0 > /scratch/attach.out 2>&1
+nbd-client -t 30 -N leg 127.0.0.1 10809 /dev/nbd0 $TLS > /scratch/attach.out 2>&1
+# Another host's certificate: the leg is neither listed to it nor attachable.
+O=$PKI/other
+nbd-client -l 127.0.0.1 10809 -x -A $O/ca-cert.pem -certfile $O/client-cert.pem \
+  -keyfile $O/client-key.pem > /scratch/other-list.out 2>&1 || true
+if nbd-client -t 30 -N leg 127.0.0.1 10809 /dev/nbd1 -x -A $O/ca-cert.pem \
+    -certfile $O/client-cert.pem -keyfile $O/client-key.pem > /scratch/other-attach.out 2>&1
+then echo attached > /scratch/other-attach.rc; nbd-client -d /dev/nbd1
+else echo refused > /scratch/other-attach.rc
+fi
 # Both legs hold zeroes: --assume-clean skips the initial copy.
 mdadm --create /dev/md0 --run --level=1 --raid-devices=2 --metadata=1.0 \
   --bitmap=internal --bitmap-chunk=1M --assume-clean /dev/vda --write-mostly /dev/nbd0 \
@@ -103,7 +120,7 @@ workload e 2
 serve
 wait_for 60 mdadm /dev/md0 --remove /dev/nbd0
 nbd-client -d /dev/nbd0 > /dev/null 2>&1 || true
-wait_for 60 nbd-client -t 30 -N leg 127.0.0.1 10809 /dev/nbd0
+wait_for 60 nbd-client -t 30 -N leg 127.0.0.1 10809 /dev/nbd0 $TLS
 awk '{print $7}' /sys/block/nbd0/stat > /scratch/nbd-written-before
 mdadm /dev/md0 --re-add /dev/nbd0 > /scratch/mdadm-readd.out 2>&1
 cat /proc/mdstat > /scratch/mdstat-readd
@@ -183,6 +200,12 @@ def checked_frozen(image: Path, mnt: Path, files_sha: str) -> bool:
 
 
 def test_md_raid1_mirror_leg_on_a_live_export(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "scratch" / "pki", {"host": ("protected-host", ()),
+                                                  "other": ("other-host", ())})
+    (pki / "authz.json").write_text(json.dumps({
+        "format": "snapship nbd tls authz", "version": 1,
+        "clients": [{"client": "protected-host", "volumes": ["leg"]},
+                    {"client": "other-host", "volumes": ["elsewhere"]}]}))
     res = run_in_vm(SCRIPT, disks={"local": DISK}, timeout=1800, workdir=tmp_path,
                     memory_mb=1536).check()
     s = res.scratch
@@ -193,6 +216,9 @@ def test_md_raid1_mirror_leg_on_a_live_export(tmp_path: Path) -> None:
     repo = s / "repo"
     md_size = int(read("md.size"))
     assert "write_mostly" in read("leg-state-0")
+    # Over TLS with client certificates: the other host's sees no export and attaches none.
+    assert "leg" not in read("other-list.out"), read("other-list.out")
+    assert read("other-attach.rc") == "refused", read("other-attach.out")
     cps = {n: json.loads(read(f"{n}.json")) for n in ("cp1", "cp2", "cp3", "cp4")}
     for cp in cps.values():
         assert cp["changed"] is True, cp
