@@ -5,8 +5,11 @@ dirty bytes, on two volume sizes (it must follow the dirty bytes, not the volume
 
 One run: a fresh repository (encryption on, as users run it) holding sparse volumes of
 `--small` and `--large` MiB, one server, `nbdcopy --flush` writing fresh random data at the
-start of an export, `snapship nbd checkpoint` cutting versions. Absolute numbers depend on
-the machine's load; the ratios within one run are the result. Needs nbdcopy (libnbd-bin).
+start of an export, `snapship nbd checkpoint` cutting versions. Writes beside a checkpoint
+are timed from its freeze to its answer only. `--compare OTHER` measures that for another
+build too (e.g. a wrapper running an older checkout), alternating `--rounds` times, so both
+see the same load. Absolute numbers depend on the machine's load; the ratios within one run
+are the result. Needs nbdcopy (libnbd-bin).
 """
 
 from __future__ import annotations
