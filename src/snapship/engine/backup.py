@@ -10,6 +10,7 @@ written last, so an interrupted backup leaves no version behind, only unreferenc
 from __future__ import annotations
 
 import contextlib
+import io
 import threading
 import time
 from array import array
@@ -162,13 +163,15 @@ def _backup(
     # costs no storage lookup, and this needs no memory beyond the base manifest itself.
     base_ids = base.ids if base is not None else b""
     base_sizes = base.sizes if base is not None else array("I")
-    ids = bytearray(count * 32)
     sizes = array("I", bytes(4 * count))
     if to_read is not None:
         assert base is not None
-        shared = min(count, base.count) * 32
-        ids[:shared] = base.ids[:shared]
-        sizes[: shared // 32] = base.sizes[: shared // 32]
+        shared = min(count, base.count)
+        ids = _IdList(base.ids if shared == count == base.count
+                      else base.ids[: shared * 32] + bytes(32 * (count - shared)))
+        sizes[:shared] = base.sizes[:shared]
+    else:
+        ids = _IdList(bytes(count * 32))
     indices = range(count) if to_read is None else to_read
     kz = plan.known_zero
     # Chunks wholly known to be zero (holes, free space) are zero in `ids` and `sizes`
@@ -273,7 +276,7 @@ def _backup(
             created=now_iso(),
             source=source_desc or source.path,
             parent=base.version if base is not None else None,
-            ids=bytes(ids),
+            ids=ids.value(),
             sizes=sizes,
             labels=labels,
             stats={
@@ -322,9 +325,9 @@ def _backup(
             break
         # The lease lapsed while the version was being written: it is visible, and gc may
         # have removed what it relies on meanwhile. Make it whole under a new registration.
-        written = bytes(ids)
+        written = ids.value()
         recheck(f"of {volume}@{version}, which was written meanwhile")
-        if bytes(ids) != written:
+        if ids.value() != written:
             raise Corrupt(f"{volume}@{version} may be incomplete: a chunk gc removed while "
                           f"this backup was paused no longer matches the source {m.source}; "
                           "run `snapship verify`, and back up again")
@@ -340,7 +343,30 @@ def _ignore(message: str) -> None:
     pass
 
 
-def _restore_missing(repo: Repository, source: BackupSource, indices: Sequence[int], ids: bytearray,
+class _IdList:
+    """A version's chunk ids, assembled in place. `value` hands them over as `bytes` without
+    a copy (`BytesIO.getvalue` returns its own buffer while nothing else holds it; a later
+    write copies first): a 4 TiB volume's 128 MiB of ids are held once, not as a bytearray
+    and then again as bytes."""
+
+    def __init__(self, initial: bytes) -> None:
+        self._buf = io.BytesIO(initial)
+
+    def __getitem__(self, at: slice) -> bytes:
+        self._buf.seek(at.start)
+        return self._buf.read(at.stop - at.start)
+
+    def __setitem__(self, at: slice, cid: bytes) -> None:
+        if len(cid) != at.stop - at.start:
+            raise ValueError("an id list entry must keep its length")
+        self._buf.seek(at.start)
+        self._buf.write(cid)
+
+    def value(self) -> bytes:
+        return self._buf.getvalue()
+
+
+def _restore_missing(repo: Repository, source: BackupSource, indices: Sequence[int], ids: _IdList,
                      sizes: array[int], nworkers: int, kz: KnownZero | None = None) -> int:
     """Re-store, from the source, reused chunks that storage no longer has under their name;
     returns how many. The source still holds that data: those chunks are unchanged."""
