@@ -8,8 +8,8 @@ For each size: a sparse file of zeros, a base version of it made through the rep
 (a manifest of zero chunks, as a full backup of the empty file would store, sealed with the
 key: a full backup reading terabytes of holes would take hours today), then 40 MiB written
 in 40 extents of 1 MiB spread over the file and `snapship backup --changed-ranges` of them,
-timed as a whole process with its peak RSS (GNU time). The 4 TiB run should be within 1.5x
-of the 4 GiB run.
+timed as a whole process (wall and CPU time, peak RSS: GNU time), median of interleaved
+rounds. The 4 TiB run should be within 1.5x of the 4 GiB run.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import struct
 import subprocess
 import sys
@@ -74,10 +75,13 @@ def base_version(repo: Repository, volume: str, size: int, source: str) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--sizes", default="4G,256G,4T")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
     args = ap.parse_args()
     exe = str(ROOT / ".venv" / "bin" / "snapship")
-    rows = []
+    sizes = args.sizes.split(",")
+    runs: dict[str, list[tuple[float, float, int]]] = {t: [] for t in sizes}
+    read: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="snapship-incr-scale-", dir=args.workdir) as tmp:
         repo_path = Path(tmp) / "repo"
         env = {k: v for k, v in os.environ.items() if not k.startswith("SNAPSHIP_")}
@@ -86,10 +90,11 @@ def main() -> int:
                        stdout=subprocess.DEVNULL)
         repo = Repository.open(LocalStorage(str(repo_path)), PASSPHRASE.encode)
         print(f"load average before: {os.getloadavg()[0]:.2f}")
-        for text in args.sizes.split(","):
+        images = {}
+        for text in sizes:
             size = parse_size(text)
             volume = f"sparse-{text}"
-            image = Path(tmp) / f"{volume}.img"
+            image = images[text] = Path(tmp) / f"{volume}.img"
             with open(image, "wb") as f:
                 f.truncate(size)
             base_version(repo, volume, size, str(image))
@@ -100,26 +105,36 @@ def main() -> int:
                     f.seek(i * step)
                     f.write(os.urandom(CHUNK))
                     ranges.append(f"{i * step} {CHUNK}")
-            (Path(tmp) / "ranges").write_text("\n".join(ranges) + "\n")
-            argv = ["/usr/bin/time", "-f", "%e %M", exe, "backup", "--repo", str(repo_path),
-                    str(image), "--volume", volume, "--changed-ranges",
-                    str(Path(tmp) / "ranges"), "--json"]
-            start = time.monotonic()
-            r = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
-            wall = time.monotonic() - start
-            if r.returncode != 0:
-                raise SystemExit(f"backup of {text} failed:\n{r.stderr}")
-            seconds, rss_kib = r.stderr.strip().splitlines()[-1].split()
-            report = json.loads(r.stdout)
-            rows.append((text, wall, float(seconds), int(rss_kib) // 1024,
-                         report.get("stats", {}).get("bytes_read")))
-            image.unlink()
+            (Path(tmp) / f"ranges-{text}").write_text("\n".join(ranges) + "\n")
+        # Rounds interleave the sizes, so a swing of the machine's load hits every size.
+        for _ in range(args.rounds):
+            for text in sizes:
+                argv = ["/usr/bin/time", "-f", "%U %S %M", exe, "backup", "--repo",
+                        str(repo_path), str(images[text]), "--volume", f"sparse-{text}",
+                        "--changed-ranges", str(Path(tmp) / f"ranges-{text}"), "--json"]
+                start = time.monotonic()
+                r = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+                wall = time.monotonic() - start
+                if r.returncode != 0:
+                    raise SystemExit(f"backup of {text} failed:\n{r.stderr}")
+                user, system, rss_kib = r.stderr.strip().splitlines()[-1].split()
+                runs[text].append((wall, float(user) + float(system), int(rss_kib) // 1024))
+                read[text] = json.loads(r.stdout).get("stats", {}).get("bytes_read")
         print(f"load average after: {os.getloadavg()[0]:.2f}\n")
-    print(f"{CHANGE} MiB of change in {CHANGE} extents, `backup --changed-ranges`, one run each:\n")
-    print("| volume | seconds | vs first | peak RSS MB | bytes read |")
-    print("|---|---|---|---|---|")
-    for text, wall, _, rss, read in rows:
-        print(f"| {text} | {wall:.2f} | {wall / rows[0][1]:.2f}x | {rss} | {read} |")
+    print(f"{CHANGE} MiB of change in {CHANGE} extents, `backup --changed-ranges`, median of "
+          f"{args.rounds} interleaved rounds (min-max):\n")
+    print("| volume | wall s | vs first | CPU s | vs first | peak RSS MB | bytes read |")
+    print("|---|---|---|---|---|---|---|")
+    first = sizes[0]
+    w0 = statistics.median(r[0] for r in runs[first])
+    c0 = statistics.median(r[1] for r in runs[first])
+    for text in sizes:
+        walls = [r[0] for r in runs[text]]
+        cpus = [r[1] for r in runs[text]]
+        w, c = statistics.median(walls), statistics.median(cpus)
+        print(f"| {text} | {w:.2f} ({min(walls):.2f}-{max(walls):.2f}) | {w / w0:.2f}x "
+              f"| {c:.2f} ({min(cpus):.2f}-{max(cpus):.2f}) | {c / c0:.2f}x "
+              f"| {max(r[2] for r in runs[text])} | {read[text]} |")
     return 0
 
 

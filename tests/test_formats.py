@@ -367,3 +367,72 @@ def test_a_summary_that_is_not_exactly_version_1_is_refused(change: dict[str, ob
     d.update(change)
     with pytest.raises(FormatError, match=r"^it "):
         summary_codec.decode(json.dumps(d).encode(), "it")
+
+
+@pytest.mark.parametrize("aead", AEADS, ids=["plain", "aes"])
+@given(m=manifests(), level=st.sampled_from([0, 3]))
+def test_a_manifest_sealed_in_parts_opens_in_parts_and_as_a_whole(
+        aead: object, m: mf.Manifest, level: int) -> None:
+    """The parts path (no joined copy of the ids) writes the same format the whole-object
+    reader reads, and reads what it writes; both ways agree on every manifest."""
+    parts = mf.encode_parts(m)
+    assert b"".join(parts) == mf.encode(m)
+    blob = envelope.seal_parts(KIND_MANIFEST, b"k", parts, aead, level)  # type: ignore[arg-type]
+    whole = envelope.open_sealed(KIND_MANIFEST, b"k", blob, aead, 1 << 30, "m",  # type: ignore[arg-type]
+                                 lambda peek: mf.plaintext_size(peek, "m"))
+    assert mf.decode(whole, "m") == m
+    cut = envelope.open_sealed_parts(KIND_MANIFEST, b"k", blob, aead, 1 << 30, "m",  # type: ignore[arg-type]
+                                     lambda peek: mf.cut(peek, "m"))
+    assert mf.decode_parts(cut, "m") == m
+    old = envelope.seal(KIND_MANIFEST, b"k", mf.encode(m), aead)  # type: ignore[arg-type]
+    assert mf.decode_parts(envelope.open_sealed_parts(
+        KIND_MANIFEST, b"k", old, aead, 1 << 30, "m",  # type: ignore[arg-type]
+        lambda peek: mf.cut(peek, "m")), "m") == m
+
+
+@settings(max_examples=300)
+@given(m=manifests(), data=st.data())
+def test_opening_a_damaged_manifest_in_parts_fails_cleanly(m: mf.Manifest, data: st.DataObject
+                                                           ) -> None:
+    """A damaged plaintext (recompressed, so it passes the checksum) is refused with a
+    FormatError or Corrupt, never a crash or a wrong manifest."""
+    body = mangled(mf.encode(m), data)
+    frame = zstandard.ZstdCompressor().compress(body)
+    try:
+        sealed = _sealed_frame(frame, kind=KIND_MANIFEST)
+        parts = envelope.open_sealed_parts(KIND_MANIFEST, b"n", sealed, None, 1 << 30, "m",
+                                           lambda peek: mf.cut(peek, "m"))
+        got = mf.decode_parts(parts, "m")
+    except (FormatError, Corrupt):
+        return
+    assert b"".join(parts) == body and mf.encode(got) == body
+
+
+def test_opening_in_parts_refuses_bytes_after_the_frame() -> None:
+    m = mf.Manifest("v", "1", 2 * 65536, 65536, "t", "s", None, ZERO_ID * 2, array("I", [0, 0]))
+    frame = zstandard.ZstdCompressor().compress(mf.encode(m))
+    for tail in (frame, b"junk"):
+        with pytest.raises(Corrupt, match="damaged"):
+            envelope.open_sealed_parts(KIND_MANIFEST, b"n",
+                                       _sealed_frame(frame + tail, kind=KIND_MANIFEST), None,
+                                       1 << 20, "m", lambda peek: mf.cut(peek, "m"))
+
+
+def test_zero_markers_are_checked_in_blocks_and_one_by_one() -> None:
+    """A stored size beside a zero id (or a zero size beside a data id) is found wherever it
+    is: inside a block of zero ids, and inside a block holding data."""
+    n = 3 * 8192 + 5
+    for bad, data_at in ((7000, None), (9000, 9001), (n - 1, None), (20000, 20000)):
+        ids = bytearray(ZERO_ID * n)
+        sizes = array("I", bytes(4 * n))
+        if data_at is not None:
+            ids[data_at * 32 : data_at * 32 + 32] = b"\x01" * 32
+            sizes[data_at] = 10
+        sizes[bad] = 0 if bad == data_at else 5
+        m = mf.Manifest("v", "1", n * 65536, 65536, "t", "s", None, bytes(ids), sizes)
+        with pytest.raises(ValueError, match=f"chunk {bad}: zero marker"):
+            mf.validate(m)
+        sizes[bad] = 10 if bad == data_at else 0
+        mf.validate(m)
+        assert list(m.nonzero_indices()) == ([] if data_at is None else [data_at])
+        assert m.zero_chunks() == n - (data_at is not None)

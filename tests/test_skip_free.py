@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from snapship.devices import Source
 from snapship.engine.known_zero import KnownZero, zero_parts
@@ -52,6 +54,37 @@ def test_known_zero_cover_and_zeroing() -> None:
     assert kz.cover(0, 100) == [(10, 20), (30, 40)]
     data, zeroed = zero_parts(b"x" * 20, 10, kz.cover(10, 30))
     assert (data, zeroed) == (bytes(10) + b"x" * 10, 10)
+
+
+@st.composite
+def zero_ranges(draw: st.DrawFn) -> tuple[int, int, list[ByteRange]]:
+    chunk = draw(st.sampled_from([4, 8, 16]))
+    size = draw(st.integers(0, 40 * chunk))
+    cuts = sorted(draw(st.lists(st.integers(0, size), max_size=12, unique=True)))
+    pairs = [ByteRange(a, b) for a, b in zip(cuts[::2], cuts[1::2], strict=False) if a < b]
+    return chunk, size, pairs
+
+
+@given(zero_ranges(), st.booleans(), st.data())
+def test_split_leaves_out_exactly_the_chunks_wholly_zero(
+        case: tuple[int, int, list[ByteRange]], full: bool, data: st.DataObject) -> None:
+    """Against the definition: a chunk is left out iff the ranges cover all of its bytes."""
+    chunk, size, ranges = case
+    count = -(-size // chunk)
+    indices: range | list[int] = (range(count) if full else sorted(data.draw(
+        st.sets(st.integers(0, max(count - 1, 0)), max_size=count))) if count else [])
+    kz = KnownZero(ranges)
+
+    def wholly_zero(i: int) -> bool:
+        n = min(chunk, size - i * chunk)
+        return sum(hi - lo for lo, hi in kz.cover(i * chunk, i * chunk + n)) == n
+
+    split = kz.split(indices, chunk, size)
+    left = [i for r in split.left_out for i in r]
+    assert list(split.read) == [i for i in indices if not wholly_zero(i)]
+    assert left == [i for i in indices if wholly_zero(i)]
+    assert split.count + split.skipped == len(indices)
+    assert split.left_out_bytes == sum(min(chunk, size - i * chunk) for i in left)
 
 
 @pytest.mark.parametrize("kind", ["ext4", "xfs"])

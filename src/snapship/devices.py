@@ -283,6 +283,12 @@ class Target:
                 f"cannot write target {self.path} at offset {offset}: {e.strerror or e}"
             ) from None
 
+    @property
+    def reads_zero(self) -> bool:
+        """Whether what is not written reads as zero: a new file (holes). A device, a stream
+        and a file updated in place must have their zeroes written."""
+        return not (self.is_block or self.stream or self.in_place)
+
     def write_zeroes(self, offset: int, length: int, *, always: bool = False) -> None:
         """Zero a range. A new file already reads as zero there (holes); a device, a stream
         and a file updated in place (`always`) must be written."""

@@ -10,6 +10,7 @@ written last, so an interrupted backup leaves no version behind, only unreferenc
 from __future__ import annotations
 
 import contextlib
+import io
 import threading
 import time
 from array import array
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from snapship.changes.ranges import touched_chunks
-from snapship.engine.known_zero import KnownZero, zero_parts
+from snapship.engine.known_zero import ChunkSplit, KnownZero, zero_parts
 from snapship.engine.pipeline import bounded_map, default_workers, window_for
 from snapship.engine.progress import NoProgress, Progress
 from snapship.errors import Corrupt, UsageError
@@ -162,16 +163,29 @@ def _backup(
     # costs no storage lookup, and this needs no memory beyond the base manifest itself.
     base_ids = base.ids if base is not None else b""
     base_sizes = base.sizes if base is not None else array("I")
-    ids = bytearray(count * 32)
     sizes = array("I", bytes(4 * count))
     if to_read is not None:
         assert base is not None
-        shared = min(count, base.count) * 32
-        ids[:shared] = base.ids[:shared]
-        sizes[: shared // 32] = base.sizes[: shared // 32]
+        shared = min(count, base.count)
+        ids = _IdList(base.ids if shared == count == base.count
+                      else base.ids[: shared * 32] + bytes(32 * (count - shared)))
+        sizes[:shared] = base.sizes[:shared]
+    else:
+        ids = _IdList(bytes(count * 32))
     indices = range(count) if to_read is None else to_read
+    kz = plan.known_zero
+    # Chunks wholly known to be zero (holes, free space) are zero in `ids` and `sizes`
+    # already: they are left out before the pipeline, whole runs at a time.
+    split = (kz.split(indices, cs, size) if kz is not None
+             else ChunkSplit(indices, len(indices), [], 0))
+    if to_read is not None:  # a full read's ids and sizes are all zero to begin with
+        for run in split.left_out:
+            ids[run.start * 32 : run.stop * 32] = bytes(32 * len(run))
+            for i in run:
+                sizes[i] = 0
     progress = progress or NoProgress()
     progress.start(sum(min(cs, size - i * cs) for i in indices) if to_read is not None else size)
+    progress.advance(split.left_out_bytes)
 
     # Chunks a verify found damaged are stored again when met, never trusted.
     damaged = {bytes.fromhex(c) for mark in repo.catalog.damaged().values()
@@ -181,28 +195,20 @@ def _backup(
     stored_sizes: dict[bytes, int] = {}
     lock = threading.Lock()
 
-    kz = plan.known_zero
-    skipped = [0, 0, 0]  # chunks not read, bytes not read, bytes zeroed in chunks read
+    zeroed = 0  # bytes zeroed in chunks read
 
-    def reads() -> Iterator[tuple[int, bytes | int]]:
-        """(index, data), or (index, length) for a chunk known to be zero: not read."""
-        for i in indices:
+    def reads() -> Iterator[tuple[int, bytes]]:
+        nonlocal zeroed
+        for i in split.read:
             off = i * cs
             n = min(cs, size - off)
             parts = kz.cover(off, off + n) if kz is not None else []
-            if sum(hi - lo for lo, hi in parts) == n:
-                skipped[0] += 1
-                skipped[1] += n
-                yield i, n
-                continue
-            data, zeroed = zero_parts(source.read(off, n), off, parts)
-            skipped[2] += zeroed
+            data, z = zero_parts(source.read(off, n), off, parts)
+            zeroed += z
             yield i, data
 
-    def process(item: tuple[int, bytes | int]) -> _Result:
+    def process(item: tuple[int, bytes]) -> _Result:
         index, data = item
-        if isinstance(data, int):
-            return _Result(index, ZERO_ID, ZERO, data, 0, 0)
         n = len(data)
         if data == (zero_full if n == cs else bytes(n)):
             return _Result(index, ZERO_ID, ZERO, n, 0, n)
@@ -249,8 +255,10 @@ def _backup(
     if session.collection_at_start is not None:
         # A collection had set chunks aside before this backup began, so a chunk taken from
         # the base without asking storage may be a fossil by now (docs/gc.md, "Writers").
-        read = set(indices)
-        reused = [i for i in range(count) if i not in read and sizes[i]]
+        # A full read stored or zeroed every chunk itself; an incremental reuses the rest.
+        read = set(indices) if to_read is not None else None
+        reused = [] if read is None else [i for i in range(count)
+                                          if i not in read and sizes[i]]
         reused += [r.index for r in known]
         restored = _restore_missing(repo, source, reused, ids, sizes, nworkers, kz)
         counts[NEW] += restored
@@ -268,7 +276,7 @@ def _backup(
             created=now_iso(),
             source=source_desc or source.path,
             parent=base.version if base is not None else None,
-            ids=bytes(ids),
+            ids=ids.value(),
             sizes=sizes,
             labels=labels,
             stats={
@@ -276,8 +284,8 @@ def _backup(
                 "change_source": plan.change_source,
                 **({"fallback": plan.fallback} if plan.fallback else {}),
                 "bytes_read": bytes_read,
-                "chunks_read": len(indices) - skipped[0],
-                "chunks_zero_read": counts[ZERO] - skipped[0],
+                "chunks_read": split.count,
+                "chunks_zero_read": counts[ZERO],
                 "chunks_known": counts[KNOWN] + counts[DUPLICATE],
                 "chunks_existing": counts[EXISTING],
                 "chunks_new": counts[NEW],
@@ -285,8 +293,9 @@ def _backup(
                 "bytes_new_stored": new_stored,
                 "workers": nworkers,
                 "duration": round(time.monotonic() - started, 3),
-                **({"free_space": {**kz.record, "chunks_skipped": skipped[0],
-                                   "bytes_skipped": skipped[1], "bytes_zeroed": skipped[2]}}
+                **({"free_space": {**kz.record, "chunks_skipped": split.skipped,
+                                   "bytes_skipped": split.left_out_bytes,
+                                   "bytes_zeroed": zeroed}}
                    if kz is not None else {}),
             },
         )
@@ -316,9 +325,9 @@ def _backup(
             break
         # The lease lapsed while the version was being written: it is visible, and gc may
         # have removed what it relies on meanwhile. Make it whole under a new registration.
-        written = bytes(ids)
+        written = ids.value()
         recheck(f"of {volume}@{version}, which was written meanwhile")
-        if bytes(ids) != written:
+        if ids.value() != written:
             raise Corrupt(f"{volume}@{version} may be incomplete: a chunk gc removed while "
                           f"this backup was paused no longer matches the source {m.source}; "
                           "run `snapship verify`, and back up again")
@@ -334,7 +343,30 @@ def _ignore(message: str) -> None:
     pass
 
 
-def _restore_missing(repo: Repository, source: BackupSource, indices: Sequence[int], ids: bytearray,
+class _IdList:
+    """A version's chunk ids, assembled in place. `value` hands them over as `bytes` without
+    a copy (`BytesIO.getvalue` returns its own buffer while nothing else holds it; a later
+    write copies first): a 4 TiB volume's 128 MiB of ids are held once, not as a bytearray
+    and then again as bytes."""
+
+    def __init__(self, initial: bytes) -> None:
+        self._buf = io.BytesIO(initial)
+
+    def __getitem__(self, at: slice) -> bytes:
+        self._buf.seek(at.start)
+        return self._buf.read(at.stop - at.start)
+
+    def __setitem__(self, at: slice, cid: bytes) -> None:
+        if len(cid) != at.stop - at.start:
+            raise ValueError("an id list entry must keep its length")
+        self._buf.seek(at.start)
+        self._buf.write(cid)
+
+    def value(self) -> bytes:
+        return self._buf.getvalue()
+
+
+def _restore_missing(repo: Repository, source: BackupSource, indices: Sequence[int], ids: _IdList,
                      sizes: array[int], nworkers: int, kz: KnownZero | None = None) -> int:
     """Re-store, from the source, reused chunks that storage no longer has under their name;
     returns how many. The source still holds that data: those chunks are unchanged."""

@@ -9,7 +9,8 @@ covered parts of a chunk that is read are zeroed before it is hashed.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -52,6 +53,61 @@ class KnownZero:
                 out.append((lo, hi))
             i += 1
         return out
+
+    def split(self, indices: Sequence[int], chunk_size: int, size: int) -> ChunkSplit:
+        """`indices` (chunk numbers, ascending) without the chunks lying wholly inside these
+        ranges. Whole runs are cut at once, so a 4 TiB file of holes costs no work per chunk;
+        a `range` stays a chain of ranges, never a list of millions of numbers."""
+        count = -(-size // chunk_size)
+        runs = []
+        for r in self.ranges:
+            first = -(-r.start // chunk_size)
+            last = count if r.end >= size else r.end // chunk_size
+            if first < last:
+                runs.append(range(first, last))
+        if isinstance(indices, range) and indices.step == 1:
+            keep: list[range] = []
+            out: list[range] = []
+            at = indices.start
+            for run in runs:
+                lo, hi = max(run.start, at), min(run.stop, indices.stop)
+                if lo < hi:
+                    keep.append(range(at, lo))
+                    out.append(range(lo, hi))
+                    at = hi
+            keep.append(range(at, max(at, indices.stop)))
+            kept = [k for k in keep if k]
+            return ChunkSplit(itertools.chain.from_iterable(kept), sum(len(k) for k in kept),
+                              out, sum(_span_bytes(k, chunk_size, size) for k in out))
+        starts = [run.start for run in runs]
+        read: list[int] = []
+        left: list[int] = []
+        for i in indices:
+            j = bisect.bisect_right(starts, i) - 1
+            (left if j >= 0 and i in runs[j] else read).append(i)
+        return ChunkSplit(iter(read), len(read), [range(i, i + 1) for i in left],
+                          sum(min(chunk_size, size - i * chunk_size) for i in left))
+
+
+@dataclass
+class ChunkSplit:
+    """Chunks to read (and how many), and the runs of chunks left out as known zeroes."""
+
+    read: Iterable[int]
+    count: int
+    left_out: list[range]
+    left_out_bytes: int
+
+    @property
+    def skipped(self) -> int:
+        return sum(len(r) for r in self.left_out)
+
+
+def _span_bytes(r: range, chunk_size: int, size: int) -> int:
+    """The bytes of the volume chunks `r` cover (the last chunk may be short)."""
+    if not r:
+        return 0
+    return min(r.stop * chunk_size, size) - r.start * chunk_size
 
 
 def holes_of(source: object, size: int) -> list[ByteRange] | None:

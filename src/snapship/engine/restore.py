@@ -21,7 +21,7 @@ are fetched and written.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from snapship.devices import Target
@@ -96,6 +96,7 @@ def run_restore(
                              warn=_ignore if fresh else warn)
     with target:  # leaving it uncommitted aborts
         first: bytes | None = None
+        todo: Sequence[int]
         if choose is not None:
             todo = choose(target, progress, nworkers)
         elif differential and not target.stream:
@@ -103,8 +104,12 @@ def run_restore(
             todo, first, compared = found.differing, found.first, found.compared
             mode = "differential"
         else:
-            todo = list(range(m.count))
+            # Into a new file the zero chunks are holes already: only data chunks are visited,
+            # so a sparse 4 TiB version costs work for its data alone.
+            todo = list(m.nonzero_indices()) if target.reads_zero else range(m.count)
         writer = _Writer(repo, m, target, progress, nworkers)
+        if choose is None and not differential:
+            writer.zero_chunks = m.count - len(todo)
         try:
             writer.write(todo, first)
         except BaseException:
@@ -170,10 +175,9 @@ class _Writer:
             self.target.write(off, data)
         self.progress.advance(length)
 
-    def write(self, todo: Iterable[int], first: bytes | None) -> None:
-        """Write chunks `todo`; `first` is the target's first chunk as it was (differential),
-        put back if chunk 0 needs no change but was blanked."""
-        todo = list(todo)
+    def write(self, todo: Sequence[int], first: bytes | None) -> None:
+        """Write chunks `todo` (ascending); `first` is the target's first chunk as it was
+        (differential), put back if chunk 0 needs no change but was blanked."""
         t = self.target
         guard = t.in_place and bool(todo)
         rest: Iterator[int] = (i for i in todo if not (guard and i == 0))

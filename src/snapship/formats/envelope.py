@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import zstandard
 from cryptography.exceptions import InvalidTag
@@ -64,12 +64,29 @@ def seal(
     """Encode `payload` as a stored object called `name`; zstd is kept only if it shrinks it.
     With `nonce_key` the nonce is derived from the content (`crypto.synthetic_nonce`), so
     the same payload always seals to the same bytes."""
-    flags = 0
-    body: bytes | memoryview = payload
     if level:
         packed = _compressor(level).compress(payload)
         if len(packed) < len(payload):
-            body, flags = packed, FLAG_ZSTD
+            return _seal_body(kind, name, packed, FLAG_ZSTD, aead, nonce_key)
+    return _seal_body(kind, name, payload, 0, aead, nonce_key)
+
+
+def seal_parts(kind: int, name: bytes, parts: Sequence[bytes | bytearray | memoryview],
+               aead: AESGCM | None, level: int = DEFAULT_ZSTD_LEVEL) -> bytes | bytearray:
+    """`seal` of the parts joined, without joining them when they compress: a 4 TiB volume's
+    manifest (128 MiB of chunk ids, mostly zero) is then never held twice. The same object
+    format: one zstd frame that declares its content size."""
+    total = sum(len(p) for p in parts)
+    if level:
+        cobj = _compressor(level).compressobj(size=total)
+        packed = b"".join([*(cobj.compress(p) for p in parts), cobj.flush()])
+        if len(packed) < total:
+            return _seal_body(kind, name, packed, FLAG_ZSTD, aead, None)
+    return _seal_body(kind, name, b"".join(parts), 0, aead, None)
+
+
+def _seal_body(kind: int, name: bytes, body: bytes | memoryview, flags: int,
+               aead: AESGCM | None, nonce_key: bytes | None) -> bytes | bytearray:
     if aead is not None:
         flags |= FLAG_ENCRYPTED
     header = _HEADER.pack(OBJECT_MAGIC, OBJECT_VERSION, kind, flags, 0)
@@ -119,6 +136,62 @@ def open_sealed(
     from the start of the plaintext (read by streaming only that far). Nothing is allocated
     for a size the format does not allow, so a small object cannot expand into a huge one.
     """
+    flags, body = _open(kind, name, blob, aead, what)
+    if flags & FLAG_ZSTD:
+        return _decompress(body, max_size, exact, what)
+    return body
+
+
+def open_sealed_parts(
+    kind: int,
+    name: bytes,
+    blob: bytes | bytearray,
+    aead: AESGCM | None,
+    max_size: int,
+    what: str,
+    cut: Callable[[Peek], list[int]],
+) -> list[bytes]:
+    """`open_sealed` of an object whose plaintext the format cuts into parts, whose lengths
+    `cut` derives from its start (they must add up to the whole): each part is decompressed
+    straight into its own object, so the whole is never held a second time."""
+    flags, body = _open(kind, name, blob, aead, what)
+    if not flags & FLAG_ZSTD:
+        lengths = cut(lambda n: body[:n])
+        if sum(lengths) != len(body):
+            raise Corrupt(f"{what} is damaged: it holds {len(body)} bytes, its header implies "
+                          f"{sum(lengths)}")
+        mv, out, pos = memoryview(body), [], 0
+        for n in lengths:
+            out.append(bytes(mv[pos : pos + n]))
+            pos += n
+        return out
+    declared = _declared(body, max_size, what)
+    try:
+        # Across frames, so that anything after the one frame shows as more output (or
+        # fails to decode) instead of going unread.
+        with _decompressor().stream_reader(body, read_across_frames=True) as reader:
+            prefix = _Prefix(reader)
+            lengths = cut(prefix)
+            if sum(lengths) != declared:
+                raise Corrupt(f"{what} is damaged: its zstd frame declares {declared} bytes, "
+                              f"its header implies {sum(lengths)}")
+            pending, parts = prefix.taken(), []
+            for n in lengths:
+                head, pending = pending[:n], pending[n:]
+                part = head + reader.read(n - len(head)) if len(head) < n else head
+                if len(part) != n:
+                    raise Corrupt(f"{what} is damaged: its zstd frame ends early")
+                parts.append(part)
+            if pending or reader.read(1):
+                raise Corrupt(f"{what} is damaged: data follows its end")
+    except zstandard.ZstdError as e:
+        raise Corrupt(f"{what} is damaged: {e}") from None
+    return parts
+
+
+def _open(kind: int, name: bytes, blob: bytes | bytearray, aead: AESGCM | None, what: str
+          ) -> tuple[int, bytes]:
+    """The envelope's flags and its checked (decrypted) body."""
     if len(blob) < OBJECT_HEADER_LEN:
         raise Corrupt(f"{what} is damaged: truncated to {len(blob)} bytes")
     magic, version, got_kind, flags, _ = _HEADER.unpack_from(blob)
@@ -140,23 +213,19 @@ def open_sealed(
         if len(mv) < NONCE_LEN + TAG_LEN:
             raise Corrupt(f"{what} is damaged: truncated to {len(blob)} bytes")
         try:
-            body = crypto.decrypt(aead, mv, header + name)
+            return flags, crypto.decrypt(aead, mv, header + name)
         except InvalidTag:
             raise Corrupt(f"{what} is damaged or tampered with (authentication failed)") from None
-    else:
-        if len(mv) < CHECKSUM_LEN:
-            raise Corrupt(f"{what} is damaged: truncated to {len(blob)} bytes")
-        body_mv = mv[:-CHECKSUM_LEN]
-        if crypto.checksum(header, name, body_mv) != mv[-CHECKSUM_LEN:]:
-            raise Corrupt(f"{what} is damaged (checksum mismatch)")
-        body = bytes(body_mv)
-    if flags & FLAG_ZSTD:
-        return _decompress(body, max_size, exact, what)
-    return body
+    if len(mv) < CHECKSUM_LEN:
+        raise Corrupt(f"{what} is damaged: truncated to {len(blob)} bytes")
+    body_mv = mv[:-CHECKSUM_LEN]
+    if crypto.checksum(header, name, body_mv) != mv[-CHECKSUM_LEN:]:
+        raise Corrupt(f"{what} is damaged (checksum mismatch)")
+    return flags, bytes(body_mv)
 
 
-def _decompress(body: bytes, max_size: int, exact: Callable[[Peek], int] | None, what: str
-                ) -> bytes:
+def _declared(body: bytes, max_size: int, what: str) -> int:
+    """The content size a zstd frame declares, refused above `max_size` or when missing."""
     try:
         declared = zstandard.frame_content_size(body)
     except zstandard.ZstdError as e:
@@ -166,6 +235,12 @@ def _decompress(body: bytes, max_size: int, exact: Callable[[Peek], int] | None,
     if declared > max_size:
         raise Corrupt(f"{what} is damaged: its zstd frame declares {declared} bytes, more than "
                       f"the {max_size} it can have")
+    return declared
+
+
+def _decompress(body: bytes, max_size: int, exact: Callable[[Peek], int] | None, what: str
+                ) -> bytes:
+    declared = _declared(body, max_size, what)
     if exact is not None:
         try:
             with _decompressor().stream_reader(body) as reader:
@@ -198,4 +273,8 @@ class _Prefix:
                 break
             self._buf += more
         return bytes(self._buf[:n])
+
+    def taken(self) -> bytes:
+        """What was decompressed so far: the stream continues after it."""
+        return bytes(self._buf)
 

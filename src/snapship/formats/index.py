@@ -25,12 +25,19 @@ _COUNT = struct.Struct("<Q")
 
 def encode(magic: bytes, version: int, header: dict[str, Any], ids: bytes,
            values: array[int]) -> bytes:
+    return b"".join(encode_parts(magic, version, header, ids, values))
+
+
+def encode_parts(magic: bytes, version: int, header: dict[str, Any], ids: bytes,
+                 values: array[int]) -> list[bytes | memoryview]:
+    """The encoding in three parts (everything before the ids, the ids, the values), which
+    join to `encode`'s bytes: the ids are not copied."""
     head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     if sys.byteorder == "big":
         values = array("I", values)
         values.byteswap()
-    return b"".join((_PREFIX.pack(magic, version, 0, len(head)), head,
-                     _COUNT.pack(len(ids) // ID_LEN), ids, values.tobytes()))
+    return [b"".join((_PREFIX.pack(magic, version, 0, len(head)), head,
+                      _COUNT.pack(len(ids) // ID_LEN))), ids, memoryview(values).cast("B")]
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,26 @@ def read_head(peek: Callable[[int], bytes], magic: bytes, version: int, kind: st
     header = load_object(head[_PREFIX.size : end], f"the header of {what}", MAX_MANIFEST_HEADER)
     (count,) = _COUNT.unpack_from(head, end)
     return Head(header, header_len, count)
+
+
+def cut(head: Head) -> list[int]:
+    """The lengths of the three parts `decode_parts` takes, from the head."""
+    return [_PREFIX.size + head.header_len + _COUNT.size, head.count * ID_LEN, head.count * 4]
+
+
+def decode_parts(parts: list[bytes], magic: bytes, version: int, kind: str, what: str
+                 ) -> tuple[dict[str, Any], bytes, array[int]]:
+    """`decode` of the plaintext cut by `cut`: the ids part is kept as it is, not copied."""
+    if len(parts) != 3:
+        raise FormatError(f"{what} is malformed")
+    head = read_head(lambda n: parts[0][:n], magic, version, kind, what)
+    if [len(p) for p in parts] != cut(head):
+        raise FormatError(f"{what} is truncated")
+    values = array("I")
+    values.frombytes(parts[2])
+    if sys.byteorder == "big":
+        values.byteswap()
+    return head.header, parts[1], values
 
 
 def decode(data: bytes, magic: bytes, version: int, kind: str, what: str

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,14 +71,18 @@ class Manifest:
         offset = index * self.chunk_size
         return offset, min(self.chunk_size, self.size - offset)
 
+    def nonzero_indices(self) -> Iterator[int]:
+        """The indices of the chunks that are not all-zero, in order (`nonzero_indices`)."""
+        return nonzero_indices(self.ids)
+
+    def zero_chunks(self) -> int:
+        """How many chunks are all-zero (the sizes agree: `validate`)."""
+        return self.count - sum(1 for _ in nonzero_indices(self.ids))
+
     def unique_chunks(self) -> dict[bytes, int]:
         """Distinct non-zero chunk ids with their stored sizes."""
-        out: dict[bytes, int] = {}
-        for i in range(self.count):
-            cid = self.chunk(i)
-            if cid != ZERO_ID:
-                out[cid] = self.sizes[i]
-        return out
+        ids, sizes = self.ids, self.sizes
+        return {ids[i * ID_LEN : (i + 1) * ID_LEN]: sizes[i] for i in nonzero_indices(ids)}
 
     def header(self) -> dict[str, Any]:
         return {
@@ -94,16 +98,94 @@ class Manifest:
         }
 
 
+# Blocks of ids compared with zeroes at once (startswith: no copy), so a sparse volume's
+# manifest costs Python work only where it holds data: a 4 TiB volume has 4 Mi chunk ids.
+# Two levels: runs of _SPAN entries, then blocks of _BLOCK inside a run that holds data.
+_BLOCK = 256
+_SPAN = 32 * _BLOCK
+_ZEROES = {_BLOCK: bytes(_BLOCK * ID_LEN), _SPAN: bytes(_SPAN * ID_LEN)}
+
+
+def _zero_blocks(ids: bytes | bytearray, start: int, stop: int, block: int
+                 ) -> Iterator[tuple[int, int, bool]]:
+    """(first, end, all_zero) for the blocks of `block` entries in [start, stop)."""
+    zeroes = _ZEROES[block]
+    for b in range(start, stop, block):
+        e = min(stop, b + block)
+        # A full-length slice of bytes is the object itself: only a short last block copies.
+        yield b, e, ids.startswith(zeroes[: (e - b) * ID_LEN], b * ID_LEN)
+
+
+def nonzero_indices(ids: bytes | bytearray, start: int = 0, stop: int | None = None
+                    ) -> Iterator[int]:
+    """The indices in [start, stop) of `ids` (concatenated chunk ids) that are not the zero
+    id, in order."""
+    n = len(ids) // ID_LEN if stop is None else stop
+    for s0, s1, zero in _zero_blocks(ids, start, n, _SPAN):
+        if zero:
+            continue
+        for b0, b1, bzero in _zero_blocks(ids, s0, s1, _BLOCK):
+            if bzero:
+                continue
+            for i in range(b0, b1):
+                if not ids.startswith(ZERO_ID, i * ID_LEN):
+                    yield i
+
+
+def _check_zero_markers(ids: bytes | bytearray, sizes: array[int]) -> None:
+    """The all-zero id and a stored size of 0 mark the same chunks: whole blocks of zero ids
+    are checked against the sizes at once."""
+    sb = sizes.tobytes()
+    zero_sizes = bytes(_BLOCK * 4)
+    n = len(sizes)
+    for s0, s1, zero in _zero_blocks(ids, 0, n, _BLOCK):
+        if zero and sb.startswith(zero_sizes[: (s1 - s0) * 4], s0 * 4):
+            continue
+        for i in range(s0, s1):
+            if ids.startswith(ZERO_ID, i * ID_LEN) != (sizes[i] == 0):
+                raise ValueError(f"chunk {i}: zero marker and stored size disagree")
+
+
+def differing_indices(a: bytes | bytearray, b: bytes | bytearray) -> Iterator[int]:
+    """The indices where two id lists of the same length differ, in order: blocks that are
+    equal are skipped in C (bytes slices: memoryview comparison goes element by element)."""
+    if len(a) != len(b):
+        raise ValueError("id lists of different lengths")
+    n = len(a) // ID_LEN
+    for blk in range(0, n, _BLOCK):
+        e = min(n, blk + _BLOCK)
+        if a[blk * ID_LEN : e * ID_LEN] == b[blk * ID_LEN : e * ID_LEN]:
+            continue
+        for i in range(blk, e):
+            if a[i * ID_LEN : (i + 1) * ID_LEN] != b[i * ID_LEN : (i + 1) * ID_LEN]:
+                yield i
+
+
 def encode(m: Manifest) -> bytes:
+    return b"".join(encode_parts(m))
+
+
+def encode_parts(m: Manifest) -> list[bytes | memoryview]:
+    """`encode` in parts that join to it (`index.encode_parts`): the ids are not copied."""
     validate(m)
     _check_stats(m.stats)
-    return index.encode(MANIFEST_MAGIC, MANIFEST_VERSION, m.header(), m.ids, m.sizes)
+    return index.encode_parts(MANIFEST_MAGIC, MANIFEST_VERSION, m.header(), m.ids, m.sizes)
 
 
 def plaintext_size(peek: Callable[[int], bytes], what: str) -> int:
     """The exact size of a manifest's plaintext, from its start alone: 20 + header_len + 36 x
     count, where count must be ceil(size / chunk_size) of its header. What the envelope
     requires of a compressed manifest before decompressing it."""
+    return _checked_head(peek, what).size
+
+
+def cut(peek: Callable[[int], bytes], what: str) -> list[int]:
+    """The lengths of the parts `decode_parts` takes, from the plaintext's start (checked as
+    `plaintext_size` checks it)."""
+    return index.cut(_checked_head(peek, what))
+
+
+def _checked_head(peek: Callable[[int], bytes], what: str) -> index.Head:
     head = index.read_head(peek, MANIFEST_MAGIC, MANIFEST_VERSION, "manifest", what)
     try:
         size = _typed(head.header, "size", int)
@@ -116,12 +198,21 @@ def plaintext_size(peek: Callable[[int], bytes], what: str) -> int:
     if head.count != n:
         raise FormatError(f"{what} is inconsistent: {head.count} chunks listed, {n} expected "
                           f"for {size} bytes")
-    return head.size
+    return head
 
 
 def decode(data: bytes, what: str) -> Manifest:
     """Parse a manifest body; `what` names it in errors. Rejects anything not exactly v1."""
-    h, ids, sizes = index.decode(data, MANIFEST_MAGIC, MANIFEST_VERSION, "manifest", what)
+    return _build(*index.decode(data, MANIFEST_MAGIC, MANIFEST_VERSION, "manifest", what), what)
+
+
+def decode_parts(parts: list[bytes], what: str) -> Manifest:
+    """`decode` of the plaintext in the parts `cut` names: its ids are kept, not copied."""
+    return _build(*index.decode_parts(parts, MANIFEST_MAGIC, MANIFEST_VERSION, "manifest",
+                                      what), what)
+
+
+def _build(h: dict[str, Any], ids: bytes, sizes: array[int], what: str) -> Manifest:
     try:
         m = Manifest(
             volume=_typed(h, "volume", str),
@@ -208,8 +299,6 @@ def validate(m: Manifest) -> None:
     n = chunk_count(m.size, cs)
     if len(m.sizes) != n or len(m.ids) != n * ID_LEN:
         raise ValueError(f"{len(m.sizes)} chunks listed, {n} expected for {m.size} bytes")
-    for i in range(n):
-        if (m.chunk(i) == ZERO_ID) != (m.sizes[i] == 0):
-            raise ValueError(f"chunk {i}: zero marker and stored size disagree")
+    _check_zero_markers(m.ids, m.sizes)
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in m.labels.items()):
         raise ValueError("labels must map strings to strings")

@@ -60,12 +60,11 @@ class Summary:
 def from_manifest(m: Manifest, unique: tuple[int, int] | None = None,
                   manifest_bytes: int = 0) -> Summary:
     """The summary of `m`; `unique` (how many distinct chunks it has, and their stored size)
-    when the caller knows it already (its reference list). Counting the zero chunks is one
-    pass in C over the sizes."""
+    when the caller knows it already (its reference list)."""
     if unique is None:
         distinct = m.unique_chunks()
         unique = len(distinct), sum(distinct.values())
-    zero = m.sizes.count(0)
+    zero = m.zero_chunks()
     nonzero = m.count - zero
     data = nonzero * m.chunk_size
     if nonzero and m.sizes[m.count - 1]:  # the last chunk may be short

@@ -297,7 +297,8 @@ class Repository:
                             "written")
         refs = self.put_refs(m, session)
         name = self.catalog.manifest_name(m.volume, m.version)
-        blob = envelope.seal(KIND_MANIFEST, name, manifest_codec.encode(m), self._aead)
+        blob = envelope.seal_parts(KIND_MANIFEST, name, manifest_codec.encode_parts(m),
+                                   self._aead)
         summary = summary_codec.from_manifest(m, (refs.count, sum(refs.sizes)), len(blob))
         self.catalog.flush()
         self.catalog.put_manifest_blob(m.volume, m.version, blob)
@@ -362,10 +363,11 @@ class Repository:
     def load_manifest(self, volume: str, version: str) -> Manifest:
         blob = self.catalog.manifest_blob(volume, version)
         what = f"manifest of {volume}@{version}"
-        body = envelope.open_sealed(KIND_MANIFEST, self.catalog.manifest_name(volume, version),
-                                    blob, self._aead, _MAX_MANIFEST, what,
-                                    lambda peek: manifest_codec.plaintext_size(peek, what))
-        m = manifest_codec.decode(body, what)
+        parts = envelope.open_sealed_parts(
+            KIND_MANIFEST, self.catalog.manifest_name(volume, version), blob, self._aead,
+            _MAX_MANIFEST, what, lambda peek: manifest_codec.cut(peek, what))
+        del blob  # a 4 TiB volume's manifest: the ids are held once, not alongside the blob
+        m = manifest_codec.decode_parts(parts, what)
         if (m.volume, m.version) != (volume, version):
             raise Corrupt(f"{what} names itself {m.volume}@{m.version}")
         if m.chunk_size != self.chunk_size:
