@@ -138,3 +138,28 @@ def test_two_hosts_two_servers_one_bucket(two_servers: tuple[ServerProc, ServerP
         assert sha256_file(out_img) == sha, ref
     report = ok_json("verify", "--repo", url_b, "--deep", token=files["restorer"])
     assert report["ok"] is True and report["versions"] == 3, report
+
+
+def test_the_schedule_finds_every_repository_under_the_s3_root(s3_bucket: Bucket,
+                                                               tmp_path: Path) -> None:
+    """The scheduled verify lists the repositories of the root (names that sort beside each
+    other, and an object of no repository's, included), and a root it cannot use stops the
+    server at once with one line."""
+    tokens = write_tokens(tmp_path / "tokens", TOKENS)
+    files = token_files(tmp_path / "token-files", tokens)
+    s3_bucket.server.client().put_object(Bucket=s3_bucket.name, Key="srv/stray", Body=b"x")
+    with ServerProc(tmp_path, tmp_path / "tokens", root_url=s3_bucket.url("srv"),
+                    extra=["--verify-every", "1s"]) as server:
+        for name in ("a", "a-b"):
+            create_repo_fast_kdf(http_storage(server, name, tokens["ops"]))
+            img = tmp_path / f"{name}.img"
+            write_image(img, image_bytes(3 * 64 * 1024, seed=len(name)))
+            ok_json("backup", "--repo", server.url(name), img, "--volume", "disk",
+                    token=files["host1"])
+        for name in ("a", "a-b"):
+            server.wait_for_log(f"{name}: scheduled verify (fast): 1 versions, 3 chunks: ok",
+                                timeout=30)
+    r = run_cli_env("server", "--root", f"s3://no-such-{s3_bucket.name}/srv", "--tokens",
+                    str(tmp_path / "tokens"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, describe(r)
+    assert "does not exist" in r.stderr, describe(r)

@@ -49,6 +49,9 @@ def cmd_server(args: argparse.Namespace) -> int:
         logging.WARNING if args.quiet else logging.INFO)
     logging.basicConfig(stream=sys.stderr, level=level,
                         format="%(asctime)s snapship server: %(message)s")
+    if not args.debug:  # boto3's notes on every client it makes are not the server's news
+        for name in ("boto3", "botocore", "urllib3"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     repos = _repositories(args)
     host, port = args.listen
     if bool(args.tls_cert) != bool(args.tls_key):
