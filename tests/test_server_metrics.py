@@ -120,3 +120,17 @@ def test_metrics_count_what_was_done_and_only_admins_read_them(
     last = scrape(server, tokens["ops"])
     assert value(last, "snapship_server_refusals_total", role="admin", op="metrics") == 1
     assert value(last, "snapship_server_refusals_total", role="backup", op="metrics") == 2
+
+
+def test_the_repository_labels_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from snapship.server import metrics
+
+    monkeypatch.setattr(metrics, "MAX_REPOSITORIES", 2)
+    m = metrics.ServerMetrics()
+    for name in ("a", "b", "c", "d", "a"):
+        m.request(name, "list", 200, 0, 10)
+    samples = {(s.name, frozenset(s.labels.items())): s.value
+               for f in text_string_to_metric_families(m.render().decode()) for s in f.samples}
+    sent = {dict(labels)["repository"]: v for (name, labels), v in samples.items()
+            if name == "snapship_server_sent_bytes_total"}
+    assert sent == {"a": 20, "b": 10, "(other)": 20}, sent

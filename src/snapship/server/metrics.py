@@ -17,6 +17,10 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
+MAX_REPOSITORIES = 1000
+"""Distinct `repository` labels of the request series; requests for more count as
+`OTHER`. (Any name may be asked for, and every label set is held until the server stops.)"""
+OTHER = "(other)"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 """What `generate_latest` writes (newer prometheus_clients call another format "latest")."""
 PREFIX = "snapship_server_"
@@ -60,8 +64,15 @@ class ServerMetrics:
         self.verify_bad_chunks = Gauge(f"{PREFIX}verify_bad_chunks", "chunks the last verify "
                                        "found missing or damaged", ["repository"], registry=r)
         self._lock = threading.Lock()
+        self._repositories: set[str] = set()
 
     def request(self, repository: str, op: str, status: int, received: int, sent: int) -> None:
+        if repository not in self._repositories:
+            with self._lock:
+                if len(self._repositories) < MAX_REPOSITORIES:
+                    self._repositories.add(repository)
+                else:
+                    repository = OTHER
         self.requests.labels(repository, op, str(status)).inc()
         if received:
             self.received.labels(repository).inc(received)
