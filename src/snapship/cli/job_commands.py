@@ -279,7 +279,7 @@ def add_config_option(p: argparse.ArgumentParser) -> None:
 
 def register(sub: options.SubParsers) -> None:
     p = options.add_command(
-        sub, "run", summary="run the jobs of the jobs file (backup, copy, prune, gc)",
+        sub, "run", summary="run the jobs of the jobs file (backup, prune, gc)",
         description="""
         Run jobs declared in the jobs file (docs/config.md): for each job and each of its
         repositories, back up its volumes (a copy job, with copy-from: copy the versions
