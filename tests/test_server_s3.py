@@ -15,7 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from snapship.repository import locks
 from snapship.server.policy import Role
+from snapship.storage.prefixed import PrefixedStorage
+from snapship.storage.s3 import S3Storage
 from tests.clihelp import Result, describe, image_bytes, sha256_file, write_image
 from tests.seaweed import Bucket
 from tests.serverproc import (
@@ -143,8 +146,9 @@ def test_two_hosts_two_servers_one_bucket(two_servers: tuple[ServerProc, ServerP
 def test_the_schedule_finds_every_repository_under_the_s3_root(s3_bucket: Bucket,
                                                                tmp_path: Path) -> None:
     """The scheduled verify lists the repositories of the root (names that sort beside each
-    other, and an object of no repository's, included), and a root it cannot use stops the
-    server at once with one line."""
+    other, and an object of no repository's, included); a gc lock taken straight on the
+    store stops a gc through the server; a root it cannot use stops the server at once with
+    one line."""
     tokens = write_tokens(tmp_path / "tokens", TOKENS)
     files = token_files(tmp_path / "token-files", tokens)
     s3_bucket.server.client().put_object(Bucket=s3_bucket.name, Key="srv/stray", Body=b"x")
@@ -159,6 +163,13 @@ def test_the_schedule_finds_every_repository_under_the_s3_root(s3_bucket: Bucket
         for name in ("a", "a-b"):
             server.wait_for_log(f"{name}: scheduled verify (fast): 1 versions, 3 chunks: ok",
                                 timeout=30)
+        # The gc lock is an object in the store: one taken beside the server (by another
+        # server, or a client straight on S3) is honoured by this one.
+        direct = PrefixedStorage(S3Storage.open(s3_bucket.url("srv")), "a")
+        with locks.Lock(direct, locks.GC, "gc").acquire():
+            r = run_cli_env("gc", "--on-server", "--repo", server.url("a"), "--token-file",
+                            str(files["ops"]))
+        assert r.returncode == 75 and "gc" in r.stderr, describe(r)
     r = run_cli_env("server", "--root", f"s3://no-such-{s3_bucket.name}/srv", "--tokens",
                     str(tmp_path / "tokens"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, describe(r)
