@@ -64,6 +64,7 @@ class ServerProc:
     """`snapship server` as a subprocess; use as a context manager."""
 
     def __init__(self, root: Path, tokens_file: Path, *, tls: tuple[Path, Path] | None = None,
+                 root_url: str | None = None,
                  extra: Sequence[str] = (), env: dict[str, str] | None = None) -> None:
         self.root = root
         self.env = env or {}
@@ -75,10 +76,13 @@ class ServerProc:
         self.proc: subprocess.Popen[str] | None = None
         self._lines: list[str] = []
         self._lock = threading.Lock()
-        root.mkdir(parents=True, exist_ok=True)
+        self.root_arg = root_url or str(root)
+        """--root: the directory `root`, or an s3:// `root_url` (then `root` is unused)."""
+        if root_url is None:
+            root.mkdir(parents=True, exist_ok=True)
 
     def start(self) -> ServerProc:
-        argv = [*CLI, "server", "--root", str(self.root), "--tokens", str(self.tokens_file),
+        argv = [*CLI, "server", "--root", self.root_arg, "--tokens", str(self.tokens_file),
                 "--listen", f"127.0.0.1:{self.port}", *self.extra]
         if self.tls:
             argv += ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])]

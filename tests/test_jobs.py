@@ -25,6 +25,7 @@ from tests.clihelp import (
     image_bytes,
     init_repo_fast_kdf,
     run_cli,
+    sha256_file,
     write_image,
 )
 
@@ -195,6 +196,10 @@ MISTAKES = [
     ("bad lvm source", 'source = "/dev/sda1"', 'source = "lvm:vg0"', 7, "lvm:VG/LV"),
     ("bad job name", "[jobs.j]", '[jobs."j k"]', 12, "job name"),
     ("no rule", "keep-last = 2", "", 9, "has no rule"),
+    ("copy from nowhere", 'repositories = ["r"]', 'repositories = ["r"]\ncopy-from = "x"', 15,
+     "copy-from names repository 'x', which the file does not define"),
+    ("copy into itself", 'repositories = ["r"]', 'repositories = ["r"]\ncopy-from = "r"', 15,
+     "copy-from may not be one of its repositories"),
 ]
 
 
@@ -205,7 +210,8 @@ def test_the_good_file_and_the_documented_example_pass() -> None:
     assert example is not None
     documented, problems = check(example.group(1).encode())
     assert problems == [] and documented is not None, problems
-    assert sorted(documented.jobs) == ["nightly", "weekly-offsite"]
+    assert sorted(documented.jobs) == ["nightly", "offsite-sync", "weekly-offsite"]
+    assert documented.jobs["offsite-sync"].copy_from == "local"
     assert documented.volumes["boot"].volume == "db1-boot"
     assert not documented.repositories["offsite"].is_local
 
@@ -263,3 +269,109 @@ def test_key_lines_skip_multi_line_strings_and_follow_tables() -> None:
                      ("arr",): 7, ("arr", "e"): 8, ("t", "u"): 9, ("t", "u", "f"): 10,
                      ("t", "u", "g"): 11}, lines
     assert jobs_config.DEFAULT_PATH == "/etc/snapship/snapship.toml"
+
+
+def test_a_copy_job_syncs_local_to_a_server_sending_only_what_is_new(tmp_path: Path) -> None:
+    """Periodic sync (issue 15, item 3) as a job of the file: `copy-from` a local repository
+    into a snapship server's, with a backup token there; run by `snapship run`, scheduled
+    like any job, counted in the metrics file."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from snapship.jobs import systemd
+    from tests.serverproc import create_repo_fast_kdf, http_storage, running_server, token_files
+
+    local = tmp_path / "local"
+    init_repo_fast_kdf(local)
+    (tmp_path / "pass").write_text(PASSPHRASE + "\n")
+    a = image_bytes(8 * CHUNK, seed=1)
+    write_image(tmp_path / "a.img", a)
+    write_image(tmp_path / "b.img", image_bytes(2 * CHUNK, seed=2))
+    with running_server(tmp_path / "srv") as (server, tokens):
+        create_repo_fast_kdf(http_storage(server, "offsite", tokens["ops"]))
+        files = token_files(tmp_path / "tokens", tokens)
+        config = tmp_path / "snapship.toml"
+        config.write_text(f"""\
+version = 1
+metrics-file = "{tmp_path / "snapship.prom"}"
+
+[repositories.local]
+location = "{local}"
+passphrase-file = "{tmp_path / "pass"}"
+
+[repositories.off]
+location = "{server.url("offsite")}"
+passphrase-file = "{tmp_path / "pass"}"
+token-file = "{files["db1-backup"]}"
+
+[volumes.a]
+source = "{tmp_path / "a.img"}"
+
+[volumes.b]
+source = "{tmp_path / "b.img"}"
+
+[jobs.nightly]
+volumes = ["a", "b"]
+repositories = ["local"]
+
+[jobs.offsite]
+copy-from = "local"
+volumes = ["a"]
+repositories = ["off"]
+schedule = "daily"
+prune = false
+""")
+        assert run_cli("config", "check", "--config", config).returncode == 0
+        parsed = parse(config.read_bytes(), str(config))
+        drop_in = systemd.service_drop_in(parsed, parsed.jobs["offsite"], str(config))
+        # it reads the local repository and reaches the server; it reads no volume's source
+        assert f"ReadWritePaths=-{local} " in drop_in and "AF_INET" in drop_in, drop_in
+        assert "PrivateNetwork" not in drop_in and "PrivateDevices=yes" in drop_in, drop_in
+
+        def run(job: str) -> dict[str, object]:
+            r = run_cli("run", job, "--config", config, "--json", passphrase=None)
+            assert r.returncode == 0, describe(r)
+            out: dict[str, object] = json.loads(r.stdout)
+            return out
+
+        def copy_step(job_run: dict[str, object]) -> dict[str, object]:
+            steps = job_run["steps"]
+            assert isinstance(steps, list) and [s["step"] for s in steps] == ["copy"], steps
+            assert steps[0]["repository"] == "off" and steps[0]["outcome"] == "ok", steps
+            result: dict[str, object] = steps[0]["result"]
+            return result
+
+        first_backup = run("nightly")
+        first = copy_step(run("offsite"))
+        v1 = next(s["result"]["version_id"] for s in first_backup["steps"]  # type: ignore
+                  if s["volume"] == "a")
+        assert first["copied"] == [f"a@{v1}"] and first["mode"] == "re-encrypt", first
+        assert first["chunks_sent"] == 8, first  # only volume a: b stays local
+        again = copy_step(run("offsite"))
+        assert again["copied"] == [] and again["present"] == [f"a@{v1}"], again
+        assert again["chunks_sent"] == 0 and again["bytes_sent"] == 0, again
+
+        # The next night a changes in two chunks: the sync sends those two.
+        a[CHUNK : 2 * CHUNK] = image_bytes(CHUNK, seed=3)
+        a[5 * CHUNK : 6 * CHUNK] = image_bytes(CHUNK, seed=4)
+        sha2 = write_image(tmp_path / "a.img", a)
+        run("nightly")
+        third = copy_step(run("offsite"))
+        assert len(third["copied"]) == 1 and third["chunks_sent"] == 2, third  # type: ignore
+        samples = {(s.name, s.labels.get("job"), s.labels.get("repository")): s.value
+                   for f in text_string_to_metric_families(
+                       (tmp_path / "snapship.prom").read_text()) for s in f.samples}
+        assert samples[("snapship_copy_success", "offsite", "off")] == 1
+        assert samples[("snapship_copy_sent_bytes", "offsite", "off")] == third["bytes_sent"]
+        assert samples[("snapship_copy_sent_chunks", "offsite", "off")] == 2
+        assert samples[("snapship_copy_copied_versions", "offsite", "off")] == 1
+
+        # What the server holds restores byte-identical, with a read token.
+        out_img = tmp_path / "restored.img"
+        r = run_cli("restore", "--repo", server.url("offsite"), "a", out_img,
+                    "--token-file", files["restorer"])
+        assert r.returncode == 0, describe(r)
+        assert sha256_file(out_img) == sha2
+        r = run_cli("versions", "--repo", server.url("offsite"), "--json",
+                    "--token-file", files["restorer"])
+        assert [v["volume"] for v in json.loads(r.stdout)["versions"]] == ["a", "a"], \
+            describe(r)

@@ -403,6 +403,13 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> Outputs:
     assert out.run("config check", "--config", bad, code=1)["problems"][0]["line"] == 6
     out.fail(["run", "--config", bad, "--json"], "usage")
     out.fail(["run", "--config", jobs, "nosuch", "--json"], "not-found")
+    # A copy job (periodic sync) into a second repository: the run's `copy` step.
+    init_repo_fast_kdf(tmp / "offsite")
+    synced = tmp / "sync.toml"
+    synced.write_text(jobs.read_text() + f'[repositories.o]\nlocation = "{tmp / "offsite"}"\n'
+                      '[jobs.sync]\ncopy-from = "r"\nrepositories = ["o"]\nprune = false\n')
+    ran = out.run("run", "sync", "--config", synced)
+    assert [(s["step"], s["outcome"]) for s in ran["steps"]] == [("copy", "ok")], ran
     out.run("systemd install", "--config", jobs, "--unit-dir", tmp / "units", "--dry-run")
     out.run("systemd install", "--config", jobs, "--unit-dir", tmp / "units")
 

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from snapship.errors import ObjectNotFound, StorageError, TransientStorageError, UsageError
-from snapship.storage.base import Capabilities, Storage
+from snapship.storage.base import Capabilities, Storage, creator
 from snapship.storage.local import LocalStorage
 from snapship.storage.memory import MemoryStorage
+from snapship.storage.prefixed import PrefixedStorage, names
 from snapship.storage.ratelimit import RateLimitedStorage, TokenBucket
 from snapship.storage.retry import RetryingStorage, RetryPolicy
 from snapship.storage.s3 import S3Storage
@@ -80,7 +81,8 @@ class Flaky(MemoryStorage):
             yield item
 
 
-BACKENDS = ["memory", "local", "http", "s3", "retrying-flaky", "rate-limited-http"]
+BACKENDS = ["memory", "local", "http", "s3", "retrying-flaky", "rate-limited-http",
+            "prefixed-s3"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -102,9 +104,33 @@ def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]
             yield RateLimitedStorage(s, upload=TokenBucket(64 << 20),
                                      download=TokenBucket(64 << 20))
         s.close()
+    elif request.param == "prefixed-s3":
+        # One repository of a server's S3 root, among neighbours whose names it starts
+        # with or sorts beside: none of theirs may show through the view.
+        bucket = request.getfixturevalue("s3_bucket")
+        store = S3Storage.open(bucket.url("root"))
+        for key in ("repo-x/chunks/00/00aa", "repo/config", "repo-", "rep/config",
+                    "repo-a0/config", "repo-a-b/versions/disk/v1"):
+            store.put(key, b"neighbour")
+        yield PrefixedStorage(store, "repo-a")
     else:
-        bucket: Bucket = request.getfixturevalue("s3_bucket")
+        bucket = request.getfixturevalue("s3_bucket")
         yield S3Storage.open(bucket.url("some/prefix"))
+
+
+def test_server_root_names_and_conditional_create(s3_bucket: Bucket) -> None:
+    """What `snapship server --root s3://...` needs of its store beyond the contract: the
+    repository names under the root, and a create that only one writer of a key wins."""
+    store = S3Storage.open(s3_bucket.url("root"))
+    for key in ("b/config", "a-b/config", "a/chunks/00/00aa", "a/config", "stray", "c.d/x/y"):
+        store.put(key, b"x")
+    assert list(names(store)) == ["a", "a-b", "b", "c.d"]
+    create = creator(PrefixedStorage(store, "a"))
+    assert create is not None
+    assert create("versions/v1", b"first") is True
+    assert create("versions/v1", b"second") is False
+    assert store.get("a/versions/v1") == b"first"
+    assert creator(MemoryStorage()) is None
 
 
 def test_put_get_stat_delete(storage: Storage) -> None:

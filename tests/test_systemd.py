@@ -213,3 +213,21 @@ def test_dry_run_prints_the_units_and_removed_jobs_lose_their_drop_ins(tmp_path:
     r = run_cli("systemd", "install", "--config", config, "--unit-dir", units)
     assert r.returncode == 2 and "volume img: source 'disk.img' must be an absolute path" \
         in r.stderr, describe(r)
+
+
+def test_a_copy_jobs_units_pass_verify_and_reach_both_repositories(tmp_path: Path) -> None:
+    """A copy job (docs/config.md, `copy-from`): its service may write the local source's
+    directory and reach the server it copies to, and sees no devices (it reads no source)."""
+    config = jobs_file(tmp_path)
+    config.write_text(config.read_text() + '\n[jobs.sync]\ncopy-from = "local"\n'
+                      'repositories = ["offsite"]\nschedule = "daily"\nprune = false\n')
+    units = tmp_path / "units"
+    report = install(config, units)
+    assert "snapship-run@sync.timer" in report["timers"], report
+    r = verify(units, "snapship-run@sync.service", "snapship-run@sync.timer")
+    assert r.returncode == 0 and r.stdout == r.stderr == "", describe(r)
+    sync = settings(units, "snapship-run@sync.service")
+    assert sync["ReadWritePaths"] == [f"-{tmp_path / 'repo'} -{tmp_path / 'metrics'}"], sync
+    assert sync["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6"], sync
+    assert "PrivateNetwork" not in sync and sync["PrivateDevices"] == ["yes"], sync
+    assert settings(units, "snapship-run@sync.timer")["OnCalendar"] == ["daily"]

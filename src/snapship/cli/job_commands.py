@@ -102,6 +102,8 @@ def step_json(s: Step) -> Report:
                   "bytes_freeable": s.pruned.bytes_freeable}
     elif s.gc is not None:
         result = dataclasses.asdict(s.gc)
+    elif s.copied is not None:
+        result = s.copied.to_json()
     elif s.hook is not None and s.outcome != FAILED:
         result = {"event": s.hook[0], "command": s.hook[1]}
     return {"job": s.job, "step": s.step, "repository": s.repository, "volume": s.volume,
@@ -115,7 +117,8 @@ def step_json(s: Step) -> Report:
 def describe_step(r: Report) -> str:
     what = {"backup": f"backup {r['volume']} -> {r['repository']}",
             "prune": f"prune {r['volume']} in {r['repository']}",
-            "gc": f"gc {r['repository']}", "hook": "hook"}[r["step"]]
+            "gc": f"gc {r['repository']}", "hook": "hook",
+            "copy": f"copy -> {r['repository']}"}[r["step"]]
     head = f"{r['job']}: {what}"
     if r["outcome"] == FAILED:
         return f"{head}: FAILED ({r['error']['kind']}): {r['error']['message']}"
@@ -130,6 +133,10 @@ def describe_step(r: Report) -> str:
                 f"stored), {took}")
     if r["step"] == "hook":
         return f"{head}: ok, on-{res['event']}: {res['command']}"
+    if r["step"] == "copy":
+        return (f"{head}: ok, copied {len(res['copied'])} version(s), "
+                f"{len(res['present'])} already there ({res['mode']}): sent "
+                f"{res['chunks_sent']} chunks ({human_bytes(res['bytes_sent'])}), {took}")
     if r["step"] == "prune":
         return (f"{head}: ok, forgot {len(res['forgotten'])}, kept {len(res['kept'])}; gc "
                 f"will free {human_bytes(res['bytes_freeable'])}, {took}")
@@ -275,8 +282,9 @@ def register(sub: options.SubParsers) -> None:
         sub, "run", summary="run the jobs of the jobs file (backup, prune, gc)",
         description="""
         Run jobs declared in the jobs file (docs/config.md): for each job and each of its
-        repositories, back up its volumes, then apply each volume's retention, then gc
-        where the job says so. Each step's outcome is a line as it finishes (a failed one
+        repositories, back up its volumes (a copy job, with copy-from: copy the versions
+        its source has and the repository lacks), then apply each volume's retention, then
+        gc where the job says so. Each step's outcome is a line as it finishes (a failed one
         on stderr). A failing step does not stop the others; the exit code is 1 when any
         step failed, 0 when all succeeded.""",
         examples=["snapship run                        # every job of /etc/snapship/snapship.toml",

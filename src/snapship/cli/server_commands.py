@@ -14,11 +14,12 @@ from snapship.cli import options
 from snapship.cli.context import open_server, open_storage
 from snapship.cli.output import warn
 from snapship.cli.reports import emit, print_gc, print_verify
-from snapship.errors import UsageError
+from snapship.errors import StorageError, UsageError
 from snapship.formats.manifest import check_name
 from snapship.server.policy import Role
 
 if TYPE_CHECKING:
+    from snapship.server.objects import Repositories
     from snapship.storage.http import HttpStorage
 
 # The server's stack (h11, ssl, the app, maintenance) and the token file's code are imported
@@ -41,16 +42,17 @@ def cmd_server(args: argparse.Namespace) -> int:
     from snapship.server.app import App
     from snapship.server.httpd import ApiServer, tls_context
     from snapship.server.maintenance import Scheduler, ServerMaintenance
-    from snapship.server.objects import Repositories
+    from snapship.server.metrics import ServerMetrics
     from snapship.server.tokens import TokenFile
 
     level = logging.DEBUG if args.debug or args.verbose else (
         logging.WARNING if args.quiet else logging.INFO)
     logging.basicConfig(stream=sys.stderr, level=level,
                         format="%(asctime)s snapship server: %(message)s")
-    root = os.path.abspath(args.root)
-    if not os.path.isdir(root):
-        raise UsageError(f"--root {args.root} is not a directory")
+    if not args.debug:  # boto3's notes on every client it makes are not the server's news
+        for name in ("boto3", "botocore", "urllib3"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    repos = _repositories(args)
     host, port = args.listen
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UsageError("give both --tls-cert and --tls-key, or neither")
@@ -69,9 +71,10 @@ def cmd_server(args: argparse.Namespace) -> int:
         logging.getLogger("snapship.server").warning(
             "%s holds no tokens: every request will be refused", args.tokens)
     tls = tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None
-    repos = Repositories(root)
-    maintenance = ServerMaintenance()
-    app = App(repos, tokens.table, max_object_size=max_object, maintenance=maintenance)
+    metrics = ServerMetrics()
+    maintenance = ServerMaintenance(metrics)
+    app = App(repos, tokens.table, max_object_size=max_object, maintenance=maintenance,
+              metrics=metrics)
     try:
         server = ApiServer((host, port), app, tls=tls, max_connections=args.max_connections,
                            max_unauthenticated=args.max_unauthenticated, body_memory=memory,
@@ -91,7 +94,8 @@ def cmd_server(args: argparse.Namespace) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, on_signal)
-    logging.getLogger("snapship.server").info("serving %s on %s (%d tokens)", root, server.url,
+    logging.getLogger("snapship.server").info("serving %s on %s (%d tokens)", repos.root,
+                                              server.url,
                                               len(tokens.table()))
     scheduler = Scheduler(repos, maintenance, schedule)
     scheduler.start()
@@ -99,6 +103,26 @@ def cmd_server(args: argparse.Namespace) -> int:
     scheduler.stop()
     logging.getLogger("snapship.server").info("stopped")
     return 0
+
+
+def _repositories(args: argparse.Namespace) -> Repositories:
+    """The repositories under --root: a directory's subdirectories, or the prefixes under
+    s3://BUCKET/PREFIX (reached as `--repo s3://...` is: the AWS configuration, docs/s3.md)."""
+    from snapship.server.objects import Repositories
+
+    if args.root.startswith("s3://"):
+        store = open_storage(args.root, args)
+        try:
+            next(iter(store.list("")), None)  # a missing bucket or bad credentials: now
+        except StorageError as e:
+            raise UsageError(f"--root {args.root}: {e}") from None
+        return Repositories(store)
+    if "://" in args.root:
+        raise UsageError(f"--root {args.root}: give a directory or an s3:// URL")
+    root = os.path.abspath(args.root)
+    if not os.path.isdir(root):
+        raise UsageError(f"--root {args.root} is not a directory")
+    return Repositories(root)
 
 
 def cmd_token(args: argparse.Namespace) -> int:
@@ -175,7 +199,8 @@ def register(sub: options.SubParsers) -> None:
     p = options.add_command(
         sub, "server", summary="serve repositories over HTTP(S) to token holders",
         description="""
-        Serve the repositories under --root (one directory each) over the HTTP API of
+        Serve the repositories under --root (one directory each, or one prefix each of an
+        S3 bucket: several servers may serve one bucket) over the HTTP API of
         docs/http-api.md. Clients use --repo http(s)://HOST:PORT/NAME with a token (`snapship
         token` makes them): read tokens restore, backup tokens add and never delete, admin
         tokens may do everything. Encryption stays on the clients: the server never sees a
@@ -183,10 +208,13 @@ def register(sub: options.SubParsers) -> None:
         the running requests.""",
         examples=["snapship server --root /srv/snapship/repos --tokens /srv/snapship/tokens",
                   "snapship server --root /srv/snapship/repos --tokens /srv/snapship/tokens \\",
-                  "    --listen 0.0.0.0:8420 --tls-cert cert.pem --tls-key key.pem --gc-every 24h"],
+                  "    --listen 0.0.0.0:8420 --tls-cert cert.pem --tls-key key.pem --gc-every 24h",
+                  "AWS_ENDPOINT_URL=http://s3.lan:8333 snapship server --root s3://backups/srv \\",
+                  "    --tokens /srv/snapship/tokens"],
         parents=options.parents(json=False))
-    p.add_argument("--root", required=True, metavar="DIR",
-                   help="directory holding one repository per subdirectory")
+    p.add_argument("--root", required=True, metavar="DIR|s3://BUCKET[/PREFIX]",
+                   help="directory holding one repository per subdirectory, or an S3 "
+                   "location holding one per prefix (AWS configuration as for --repo s3://)")
     p.add_argument("--listen", default="127.0.0.1:8420", metavar="HOST:PORT", type=parse_listen,
                    help="address to listen on (default: %(default)s; port 0: any free port)")
     p.add_argument("--tokens", required=True, metavar="FILE",

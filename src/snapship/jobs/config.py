@@ -93,7 +93,9 @@ class VolumeConfig:
 class JobConfig:
     name: str
     volumes: tuple[str, ...]
+    """Volumes to back up; in a copy job, the volumes to copy (empty: every volume)."""
     repositories: tuple[str, ...]
+    """Where its backups go; in a copy job, where the copies go."""
     schedule: str | None = None
     """A systemd OnCalendar expression (`daily`, `*-*-* 02:00`); None: run by hand only."""
     prune: bool = True
@@ -102,6 +104,14 @@ class JobConfig:
     on_success: str | None = None
     on_failure: str | None = None
     """Shell commands run after the job: when all its steps succeeded, when any failed."""
+    copy_from: str | None = None
+    """A copy job (periodic sync): copy versions from this repository into `repositories`
+    instead of backing anything up."""
+
+    @property
+    def all_repositories(self) -> tuple[str, ...]:
+        """Every repository the job opens."""
+        return (*self.repositories, *((self.copy_from,) if self.copy_from else ()))
 
 
 @dataclass(frozen=True)
@@ -333,13 +343,23 @@ def _job(c: _Checker, name: str, d: dict[str, Any], volumes: dict[str, Any],
          repositories: dict[str, Any]) -> JobConfig:
     path = ("jobs", name)
     c.known(d, path, ("volumes", "repositories", "schedule", "prune", "gc", "on-success",
-                      "on-failure"))
-    vols = c.names(d, path, "volumes", volumes, "volume")
+                      "on-failure", "copy-from"))
+    copy_from = c.string(d, path, "copy-from")
+    if copy_from is not None and copy_from not in repositories:
+        c.problem((*path, "copy-from"), f"{_name((*path, 'copy-from'))} names repository "
+                  f"{copy_from!r}, which the file does not define"
+                  + (f" (defined: {', '.join(sorted(repositories))})" if repositories else ""))
+    # A copy job without volumes copies every volume of its source.
+    vols = () if copy_from is not None and "volumes" not in d else \
+        c.names(d, path, "volumes", volumes, "volume")
     repos = c.names(d, path, "repositories", repositories, "repository")
+    if copy_from is not None and copy_from in repos:
+        c.problem((*path, "copy-from"), f"{_name(path)} copies from {copy_from!r} into "
+                  "itself: copy-from may not be one of its repositories")
     schedule = c.string(d, path, "schedule")
     return JobConfig(name, vols, repos, schedule, c.boolean(d, path, "prune", True),
                      c.boolean(d, path, "gc", False), c.string(d, path, "on-success"),
-                     c.string(d, path, "on-failure"))
+                     c.string(d, path, "on-failure"), copy_from)
 
 
 _JOB_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")

@@ -56,6 +56,12 @@ class _Metrics:
         gauge("prune_forgotten_versions", "versions the last prune forgot", VOLUME_LABELS)
         gauge("gc_freed_bytes", "bytes the last gc freed", ("job", "repository"))
         gauge("gc_freed_chunks", "chunks the last gc freed", ("job", "repository"))
+        gauge("copy_success", "1 if the last copy into the repository succeeded, else 0",
+              ("job", "repository"))
+        gauge("copy_copied_versions", "versions the last copy wrote", ("job", "repository"))
+        gauge("copy_sent_bytes", "stored bytes of the chunks the last copy sent",
+              ("job", "repository"))
+        gauge("copy_sent_chunks", "chunks the last copy sent", ("job", "repository"))
         gauge("job_errors", "steps that failed in the job's last run", ("job",))
         gauge("job_success", "1 if every step of the job's last run succeeded, else 0",
               ("job",))
@@ -113,6 +119,13 @@ def registry(steps: Sequence[dict[str, Any]], jobs: Sequence[str], finished: flo
         elif s["step"] == "prune" and s["result"] is not None:
             labels = {"job": s["job"], "repository": s["repository"], "volume": s["volume"]}
             put("prune_forgotten_versions", labels, len(s["result"]["forgotten"]))
+        elif s["step"] == "copy":
+            labels = {"job": s["job"], "repository": s["repository"]}
+            put("copy_success", labels, 1 if s["outcome"] == "ok" else 0)
+            if s["result"] is not None:
+                put("copy_copied_versions", labels, len(s["result"]["copied"]))
+                put("copy_sent_bytes", labels, s["result"]["bytes_sent"])
+                put("copy_sent_chunks", labels, s["result"]["chunks_sent"])
         elif s["step"] == "gc" and s["result"] is not None:
             labels = {"job": s["job"], "repository": s["repository"]}
             put("gc_freed_bytes", labels, s["result"]["bytes_freed"])

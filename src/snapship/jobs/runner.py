@@ -1,6 +1,8 @@
 """Running declared jobs: for each job and each of its repositories, the backups of its
 volumes, then each volume's retention (prune), then gc, each step's outcome recorded; then
-the job's `on-success` or `on-failure` hook (a step too).
+the job's `on-success` or `on-failure` hook (a step too). A copy job (`copy-from`) copies
+instead of backing up: one `copy` step per destination (engine/copy.py, as `snapship copy`
+does: only the versions and chunks the destination lacks), then prune and gc there.
 
 A step that fails is recorded and the run goes on: one missing source does not stop the other
 volumes. Only a stop (Ctrl-C, SIGTERM: not exceptions of the `Exception` kind) ends the run.
@@ -20,12 +22,13 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from snapship.changes.lvm import Lvm
+from snapship.engine.copy import CopyReport, copy_versions, versions_to_copy
 from snapship.engine.gc import GcReport, run_gc
 from snapship.engine.progress import Progress
 from snapship.engine.prune import PruneReport, run_prune
 from snapship.engine.snapshot_backup import SnapshotOptions
 from snapship.engine.source_backup import backup_source
-from snapship.errors import NotFound, SnapshipError
+from snapship.errors import NotFound, SnapshipError, UsageError
 from snapship.formats.manifest import Manifest
 from snapship.jobs.config import Config, JobConfig, RepositoryConfig, VolumeConfig
 from snapship.repository.repo import Repository
@@ -42,11 +45,11 @@ OK, FAILED, SKIPPED = "ok", "failed", "skipped"
 class Step:
     job: str
     step: str
-    """`backup`, `prune`, `gc` or `hook`."""
+    """`backup`, `copy`, `prune`, `gc` or `hook`."""
     repository: str | None
     """None for a hook, which is of the whole job."""
     volume: str | None
-    """The volume's name in the file (None for gc and hooks)."""
+    """The volume's name in the file (None for copies, gc and hooks)."""
     outcome: str = OK
     error_kind: str | None = None
     message: str | None = None
@@ -55,6 +58,7 @@ class Step:
     manifest: Manifest | None = None
     pruned: PruneReport | None = None
     gc: GcReport | None = None
+    copied: CopyReport | None = None
     hook: tuple[str, str] | None = None
     """The event and the command a hook step ran."""
     warnings: list[str] = field(default_factory=list)
@@ -150,7 +154,12 @@ class Runner:
 
     def _run_in(self, job: JobConfig, rc: RepositoryConfig) -> None:
         backed_up: dict[str, bool] = {}
-        for vname in job.volumes:
+        if job.copy_from is not None:
+            source = self.config.repositories[job.copy_from]
+            s = self._step(Step(job.name, "copy", rc.name, None),
+                           partial(self._copy, src=source, dst=rc, job=job))
+            backed_up = dict.fromkeys(job.volumes, s.outcome == OK)
+        for vname in () if job.copy_from else job.volumes:
             v = self.config.volumes[vname]
             s = self._step(Step(job.name, "backup", rc.name, vname),
                            partial(self._backup, rc=rc, v=v))
@@ -162,7 +171,8 @@ class Runner:
                     continue
                 step = Step(job.name, "prune", rc.name, vname)
                 if not backed_up[vname]:
-                    step.outcome, step.message = SKIPPED, "its backup failed"
+                    step.outcome, step.message = SKIPPED, (
+                        "the copy failed" if job.copy_from else "its backup failed")
                     self.steps.append(step)
                     self.on_step(step)
                     continue
@@ -177,6 +187,18 @@ class Runner:
             repo, v.source, v.volume, explicit_volume=True, lvm=self.lvm, labels=v.labels,
             snapshot=SnapshotOptions(v.snapshot_size, v.pre_snapshot, v.post_snapshot),
             progress=self.progress(f"backup {v.name} -> {rc.name}"), warn=warn)
+
+    def _copy(self, step: Step, warn: Warn, *, src: RepositoryConfig, dst: RepositoryConfig,
+              job: JobConfig) -> None:
+        source, destination = self._open(src), self._open(dst)
+        if source.config.repo_id == destination.config.repo_id:
+            raise UsageError(f"repositories {src.name} and {dst.name} are the same "
+                             "repository")
+        refs = [(self.config.volumes[v].volume, None) for v in job.volumes]
+        todo = list(versions_to_copy(source, refs))
+        step.copied = copy_versions(source, destination, todo,
+                                    progress=self.progress(f"copy {src.name} -> {dst.name}"),
+                                    warn=warn)
 
     def _prune(self, step: Step, warn: Warn, *, rc: RepositoryConfig, v: VolumeConfig) -> None:
         assert v.retention is not None

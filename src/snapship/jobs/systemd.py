@@ -103,7 +103,7 @@ def _absolute(what: str, path: str) -> str:
 def _local_paths(config: Config, job: JobConfig) -> list[str]:
     """The job's local repositories; and every path it names checked to be absolute."""
     paths = []
-    for name in job.repositories:
+    for name in job.all_repositories:
         rc = config.repositories[name]
         for key, value in (("passphrase-file", rc.passphrase_file),
                            ("token-file", rc.token_file), ("ca-file", rc.ca_file)):
@@ -111,7 +111,7 @@ def _local_paths(config: Config, job: JobConfig) -> list[str]:
                 _absolute(f"repository {name}: {key}", value)
         if rc.local_path is not None:
             paths.append(_absolute(f"repository {name}: location", rc.local_path))
-    for name in job.volumes:
+    for name in () if job.copy_from else job.volumes:
         v = config.volumes[name]
         if not v.is_lvm:
             _absolute(f"volume {name}: source", v.source)
@@ -119,10 +119,11 @@ def _local_paths(config: Config, job: JobConfig) -> list[str]:
 
 
 def service_drop_in(config: Config, job: JobConfig, config_path: str) -> str:
-    sources = [config.volumes[v].source for v in job.volumes]
+    # A copy job reads repositories only, never its volumes' sources.
+    sources = [] if job.copy_from else [config.volumes[v].source for v in job.volumes]
     lvm = any(s.startswith("lvm:") for s in sources)
     devices = lvm or any(s.startswith("/dev/") for s in sources)
-    remote = any(not config.repositories[r].is_local for r in job.repositories)
+    remote = any(not config.repositories[r].is_local for r in job.all_repositories)
     writable = _local_paths(config, job)
     if config.metrics_file is not None:  # written beside, then renamed over
         if not config.metrics_file.startswith("/"):

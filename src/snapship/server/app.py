@@ -32,6 +32,8 @@ from snapship.errors import (
 from snapship.formats import http_api as api
 from snapship.repository import locks
 from snapship.repository.layout import Kind, name_of
+from snapship.server.metrics import CONTENT_TYPE as METRICS_TYPE
+from snapship.server.metrics import ServerMetrics
 from snapship.server.objects import (
     ExistsWithOtherContent,
     PutOutcome,
@@ -63,6 +65,15 @@ class Response:
     can carry only there."""
 
 
+@dataclass
+class _Seen:
+    """What `handle` learnt of a request, for the metrics."""
+
+    repo: str = ""
+    op: str = "-"
+    received: int = 0
+
+
 class Maintenance(Protocol):
     """Server-side maintenance of one repository (server/maintenance.py)."""
 
@@ -88,11 +99,13 @@ class App:
         *,
         max_object_size: int = api.DEFAULT_MAX_OBJECT_SIZE,
         maintenance: Maintenance | None = None,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self.repos = repos
         self.tokens = tokens
         self.max_object_size = max_object_size
         self.maintenance = maintenance
+        self.metrics = metrics
 
     def handle(
         self,
@@ -106,6 +119,25 @@ class App:
         """Answer one request from `who` (`authenticate`'s answer; None gets the 401).
         `read_body()` returns the whole body (`body_length` bytes); what is not read is the
         HTTP layer's to skip, or to end the connection over."""
+        seen = _Seen()
+
+        def read() -> bytes:
+            data = read_body()
+            seen.received = len(data)
+            return data
+
+        resp = self._handle(method, target, who, body_length, read, client, seen)
+        if self.metrics is not None:
+            sent = 0 if method == "HEAD" else (
+                resp.length if resp.length is not None else len(resp.body))
+            self.metrics.request(seen.repo, seen.op, resp.status, seen.received, sent)
+            if resp.status == api.STATUS[api.UNAUTHORIZED]:
+                self.metrics.unauthorized.inc()
+        return resp
+
+    def _handle(self, method: str, target: str, who: Principal | None,
+                body_length: int | None, read_body: Callable[[], bytes], client: str,
+                seen: _Seen) -> Response:
         repo: str | None = None
         try:
             if who is None:
@@ -116,6 +148,9 @@ class App:
                 )
             r = route(method, target)
             repo = r.repo
+            seen.repo, seen.op = r.repo, r.op.value
+            if r.op is Op.METRICS:
+                return self._metrics(who, r, client)
             if not who.may_use(r.repo):
                 self._deny(who, r, r.key, client, f"may not use repository {r.repo}",
                            public=f"token {who.name} may not use repository {r.repo}: it "
@@ -166,10 +201,24 @@ class App:
             log.warning("unauthorized request from %s: unknown token", client)
         return who
 
+    def _metrics(self, who: Principal, r: Route, client: str) -> Response:
+        """The counters name every repository: only an admin token for all of them reads
+        them."""
+        if who.role is not Role.ADMIN or who.repos is not None:
+            self._deny(who, r, None, client, "may not read the server's metrics",
+                       public=f"token {who.name} may not read the server's metrics: that "
+                       "needs an admin token for every repository")
+        if self.metrics is None:
+            raise ApiError(api.NO_SUCH_ENDPOINT, "this server keeps no metrics")
+        body = self.metrics.render()
+        return Response(200, body, METRICS_TYPE)
+
     def _deny(self, who: Principal, r: Route, key: str | None, client: str, what: str,
               code: str | None = None, public: str | None = None) -> NoReturn:
-        """Log the refusal (with the key) and raise the 403; the client reads `public`, a
-        plain sentence, if given, else the same as the log."""
+        """Log the refusal (with the key), count it and raise the 403; the client reads
+        `public`, a plain sentence, if given, else the same as the log."""
+        if self.metrics is not None:
+            self.metrics.refused(who.role.value, r.op.value)
         message = f"token {who.name} (role {who.role.value}) {what}"
         log.warning("denied: %s [op %s, repository %s, key %s, from %s]", message, r.op.value,
                     r.repo, key or "-", client)

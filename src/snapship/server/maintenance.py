@@ -15,8 +15,8 @@ or on a schedule (`snapship server --gc-every/--verify-every`).
 from __future__ import annotations
 
 import logging
-import os
 import threading
+import time
 from dataclasses import asdict
 from typing import Any
 
@@ -26,6 +26,7 @@ from snapship.engine.verify import run_verify
 from snapship.errors import Busy, NotFound, SnapshipError, UsageError
 from snapship.formats import http_api as api
 from snapship.repository.catalog import Catalog
+from snapship.server.metrics import ServerMetrics
 from snapship.server.objects import Repositories, RepoStore
 
 log = logging.getLogger("snapship.server")
@@ -34,15 +35,17 @@ IO_WORKERS = 4
 
 class ServerMaintenance:
     """The `maintenance/*` endpoints and the schedule: one task at a time per repository."""
-    def __init__(self) -> None:
+    def __init__(self, metrics: ServerMetrics | None = None) -> None:
         self._running: dict[tuple[str, str], threading.Lock] = {}
         self._lock = threading.Lock()
+        self.metrics = metrics
 
     def _slot(self, task: str, repo: str) -> threading.Lock:
         with self._lock:
             return self._running.setdefault((task, repo), threading.Lock())
 
     def run(self, task: str, repo: str, store: RepoStore, options: bytes) -> dict[str, Any]:
+        deep = False
         if task == "gc":
             api.decode_options(options, {}, "gc options")
         elif task == "verify":
@@ -54,20 +57,35 @@ class ServerMaintenance:
         if not slot.acquire(blocking=False):
             raise Busy(f"{task} of {repo} is already running on the server")
         try:
-            catalog = Catalog(store.local)
+            catalog = Catalog(store.storage)
             if not catalog.exists():
                 raise NotFound(f"no snapship repository named {repo} on this server")
-            if task == "gc":
-                warnings: list[str] = []
-
-                def warn(message: str) -> None:
-                    warnings.append(message)
-                    log.warning("gc of %s: %s", repo, message)
-
-                return {**asdict(run_gc(catalog, warn=warn)), "warnings": warnings}
-            return run_verify(catalog, deep=deep, workers=IO_WORKERS).to_json()
+            started = time.monotonic()
+            try:
+                report = self._run(task, repo, catalog, deep)
+            except Busy:
+                raise  # another server's gc holds the repository: no run of ours
+            except BaseException:
+                if self.metrics is not None:
+                    self.metrics.maintenance(task, repo, started, None)
+                raise
+            if self.metrics is not None:
+                self.metrics.maintenance(task, repo, started, report)
+            return report
         finally:
             slot.release()
+
+    @staticmethod
+    def _run(task: str, repo: str, catalog: Catalog, deep: bool) -> dict[str, Any]:
+        if task == "gc":
+            warnings: list[str] = []
+
+            def warn(message: str) -> None:
+                warnings.append(message)
+                log.warning("gc of %s: %s", repo, message)
+
+            return {**asdict(run_gc(catalog, warn=warn)), "warnings": warnings}
+        return run_verify(catalog, deep=deep, workers=IO_WORKERS).to_json()
 
 
 class Scheduler:
@@ -93,10 +111,10 @@ class Scheduler:
 
     def _loop(self, task: str, period: float) -> None:
         while not self._stop.wait(period):
-            for name in sorted(os.listdir(self.repos.root)):
+            for name in self.repos.names():
                 if self._stop.is_set():
                     return
-                if not Catalog(self.repos.get(name).local).exists():
+                if not Catalog(self.repos.get(name).storage).exists():
                     continue
                 try:
                     report = self.maintenance.run(task, name, self.repos.get(name), b"")

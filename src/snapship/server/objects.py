@@ -1,19 +1,30 @@
-"""The server's repositories on disk: one `LocalStorage` directory per repository name.
+"""The server's repositories: one per name under its root, a directory or an object store.
 
-Writes go through `LocalStorage` (temp file, fsync, rename; syncfs on flush), so the server is
-exactly as crash-safe as a local repository. This module adds what serving needs on top of it,
-relying on `LocalStorage`'s documented layout (each object is the file `ROOT/<key>`):
+Under a directory root each repository is a `LocalStorage` directory (temp file, fsync,
+rename; syncfs on flush), so the server is exactly as crash-safe as a local repository; under
+an object-store root (`--root s3://BUCKET/PREFIX`) each is a `PrefixedStorage` view of one
+store, through whatever backend the server's entry point built for it. This module adds what
+serving needs on top of either:
 
 - create-only puts, checked and done under a per-key lock, so that "does it exist, and with
-  these bytes" cannot race another writer of the same key;
-- GETs as open files, so large objects stream without being held in memory;
+  these bytes" cannot race another writer of the same key in this process; a store that can
+  create an object only if it is absent (S3's conditional PUT: storage/base.py, `creator`)
+  makes that hold across every server of the store;
+- GETs as open files (on a directory root), so large objects stream without being held in
+  memory;
 - a listing in a fixed order that resumes after any key, so it can be paged without the
   server remembering anything between pages.
+
+Nothing about a repository is kept in memory between requests: its locks, sessions and gc
+state are objects in the repository (docs/gc.md), so several servers may serve one store.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import enum
+import io
+import itertools
 import os
 import threading
 import zlib
@@ -23,7 +34,9 @@ from typing import BinaryIO
 from snapship.errors import ObjectNotFound, StorageError
 from snapship.repository.catalog import Catalog
 from snapship.repository.layout import chunk_id_of
+from snapship.storage.base import Storage, creator
 from snapship.storage.local import TMP_PREFIX, LocalStorage
+from snapship.storage.prefixed import PrefixedStorage, names
 
 _STRIPES = 256
 
@@ -39,13 +52,16 @@ class ExistsWithOtherContent(Exception):
 
 
 class RepoStore:
-    """One repository directory. `stripes` are locks shared by every store of the server:
-    puts and deletes of one key (in one repository) take the same one."""
+    """One repository. `stripes` are locks shared by every store of the server: puts and
+    deletes of one key (in one repository) take the same one."""
 
-    def __init__(self, root: str, stripes: list[threading.Lock] | None = None) -> None:
-        self.root = root
-        self.local = LocalStorage(root)
+    def __init__(self, storage: Storage, stripes: list[threading.Lock] | None = None,
+                 pool: concurrent.futures.Executor | None = None) -> None:
+        self.storage = storage
+        self._pool = pool
+        self.root = storage.describe()
         self._stripes = stripes or [threading.Lock() for _ in range(_STRIPES)]
+        self._create = creator(storage)
 
     def _lock(self, key: str) -> threading.Lock:
         return self._stripes[zlib.crc32(f"{self.root}/{key}".encode()) % len(self._stripes)]
@@ -55,12 +71,18 @@ class RepoStore:
 
     def put(self, key: str, data: bytes | bytearray, *, create_only: bool) -> PutOutcome:
         with self._lock(key):
+            if create_only and self._create is not None:
+                if self._create(key, data):
+                    return PutOutcome.CREATED
+                if self._same(key, data):
+                    return PutOutcome.IDENTICAL
+                raise ExistsWithOtherContent(key)
             size = self.stat(key)
             if size is not None and create_only:
                 if size == len(data) and self._same(key, data):
                     return PutOutcome.IDENTICAL
                 raise ExistsWithOtherContent(key)
-            self.local.put(key, data)
+            self.storage.put(key, data)
             return PutOutcome.CREATED if size is None else PutOutcome.REPLACED
 
     def put_back(self, key: str, data: bytes) -> bool:
@@ -68,7 +90,7 @@ class RepoStore:
         no longer does (gc settled it meanwhile: the caller then stores `data` as usual)."""
         cid = chunk_id_of(key)
         assert cid is not None
-        catalog = Catalog(self.local)
+        catalog = Catalog(self.storage)
         with self._lock(key):
             try:
                 if catalog.fossil_blob(cid) != data:
@@ -80,12 +102,16 @@ class RepoStore:
 
     def _same(self, key: str, data: bytes | bytearray) -> bool:
         try:
-            return self.local.get(key) == data
+            return self.storage.get(key) == data
         except ObjectNotFound:
             return False
 
     def open(self, key: str) -> tuple[BinaryIO, int]:
-        """The object as an open file and its size (the file stays whole if replaced)."""
+        """The object as an open file and its size (the file stays whole if replaced); from
+        an object store, the object read into memory."""
+        if not isinstance(self.storage, LocalStorage):
+            data = self.storage.get(key)
+            return io.BytesIO(data), len(data)
         path = self._path(key)
         try:
             f = open(path, "rb")  # noqa: SIM115 - the caller streams and closes it
@@ -100,23 +126,29 @@ class RepoStore:
             raise StorageError(f"cannot stat {path}: {e.strerror or e}") from None
 
     def stat(self, key: str) -> int | None:
-        return self.local.stat(key)
+        return self.storage.stat(key)
 
     def delete(self, key: str) -> None:
         with self._lock(key):
-            self.local.delete(key)
+            self.storage.delete(key)
 
     def rename(self, src: str, dst: str) -> None:
-        self.local.rename(src, dst)
+        self.storage.rename(src, dst)
 
     def flush(self) -> None:
-        self.local.flush()
+        self.storage.flush()
 
     def stat_many(self, keys: list[str]) -> tuple[list[str], list[tuple[str, int]]]:
         """(keys that do not exist, (key, size) of those that do), in the order given."""
         missing, present = [], []
+        if self._pool is not None and len(keys) > 1:
+            # One round trip per key on an object store: many at once, not one by one.
+            found = list(self._pool.map(self.storage.stat, keys))
+            sizes = dict(zip(keys, found, strict=True))
+        else:
+            sizes = self.storage.stat_many(keys)
         for k in keys:
-            size = self.stat(k)
+            size = sizes[k]
             if size is None:
                 missing.append(k)
             else:
@@ -127,7 +159,10 @@ class RepoStore:
                   ) -> tuple[list[tuple[str, int]], str | None]:
         """Up to `limit` (key, size) in listing order after `after`; the next cursor or None."""
         out: list[tuple[str, int]] = []
-        for item in sorted_objects(self.root, prefix, after):
+        items = (sorted_objects(self.root, prefix, after)
+                 if isinstance(self.storage, LocalStorage)
+                 else self.storage.list(prefix, after))
+        for item in itertools.islice(items, limit):
             out.append(item)
             if len(out) == limit:
                 return out, item[0]
@@ -171,12 +206,35 @@ def sorted_objects(root: str, prefix: str, after: str | None) -> Iterator[tuple[
 
 
 class Repositories:
-    """Every repository under the server's root, by name (created on first write). Nothing
-    is kept per repository, so asking for many names costs no memory."""
+    """Every repository under the server's root, by name (created on first write): the
+    directories under a local directory, or the prefixes of an object store (`store`, which
+    must list in key order). Nothing is kept per repository, so asking for many names costs
+    no memory."""
 
-    def __init__(self, root: str) -> None:
-        self.root = os.path.abspath(root)
+    def __init__(self, root: str | Storage) -> None:
+        self.store: Storage | None = None
+        if isinstance(root, str):
+            self.root = os.path.abspath(root)
+        else:
+            if not root.capabilities.ordered_listing:
+                raise StorageError(f"{root.describe()} does not list in key order: it cannot "
+                                   "hold a server's repositories")
+            self.store = root
+            self.root = root.describe().rstrip("/")
         self._stripes = [threading.Lock() for _ in range(_STRIPES)]
+        self._pool = None if self.store is None else concurrent.futures.ThreadPoolExecutor(
+            max(1, 2 * self.store.capabilities.parallelism), thread_name_prefix="stat")
 
     def get(self, name: str) -> RepoStore:
-        return RepoStore(os.path.join(self.root, name), self._stripes)
+        if self.store is None:
+            return RepoStore(LocalStorage(os.path.join(self.root, name)), self._stripes)
+        return RepoStore(PrefixedStorage(self.store, name), self._stripes, self._pool)
+
+    def names(self) -> list[str]:
+        """The names that hold objects (directories, under a local root), in order."""
+        if self.store is None:
+            try:
+                return sorted(e.name for e in os.scandir(self.root) if e.is_dir())
+            except OSError as e:
+                raise StorageError(f"cannot list {self.root}: {e.strerror or e}") from None
+        return list(names(self.store))

@@ -35,6 +35,8 @@ class Op(enum.StrEnum):
     RENAME = "rename"
     FLUSH = "flush"
     MAINTAIN = "maintain"
+    METRICS = "metrics"
+    """The server's own counters (`GET /v1/metrics`): no repository's; admin tokens only."""
 
 
 class Permission(enum.Enum):

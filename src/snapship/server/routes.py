@@ -20,6 +20,8 @@ from snapship.storage.base import check_key
 
 _VERSION = re.compile(r"v(\d+)")
 TMP_PREFIX = ".tmp-"
+METRICS = "metrics"
+"""`GET /v1/metrics`: the server's counters (server/metrics.py), for admin tokens."""
 
 
 class ApiError(Exception):
@@ -90,6 +92,13 @@ def route(method: str, target: str) -> Route:
     if int(version.group(1)) != api.API_VERSION:
         raise ApiError(api.UNSUPPORTED_VERSION,
                        f"this server speaks API version {api.API_VERSION}, not {parts[0]}")
+    if len(parts) == 2 and parts[1] == METRICS:
+        if method != "GET":
+            raise ApiError(api.METHOD_NOT_ALLOWED, f"{method} is not allowed on {path!r}; "
+                           "use GET")
+        if raw_query:
+            raise ApiError(api.BAD_REQUEST, "this endpoint takes no query parameters")
+        return Route(Op.METRICS, "")
     if len(parts) < 3 or parts[1] != api.REPOS_SEGMENT:
         raise ApiError(api.NO_SUCH_ENDPOINT, f"no such endpoint {path!r}")
     try:

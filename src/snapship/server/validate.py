@@ -149,7 +149,7 @@ def require_owner(store: RepoStore, who: Principal, key: str, verb: str) -> None
     if who.role is Role.ADMIN or name.kind is not Kind.LOCK:
         return
     assert name.lock_kind is not None and name.session is not None
-    info = Catalog(store.local).lock_info(name.lock_kind, name.session)
+    info = Catalog(store.storage).lock_info(name.lock_kind, name.session)
     if info is None and store.stat(key) is None:
         return  # no lock there: nothing of anyone's to protect
     owner = info.owner if info is not None else ""  # an unreadable one is nobody's
@@ -166,7 +166,7 @@ def check_upload(store: RepoStore, who: Principal, key: str, data: bytes, now: f
         return check_lock(store, who, key, data, now)
     if who.role is Role.ADMIN:
         return Upload(data)
-    catalog = Catalog(store.local)
+    catalog = Catalog(store.storage)
     if name.kind is Kind.CHUNK:
         assert name.cid is not None
         return check_chunk(catalog, key, name.cid, data)

@@ -26,6 +26,11 @@ segments. The contract is deliberately small so an object store can meet it:
   older than `older_than` seconds); returns how many. Backends that leave none return 0.
 - `capabilities`: what the engines may rely on (below).
 
+Optional: `creator()`, on a backend that can store an object only if its key is free,
+atomically for every client of the store (S3's conditional PUT), returns the function that
+does (`create(key, data)`: True if it stored it, False if an object was there, left as it
+was). Wrappers pass it through. `creator(storage)` below asks for it.
+
 Methods may be called from many threads at once. Failures raise `StorageError` (permanent) or
 `TransientStorageError` (retrying may help); a missing object raises `ObjectNotFound`.
 Backends do not retry themselves: `storage/retry.py`'s `RetryingStorage` wraps one that talks
@@ -35,7 +40,7 @@ to a network, as restic's backends are wrapped.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -91,6 +96,15 @@ class Storage(Protocol):
     def describe(self) -> str:
         """Where the objects live, for messages (a path or URL)."""
         ...
+
+
+CreateFn = Callable[[str, bytes | bytearray], bool]
+
+
+def creator(storage: Storage) -> CreateFn | None:
+    """The backend's atomic create-if-absent, if it has one (see the module's docstring)."""
+    get: Callable[[], CreateFn | None] | None = getattr(storage, "creator", None)
+    return get() if get is not None else None
 
 
 class StorageDefaults:

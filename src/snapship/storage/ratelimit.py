@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 
-from snapship.storage.base import Storage, StorageDefaults
+from snapship.storage.base import CreateFn, Storage, StorageDefaults, creator
 
 BURST_SECONDS = 0.25
 """How much an idle connection may send at once: a quarter second's worth of the rate, so a
@@ -76,6 +76,18 @@ class RateLimitedStorage(StorageDefaults):
         if self.upload is not None:
             self.upload.take(len(data))
         self.inner.put(key, data)
+
+    def creator(self) -> CreateFn | None:
+        inner = creator(self.inner)
+        if inner is None:
+            return None
+
+        def create(key: str, data: bytes | bytearray) -> bool:
+            if self.upload is not None:
+                self.upload.take(len(data))
+            return inner(key, data)
+
+        return create
 
     def get(self, key: str) -> bytes:
         data = self.inner.get(key)

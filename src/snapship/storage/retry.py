@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from snapship.errors import ObjectNotFound, TransientStorageError
-from snapship.storage.base import Storage, StorageDefaults
+from snapship.storage.base import CreateFn, Storage, StorageDefaults, creator
 
 T = TypeVar("T")
 
@@ -119,6 +119,14 @@ class RetryingStorage(StorageDefaults):
 
     def put(self, key: str, data: bytes | bytearray) -> None:
         run(self.policy, lambda: self.inner.put(key, data))
+
+    def creator(self) -> CreateFn | None:
+        """The inner create, retried: an attempt that stored the object but lost the answer
+        makes the retry find it there (False), which its caller must take as "maybe mine"."""
+        inner = creator(self.inner)
+        if inner is None:
+            return None
+        return lambda key, data: run(self.policy, lambda: inner(key, data))
 
     def get(self, key: str) -> bytes:
         return run(self.policy, lambda: self.inner.get(key))

@@ -35,7 +35,7 @@ from botocore.exceptions import (
 )
 
 from snapship.errors import ObjectNotFound, StorageError, TransientStorageError, UsageError
-from snapship.storage.base import Capabilities, StorageDefaults, check_key
+from snapship.storage.base import Capabilities, CreateFn, StorageDefaults, check_key
 from snapship.storage.local import TMP_PREFIX
 from snapship.storage.retry import RetryingStorage, RetryPolicy
 from snapship.storage.s3_client import ClientOptions, S3Location, make_client, parse_s3_url
@@ -110,6 +110,28 @@ class S3Storage(StorageDefaults):
             self.client.put_object(Bucket=self.bucket, Key=name, Body=body, ContentMD5=md5)
 
         self._request("write", key, put)
+
+    def creator(self) -> CreateFn | None:
+        return self.create
+
+    def create(self, key: str, data: bytes | bytearray) -> bool:
+        """`put`, only if no object is under the key (`If-None-Match: *`): whether it was
+        stored. The store decides, so this holds across every client of the bucket."""
+        name = self._name(key)
+        body = bytes(data)
+        md5 = base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
+
+        def put() -> bool:
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=name, Body=body, ContentMD5=md5,
+                                       IfNoneMatch="*")
+            except ClientError as e:
+                if _code(e) == "PreconditionFailed" or _status(e) == 412:
+                    return False
+                raise
+            return True
+
+        return self._request("write", key, put)
 
     def get(self, key: str) -> bytes:
         name = self._name(key)
