@@ -16,7 +16,7 @@ from array import array
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from snapship.changes.ranges import touched_chunks
 from snapship.engine.known_zero import KnownZero, zero_parts
@@ -75,6 +75,9 @@ class BackupPlan:
     """Labels the preparation adds to the version (e.g. the snapshot it read)."""
     known_zero: KnownZero | None = None
     """Ranges known to read as zeroes (holes, free space): not read, zeroed where read."""
+    stats: dict[str, Any] = field(default_factory=dict)
+    """Statistics of the preparation's own (the tracking snapshot's: `snapshot`), added to the
+    version's."""
 
 
 Prepared = tuple[BackupSource, BackupPlan]
@@ -288,6 +291,7 @@ def _backup(
                 **({"free_space": {**kz.record, "chunks_skipped": skipped[0],
                                    "bytes_skipped": skipped[1], "bytes_zeroed": skipped[2]}}
                    if kz is not None else {}),
+                **plan.stats,
             },
         )
 
