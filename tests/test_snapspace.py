@@ -325,3 +325,13 @@ def test_the_snapshot_goes_on_snapshot_space_sized_auto() -> None:
                                         snapshot_backup.SnapshotOptions(size="auto"), print)
     assert snapshot_backup.valid_snapshot_size("auto")
     assert not snapshot_backup.valid_snapshot_size("auto%")
+
+
+def test_show_says_where_the_snapshot_went() -> None:
+    from snapship.cli.reports import _snapshot
+
+    rec = {"snapshot": {"size": 32 * MiB, "pvs": ["/dev/loop0"], "note": "auto: x"}}
+    assert _snapshot(rec) == ["snapshot     32.0 MiB on /dev/loop0 (auto: x)"]
+    assert _snapshot({"snapshot": {"size": MiB, "pvs": [], "requested": "10%"}}) == [
+        "snapshot     1.0 MiB on the volume group (10%)"]
+    assert _snapshot({}) == _snapshot({"snapshot": {"size": "x"}}) == []
