@@ -304,8 +304,10 @@ def test_the_snapshot_goes_on_snapshot_space_sized_auto() -> None:
                     pv_row("/dev/loop0", extents=64, tags=SNAPSPACE_TAG)])
     lvm = Lvm(fake)
     base = base_with([{"cow_bytes": 40 * MiB, "seconds": 3600, "overflowed": False}])
+    periods = snapshot_backup.recorded_periods(lvm, None, base)  # nothing measured: the base's
+    assert periods == [Period(40 * MiB, 3600)]
     opts = snapshot_backup.SnapshotOptions(size="auto")
-    size, pvs, record = snapshot_backup.snapshot_layout(lvm, lv("r"), base, opts, print)
+    size, pvs, record = snapshot_backup.snapshot_layout(lvm, lv("r"), periods, opts, print)
     assert (size, pvs) == ("20e", ["/dev/loop0"]), (size, record)  # 80 MiB: 20 extents
     assert record["placement"] == "snapshot space" and record["sizing"] == "auto"
     fake.lvs = [{"lv_name": "s", "vg_name": "vg", "lv_size": str(80 * MiB)}]
@@ -314,15 +316,27 @@ def test_the_snapshot_goes_on_snapshot_space_sized_auto() -> None:
     assert create[-4:] == ["-l", "20", "vg/r", "/dev/loop0"], create
     # a fixed size keeps its argument, on the named PV
     opts = snapshot_backup.SnapshotOptions(size="10%", pvs=("/dev/vda",))
-    assert snapshot_backup.snapshot_layout(lvm, lv("r"), None, opts, print)[:2] == (
+    assert snapshot_backup.snapshot_layout(lvm, lv("r"), [], opts, print)[:2] == (
         "10%", ["/dev/vda"])
     with pytest.raises(UsageError, match="thin snapshot lives in its pool"):
-        snapshot_backup.snapshot_layout(lvm, lv("t", thin=True), None, opts, print)
+        snapshot_backup.snapshot_layout(lvm, lv("t", thin=True), [], opts, print)
     # everything taken, no snapshot space: auto says where room comes from
     fake.pvs = [pv_row("/dev/vda", extents=256, allocated=256)]
     with pytest.raises(SourceError, match="snapspace add"):
-        snapshot_backup.snapshot_layout(lvm, lv("r"), base,
+        snapshot_backup.snapshot_layout(lvm, lv("r"), periods,
                                         snapshot_backup.SnapshotOptions(size="auto"), print)
+    # the tracking snapshot the base was read from, now 25% full of its 64 MiB: the newest
+    # period, measured before the new snapshot is sized
+    base.labels[snapshot_backup.LABEL_SNAPSHOT_UUID] = "uuid-old"
+    old = {"lv_name": "old", "vg_name": "vg", "lv_uuid": "uuid-old", "lv_size": str(64 * MiB),
+           "snap_percent": "25.00", "origin": "r", "lv_attr": "swi-a-s---"}
+    fake.lvs = [old]
+    tracking = Lvm(fake).lv("vg", "old")
+    newest, older = snapshot_backup.recorded_periods(lvm, tracking, base)
+    assert newest.cow_bytes == 16 * MiB and not newest.overflowed and newest.seconds > 3600
+    assert older == Period(40 * MiB, 3600)
+    old["lv_attr"] = "swi-I-s---"  # overflowed: it held at least its size
+    assert snapshot_backup.recorded_periods(lvm, tracking, base)[0].cow_bytes == 64 * MiB
     assert snapshot_backup.valid_snapshot_size("auto")
     assert not snapshot_backup.valid_snapshot_size("auto%")
 

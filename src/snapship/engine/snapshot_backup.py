@@ -23,7 +23,7 @@ import dataclasses
 import datetime as dt
 import re
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,11 +163,11 @@ def _thin_zero(lvm: Lvm, origin: LvInfo, new: LvInfo, plan: BackupPlan, kz: Know
     return KnownZero(coalesce([*kz.ranges, *extra]), record)
 
 
-def snapshot_layout(lvm: Lvm, origin: LvInfo, base: Manifest | None,
+def snapshot_layout(lvm: Lvm, origin: LvInfo, periods: Sequence[Period],
                     options: SnapshotOptions, warn: Warn
                     ) -> tuple[str | None, list[str], dict[str, Any]]:
     """The new snapshot's size argument (None: thin), the PVs to put it on, and what to record
-    of how they were chosen."""
+    of how they were chosen; `periods`: what earlier tracking snapshots held, newest first."""
     if origin.is_thin:
         if options.pvs:
             raise UsageError("--snapshot-pv is for classic snapshots: a thin snapshot lives in "
@@ -185,7 +185,7 @@ def snapshot_layout(lvm: Lvm, origin: LvInfo, base: Manifest | None,
         return options.size, record["pvs"], record
     pool = chosen or [p for p in pvs if not p.missing]
     extents, note = auto_extents(
-        periods_of(base.stats) if base is not None else [], origin_size=origin.size,
+        periods, origin_size=origin.size,
         extent_size=pool[0].extent_size if pool else 0,
         free_extents=sum(p.free_extents for p in pool))
     if "free" in note:
@@ -195,9 +195,9 @@ def snapshot_layout(lvm: Lvm, origin: LvInfo, base: Manifest | None,
 
 
 def measured_period(lvm: Lvm, tracking: LvInfo | None, base: Manifest | None) -> Period | None:
-    """How full the tracking snapshot the base was read from is now, the new one taken: the
-    changes of one period between backups (from the base's end: a little short of the
-    snapshot's life, so the rate comes out a little high)."""
+    """How full the tracking snapshot the base was read from is now, just before the new one
+    is taken: the changes of one period between backups (timed from the base's end, a little
+    short of the snapshot's life, so the rate comes out a little high)."""
     if (tracking is None or base is None or tracking.is_thin
             or base.labels.get(LABEL_SNAPSHOT_UUID) != tracking.uuid):
         return None
@@ -216,13 +216,12 @@ def measured_period(lvm: Lvm, tracking: LvInfo | None, base: Manifest | None) ->
     return Period(round(now.snap_percent * now.size / 100), seconds)
 
 
-def snapshot_record(lvm: Lvm, new: LvInfo, tracking: LvInfo | None, base: Manifest | None,
-                    record: dict[str, Any]) -> dict[str, Any]:
-    """`stats.snapshot` of the new version (docs/format.md)."""
+def recorded_periods(lvm: Lvm, tracking: LvInfo | None, base: Manifest | None
+                     ) -> list[Period]:
+    """`stats.snapshot.periods` of the new version: the period measured now, then the base's."""
     period = measured_period(lvm, tracking, base)
-    periods = ([period] if period else []) + (periods_of(base.stats) if base else [])
-    return {"size": new.size, **record,
-            "periods": [p.record() for p in periods[:KEEP_PERIODS]]}
+    older = periods_of(base.stats) if base is not None else []
+    return ([period] if period else []) + older[:KEEP_PERIODS - (1 if period else 0)]
 
 
 def run_snapshot_backup(
@@ -252,7 +251,10 @@ def run_snapshot_backup(
                 warn(f"removing stale snapshot {vg}/{stale.name}")
                 lvm.remove(vg, stale.name)
 
-        size, pvs, record = snapshot_layout(lvm, origin, base, options, warn)
+        # Measured before the new snapshot is sized, so that the newest period counts (after an
+        # overflow, the very next snapshot is larger).
+        periods = [] if origin.is_thin else recorded_periods(lvm, tracking, base)
+        size, pvs, record = snapshot_layout(lvm, origin, periods, options, warn)
         run_hook(options.pre_hook, "pre-snapshot")
         try:
             new = lvm.create_snapshot(vg, lv, snapshot_name(lv), size, pvs)
@@ -261,8 +263,8 @@ def run_snapshot_backup(
             raise
         try:
             run_hook(options.post_hook, "post-snapshot")
-            stats = {} if origin.is_thin else {
-                "snapshot": snapshot_record(lvm, new, tracking, base, record)}
+            stats = {} if origin.is_thin else {"snapshot": {
+                "size": new.size, **record, "periods": [p.record() for p in periods]}}
             plan = plan_changes(lvm, origin, tracking, new, base)
             if plan.fallback:
                 warn(f"full read of {vg}/{lv}: {plan.fallback}")
