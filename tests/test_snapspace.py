@@ -349,3 +349,11 @@ def test_show_says_where_the_snapshot_went() -> None:
     assert _snapshot({"snapshot": {"size": MiB, "pvs": [], "requested": "10%"}}) == [
         "snapshot     1.0 MiB on the volume group (10%)"]
     assert _snapshot({}) == _snapshot({"snapshot": {"size": "x"}}) == []
+
+
+def test_snapshot_pv_is_for_lvm_sources(tmp_path: Path) -> None:
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(4096))
+    r = run_cli("backup", "--repo", tmp_path / "repo", img, "--snapshot-pv", "/dev/loop0")
+    assert r.returncode == 2 and "--snapshot-pv is for lvm:VG/LV sources" in r.stderr, describe(r)
+    assert not (tmp_path / "repo").exists()
