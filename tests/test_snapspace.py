@@ -134,6 +134,9 @@ def test_add_refuses_what_cannot_work(tmp_path: Path) -> None:
         assert sorted(p.name for p in tmp_path.iterdir()) == ["pv0.img", "taken.img"]
         r = run_cli("snapspace", "remove", vg, "--no-systemd")
         assert r.returncode == 1 and "has no snapshot space" in r.stderr, describe(r)
+        r = run_cli("snapspace", "remove", vg, "--file", tmp_path / "taken.img", "--no-systemd")
+        assert r.returncode == 1 and "is not snapshot space" in r.stderr, describe(r)
+        assert Loop().devices_of(str(tmp_path / "taken.img")) == []  # not left attached
 
 
 # -- fakes and pure parts ------------------------------------------------------------------

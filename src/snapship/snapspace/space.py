@@ -144,12 +144,15 @@ def remove(lvm: Lvm, loop: Loop, vg: str, path: str | None, *, move: bool, keep_
         path = os.path.abspath(path)
         if not os.path.isfile(path):
             raise NotFound(f"{path} is not a file")
-        loop.attach(path)  # a detached one is attached again (idempotent), to be removed
+        was = loop.devices_of(path)
+        attached = loop.attach(path)  # a detached one is attached again, to be removed
     spaces = describe(lvm, loop, vg)
     if path is not None:
         want = os.path.realpath(path)
         spaces = [s for s in spaces if s.file and os.path.realpath(s.file) == want]
         if not spaces:
+            if attached not in was:  # attached only to look: leave it as it was
+                loop.detach(attached)
             raise NotFound(f"{path} is not snapshot space of {vg}")
     elif not spaces:
         raise NotFound(f"volume group {vg} has no snapshot space")
