@@ -69,12 +69,14 @@ def value_options(parser: argparse.ArgumentParser) -> Iterator[argparse.Action]:
 
 COMMANDS = {" ".join(path) for path, _ in every_command()}
 NO_REPOSITORY = {"cow inspect", "server", "token", "umount", "run", "config check",
-                 "systemd install", "nbd checkpoint"}
+                 "systemd install", "nbd checkpoint", "snapspace add", "snapspace status",
+                 "snapspace remove"}
 EXPECTED_COMMANDS = {"init", "versions", "show", "verify", "backup", "restore", "prune",
                      "forget", "protect", "unprotect", "gc", "locks", "cow inspect",
                      "cow export", "server", "token", "nbd serve", "key list", "key add",
                      "key passwd", "key remove", "copy", "mount", "umount",
-                     "run", "config check", "systemd install", "nbd checkpoint"}
+                     "run", "config check", "systemd install", "nbd checkpoint",
+                     "snapspace add", "snapspace status", "snapspace remove"}
 
 # Options whose value is free text (a path, a name, a command line): nothing to check here.
 TEXT = {"--repo", "--token-file", "--ca", "--passphrase-file", "--passphrase-command",
@@ -85,7 +87,7 @@ TEXT = {"--repo", "--token-file", "--ca", "--passphrase-file", "--passphrase-com
         "--tls-cert", "--tls-key", "--overlay-dir", "--tls-client-ca", "--tls-authz", "--repos",
         "--against",
         "--thin-pool", "--pv", "--config", "--unit-dir", "--executable",
-        "--metrics-file", "--state-dir"}
+        "--metrics-file", "--state-dir", "--file", "--snapshot-pv"}
 WHOLE_1 = ["0", "-1", "-5", "x", "1.5", ""]
 SIZE_1 = ["0", "-1", "x", "1.5M", "4X", ""]
 SIZE_0 = ["-1", "x", "4X", ""]
@@ -98,7 +100,8 @@ BAD_VALUES = {
     ("init", "--chunk-size"): ["0", "-1", "3000", "32K", "32M", "x", ""],
     ("init", "--compression-level"): ["-1", "20", "x", "1.5"],
     ("verify", "--sample"): ["0", "-5", "101", "nan", "inf", "x", ""],
-    ("backup", "--snapshot-size"): ["0%", "-5%", "0", "-1G", "x%", "x", ""],
+    ("backup", "--snapshot-size"): ["0%", "-5%", "0", "-1G", "x%", "x", "", "Auto", "auto%"],
+    ("snapspace add", "--size"): SIZE_1,
     ("prune", "--keep-within"): ["0d", "-1d", "x", "0y0m", ""],
     **{("prune", f"--keep-{r}"): WHOLE_1
        for r in ("last", "hourly", "daily", "weekly", "monthly", "yearly")},

@@ -45,6 +45,7 @@ from tests.clihelp import (
     run_cli,
     write_image,
 )
+from tests.lvmhost import host_vg
 from tests.serverproc import create_repo_fast_kdf, http_storage, run_cli_env, running_server
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "json.md"
@@ -412,6 +413,18 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> Outputs:
     assert [(s["step"], s["outcome"]) for s in ran["steps"]] == [("copy", "ok")], ran
     out.run("systemd install", "--config", jobs, "--unit-dir", tmp / "units", "--dry-run")
     out.run("systemd install", "--config", jobs, "--unit-dir", tmp / "units")
+    # Snapshot space on a real VG of a loop device (docs/snapspace.md).
+    (tmp / "lvm").mkdir()
+    with host_vg(tmp / "lvm") as (vg, _):
+        space_file = tmp / "lvm" / "space.img"
+        out.run("snapspace add", vg, "--file", space_file, "--size", "32M", "--unit-dir",
+                tmp / "units")
+        out.run("snapspace status", vg, "--unit-dir", tmp / "units")
+        out.run("snapspace status", "--unit-dir", tmp / "units")
+        out.fail(["snapspace", "add", vg, "--file", space_file, "--size", "32M", "--json"],
+                 "usage")
+        out.fail(["snapspace", "remove", vg + "-no", "--json"], "not-found")
+        out.run("snapspace remove", vg, "--unit-dir", tmp / "units", "--keep-file")
 
     with locks.Lock(LocalStorage(str(repo)), locks.GC, "gc").acquire():
         out.fail(["gc", "--repo", repo, "--json"], "busy")

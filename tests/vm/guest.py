@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shlex
 import subprocess
 import sys
 
@@ -28,12 +30,32 @@ def latest_snapshot_device(volume: str) -> str:
     return f"/dev/mapper/{mapper_name(vg, lv)}"
 
 
+def unit_start(link: str) -> None:
+    """Run an enabled unit instance's ExecStart= lines as systemd would (the guest has no
+    systemd as PID 1): the template's lines, `%f` the instance name unescaped by the real
+    `systemd-escape`, `%%` and `$$` unescaped in each word of the split line."""
+    instance = os.path.basename(link).split("@", 1)[1].rsplit(".", 1)[0]
+    path = subprocess.run(["systemd-escape", "--unescape", "--path", instance],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    with open(os.path.realpath(link)) as f:
+        lines = [ln.split("=", 1)[1] for ln in f.read().splitlines()
+                 if ln.startswith("ExecStart=")]
+    if not lines:
+        raise SystemExit(f"{link}: no ExecStart=")
+    for line in lines:
+        argv = [w.replace("%f", path).replace("%%", "%").replace("$$", "$")
+                for w in shlex.split(line)]
+        subprocess.run(argv, check=True)
+
+
 def main() -> None:
     cmd, arg = sys.argv[1], sys.argv[2]
     if cmd == "sha":
         print(sha256(arg))
     elif cmd == "snapdev":
         print(latest_snapshot_device(arg))
+    elif cmd == "unit-start":
+        unit_start(arg)
     else:
         raise SystemExit(f"unknown command {cmd}")
 

@@ -10,11 +10,18 @@
 3. A thin LV: the first full backup reads only what the pool maps; then a file is deleted,
    `fstrim` discards its blocks and new data is written: the incremental reads only about the
    new data (the discards are recorded as zeroes). Every version restores byte-identical.
+4. Snapshot space (docs/snapspace.md): the VG has no free extents; `snapspace add` gives it a
+   loop PV and the tracking snapshots land there (`lvs -o devices`), sized `auto`. A simulated
+   reboot (VG deactivated, loop device detached) is undone by the start command of the unit
+   `snapspace add` installed (parsed from the unit, run by hand: the guest has no systemd);
+   the VG activates, the next backup is incremental and restores byte-identical. `snapspace
+   remove` is refused while the snapshot is there and, given room, moves it off (pvmove).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +126,51 @@ for name in e-busy e-clean x-clean; do
   umount /tmp/mnt
   rm /tmp/out.img
 done
+
+# 4. snapshot space: a VG with no free extents gets a loop PV; the tracking snapshots go there
+lvcreate -q -y -L 64M -n s vg
+mkfs.ext4 -q /dev/mapper/vg-s
+mkdir -p /tmp/s /tmp/space
+mount /dev/mapper/vg-s /tmp/s
+dd if=/dev/urandom of=/tmp/s/a bs=1M count=8 status=none
+sync
+lvcreate -q -y -l 100%FREE -n fill vg
+vgs --noheadings -o vg_free_count vg | tr -d ' ' > /scratch/sp-free-before
+S snapspace add vg --file /tmp/space/vg.img --size 256M --unit-dir /tmp/units --json \
+  > /scratch/sp-add.json
+LOOP=$($PYTHON -c 'import json,sys; print(json.load(open(sys.argv[1]))["device"])' \
+  /scratch/sp-add.json)
+bk s1 s s --snapshot-size auto --no-skip-free
+lvs --noheadings -o lv_name,devices vg > /scratch/sp-lvs1
+dd if=/dev/urandom of=/tmp/s/a bs=1M count=4 conv=notrunc status=none
+sync
+bk s2 s s --snapshot-size auto --no-skip-free
+S snapspace status --unit-dir /tmp/units --json > /scratch/sp-status.json
+# a simulated reboot: nothing active, the loop device gone, /run/lvm's online records gone
+umount /tmp/s
+umount /tmp/repo
+vgchange -q -an vg
+losetup -d $LOOP
+rm -rf /run/lvm/pvs_online /run/lvm/vgs_online
+vgs --noheadings -o vg_missing_pv_count vg 2>/dev/null | tr -d ' ' > /scratch/sp-missing
+$G unit-start /tmp/units/local-fs.target.wants/snapship-snapspace@*.service
+vgs --noheadings -o vg_missing_pv_count vg | tr -d ' ' > /scratch/sp-missing-after
+mount /dev/mapper/vg-repo /tmp/repo
+mount /dev/mapper/vg-s /tmp/s
+dd if=/dev/urandom of=/tmp/s/b bs=1M count=2 status=none
+sync
+bk s3 s s --snapshot-size auto --no-skip-free
+S restore s@$(version /scratch/s3.json) /tmp/out.img > /dev/null
+$G sha /tmp/out.img > /scratch/s3.restored
+rm /tmp/out.img
+# remove: refused while the tracking snapshot is there; with room elsewhere, --move moves it
+rc=0; S snapspace remove vg --unit-dir /tmp/units 2> /scratch/sp-refused || rc=$?
+echo $rc > /scratch/sp-refused.rc
+lvremove -q -y vg/fill
+S snapspace remove vg --move --unit-dir /tmp/units --json > /scratch/sp-remove.json
+lvs --noheadings -o lv_name,devices vg > /scratch/sp-lvs-after
+losetup -l -n -O NAME,BACK-FILE > /scratch/sp-losetup-after
+ls /tmp/space /tmp/units/local-fs.target.wants > /scratch/sp-files-after 2>&1 || true
 """
 
 
@@ -173,3 +225,45 @@ def test_free_space_and_thin_mappings(tmp_path: Path) -> None:
     assert t2["bytes_read"] <= 4 * MiB + 10 * MiB, t2
     for name in ("t1", "t2"):
         assert read(f"{name}.restored") == read(f"{name}.sha"), name
+    check_snapspace(sc, read)
+
+
+def check_snapspace(sc: Path, read: Callable[[str], str]) -> None:
+    assert read("sp-free-before") == "0"
+    added = load(sc, "sp-add")
+    loop = added["device"]
+    assert loop.startswith("/dev/loop") and added["file"] == "/tmp/space/vg.img", added
+    assert added["unit"] == "snapship-snapspace@tmp-space-vg.img.service", added
+    s1, s2, s3 = (load(sc, n) for n in ("s1", "s2", "s3"))
+    snap1 = s1["labels"]["snapship.snapshot"].split("/")[1]
+    # lvs -o devices: the tracking snapshot's extents are on the loop PV, nowhere else
+    rows = {w[0]: w[1:] for w in map(str.split, read("sp-lvs1").splitlines())}
+    assert rows[snap1] == [f"{loop}(0)"], rows
+    rec1 = s1["stats"]["snapshot"]
+    assert (rec1["placement"], rec1["pvs"], rec1["sizing"]) == ("snapshot space", [loop],
+                                                                "auto"), rec1
+    assert "no period recorded" in rec1["note"] and rec1["size"] == 32 * MiB, rec1  # the floor
+    assert s2["stats"]["mode"] == "incremental", s2["stats"]
+    p = s2["stats"]["snapshot"]["periods"]
+    assert len(p) == 1 and 4 * MiB <= p[0]["cow_bytes"] <= 16 * MiB, p  # the 4 MiB rewritten
+    assert p[0]["overflowed"] is False and p[0]["seconds"] > 0, p
+    status = load(sc, "sp-status")["pvs"]
+    assert [(x["device"], x["file"], x["unit_enabled"]) for x in status] == \
+        [(loop, "/tmp/space/vg.img", True)], status
+    snap2 = s2["labels"]["snapship.snapshot"].split("/")[1]
+    assert status[0]["lvs"] == [snap2] and status[0]["allocated_extents"] > 0, status
+    # the simulated reboot: one PV missing, then none; the next backup is incremental
+    assert (read("sp-missing"), read("sp-missing-after")) == ("1", "0")
+    assert (s3["stats"]["mode"], s3["stats"]["change_source"]) == ("incremental",
+                                                                    "COW table"), s3["stats"]
+    assert s3["stats"]["bytes_read"] <= 12 * MiB, s3["stats"]  # b's 2 MiB, journal, metadata
+    assert len(s3["stats"]["snapshot"]["periods"]) == 2, s3["stats"]["snapshot"]
+    assert read("s3.restored") == read("s3.sha")
+    assert read("sp-refused.rc") == "1", read("sp-refused")
+    assert f"vg/{s3['labels']['snapship.snapshot'].split('/')[1]}" in read("sp-refused")
+    assert "--move" in read("sp-refused"), read("sp-refused")
+    removed = load(sc, "sp-remove")["removed"]
+    assert [(x["device"], x["file_kept"]) for x in removed] == [(loop, False)], removed
+    assert loop not in read("sp-lvs-after") and loop not in read("sp-losetup-after")
+    assert "vg.img" not in read("sp-files-after") and "snapship-snapspace@" not in \
+        read("sp-files-after"), read("sp-files-after")

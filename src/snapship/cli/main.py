@@ -87,7 +87,7 @@ def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentPar
 
 COMMAND_MODULES = ("repo_commands", "key_commands", "copy_commands", "transfer_commands",
                    "lifecycle_commands", "cow_commands", "server_commands", "nbd_commands",
-                   "mount_commands", "job_commands", "systemd_commands")
+                   "mount_commands", "job_commands", "systemd_commands", "snapspace_commands")
 """Modules under snapship.cli with a `register(subparsers)`, in the order of `--help`."""
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -114,6 +114,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("job_commands", "run the jobs of the jobs file (backup, prune, gc)"),
     "config": ("job_commands", "check the jobs file"),
     "systemd": ("systemd_commands", "systemd units for the jobs file's schedules"),
+    "snapspace": ("snapspace_commands", "snapshot space: loop-device PVs for tracking snapshots"),
 }
 """Each command: the module that registers it and its line in `snapship --help`. The lazy
 parser shows these lines and imports a command's module only once the command is named, so

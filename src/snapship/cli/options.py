@@ -234,7 +234,8 @@ def period(text: str) -> float:
 
 
 def snapshot_size(text: str) -> str:
-    """`N%` of the origin (N at least 1) or a size lvcreate takes (`2G`, `512M`, `1.5T`)."""
+    """`N%` of the origin (N at least 1), a size lvcreate takes (`2G`, `512M`, `1.5T`), or
+    `auto`."""
     # Imported here, not at the top: every command imports this module, and the engine is
     # not for commands that never snapshot (tests/test_startup.py).
     from snapship.engine.snapshot_backup import valid_snapshot_size
@@ -242,7 +243,7 @@ def snapshot_size(text: str) -> str:
     if valid_snapshot_size(text):
         return text
     raise argparse.ArgumentTypeError(
-        f"{text!r} is neither N% of the origin (N at least 1) nor a size such as 2G")
+        f"{text!r} is neither N% of the origin (N at least 1), a size such as 2G, nor auto")
 
 
 # -- completion (argcomplete reads an action's `completer`; nothing is imported for it) -----

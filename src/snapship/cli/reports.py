@@ -174,6 +174,7 @@ def describe_version(r: Report) -> list[str]:
         + (f"{comp}x" if comp else "-"),
         f"read         {human_bytes(s.get('bytes_read', 0))} in {s.get('chunks_read')} chunks",
         *_free_space(s),
+        *_snapshot(s),
         f"protected    {_protection(r)}",
         f"damaged      {_damage(r)}",
     ]
@@ -193,6 +194,18 @@ def _free_space(s: dict[str, Any]) -> list[str]:
                      f"({f.get('chunks_skipped', 0)} zero chunks), "
                      f"{human_bytes(f.get('bytes_zeroed', 0))} zeroed in chunks read")
     return lines
+
+
+def _snapshot(s: dict[str, Any]) -> list[str]:
+    """The classic tracking snapshot the backup left (stats.snapshot), if recorded."""
+    snap = s.get("snapshot")
+    if not isinstance(snap, dict) or not isinstance(snap.get("size"), int):
+        return []
+    pvs = snap.get("pvs")
+    where = ", ".join(map(str, pvs)) if isinstance(pvs, list) and pvs else "the volume group"
+    note = snap.get("note") or snap.get("requested")
+    return [f"snapshot     {human_bytes(snap['size'])} on {where}"
+            + (f" ({note})" if isinstance(note, str) else "")]
 
 
 def describe_backup(r: Report) -> list[str]:

@@ -95,13 +95,16 @@ def cmd_backup(args: argparse.Namespace) -> int:
     labels = parse_labels(args.label)
     if lvm_source and args.changed_ranges:
         raise UsageError("--changed-ranges is for plain sources; LVM tracks its own changes")
+    if args.snapshot_pv and not lvm_source:
+        raise UsageError("--snapshot-pv is for lvm:VG/LV sources")
     changed = read_changed_ranges(args.changed_ranges) if args.changed_ranges else None
     repo = open_repository(args)
     m = backup_source(
         repo, args.source, volume, explicit_volume=args.volume is not None, lvm=Lvm(),
         labels=labels, changed=changed,
         snapshot=SnapshotOptions(args.snapshot_size, args.pre_snapshot, args.post_snapshot,
-                                 skip_free=not args.no_skip_free),
+                                 skip_free=not args.no_skip_free,
+                                 pvs=tuple(args.snapshot_pv)),
         skip_free=not args.no_skip_free,
         progress=TerminalProgress(f"backup {volume}"), warn=warn)
     report_backup(args, m)
@@ -207,6 +210,7 @@ def register(sub: options.SubParsers) -> None:
         examples=["snapship backup /dev/vg0/root --volume root --label host=db1",
                   "snapship backup disk.img                       # volume disk.img",
                   "snapship backup lvm:vg0/root --snapshot-size 20%",
+                  "snapship backup lvm:vg0/root --snapshot-size auto  # docs/snapspace.md",
                   "snapship backup lvm:vg0/db --pre-snapshot 'mysql -e \"FLUSH TABLES\"'",
                   "snapship backup disk.img --changed-ranges list # docs/changed-ranges.md"],
         parents=options.parents(repo=True, key=True))
@@ -225,8 +229,12 @@ def register(sub: options.SubParsers) -> None:
                    "it is recorded as zeroes without being read: docs/free-space.md)")
     p.add_argument("--snapshot-size", default="10%", metavar="SIZE",
                    type=options.snapshot_size,
-                   help="lvm: classic snapshot size, N%% of the origin or e.g. 2G "
-                   "(default: %(default)s)")
+                   help="lvm: classic snapshot size, N%% of the origin, e.g. 2G, or auto "
+                   "(from the space earlier snapshots used, with headroom: docs/snapspace.md)"
+                   " (default: %(default)s)")
+    p.add_argument("--snapshot-pv", action="append", default=[], metavar="PV",
+                   help="lvm: put the classic snapshot on this PV (repeatable; default: the "
+                   "VG's snapshot space if it has any, else anywhere in the VG)")
     p.add_argument("--pre-snapshot", metavar="CMD",
                    help="lvm: shell command run just before the snapshot (flush an application)")
     p.add_argument("--post-snapshot", metavar="CMD",

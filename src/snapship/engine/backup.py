@@ -17,7 +17,7 @@ from array import array
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from snapship.changes.ranges import touched_chunks
 from snapship.engine.known_zero import ChunkSplit, KnownZero, zero_parts
@@ -76,6 +76,9 @@ class BackupPlan:
     """Labels the preparation adds to the version (e.g. the snapshot it read)."""
     known_zero: KnownZero | None = None
     """Ranges known to read as zeroes (holes, free space): not read, zeroed where read."""
+    stats: dict[str, Any] = field(default_factory=dict)
+    """Statistics of the preparation's own (the tracking snapshot's: `snapshot`), added to the
+    version's."""
 
 
 Prepared = tuple[BackupSource, BackupPlan]
@@ -297,6 +300,7 @@ def _backup(
                                    "bytes_skipped": split.left_out_bytes,
                                    "bytes_zeroed": zeroed}}
                    if kz is not None else {}),
+                **plan.stats,
             },
         )
 

@@ -23,8 +23,9 @@ import dataclasses
 import datetime as dt
 import re
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from snapship.changes import cow, thin_delta, thin_dump
 from snapship.changes.lvm import LvInfo, Lvm, LvmError, mapper_name
@@ -33,6 +34,14 @@ from snapship.devices import Source, UncachedReader
 from snapship.engine.backup import BackupPlan, Prepared, run_backup
 from snapship.engine.known_zero import KnownZero, survey
 from snapship.engine.progress import Progress
+from snapship.engine.snapshot_size import (
+    AUTO,
+    KEEP_PERIODS,
+    Period,
+    auto_extents,
+    periods_of,
+    place,
+)
 from snapship.errors import SnapshipError, SourceError, UsageError
 from snapship.formats.manifest import Manifest
 from snapship.repository.repo import Repository
@@ -46,18 +55,24 @@ LABEL_SNAPSHOT_UUID = "snapship.snapshot_uuid"
 @dataclass(frozen=True)
 class SnapshotOptions:
     size: str = "10%"
-    """Classic snapshot size: `N%` of the origin or an lvcreate size such as `2G`."""
+    """Classic snapshot size: `N%` of the origin, an lvcreate size such as `2G`, or `auto`
+    (engine/snapshot_size.py)."""
     pre_hook: str | None = None
     post_hook: str | None = None
     skip_free: bool = True
     """Skip the free space of a clean filesystem on the snapshot (docs/free-space.md)."""
+    pvs: tuple[str, ...] = ()
+    """Classic snapshots: the PVs to put it on (default: the VG's snapshot space, if any)."""
 
 
 _LVM_SIZE = re.compile(r"(\d+(?:\.\d+)?)([bBsSkKmMgGtTpPeE]?)")
 
 
 def valid_snapshot_size(text: str) -> bool:
-    """`N%` of the origin (N at least 1) or a size lvcreate takes (`2G`, `512M`, `1.5T`)."""
+    """`N%` of the origin (N at least 1), a size lvcreate takes (`2G`, `512M`, `1.5T`), or
+    `auto` (sized from the earlier snapshots' use, docs/snapspace.md)."""
+    if text == AUTO:
+        return True
     if text.endswith("%"):
         return text[:-1].isdigit() and int(text[:-1]) >= 1
     m = _LVM_SIZE.fullmatch(text)
@@ -148,6 +163,67 @@ def _thin_zero(lvm: Lvm, origin: LvInfo, new: LvInfo, plan: BackupPlan, kz: Know
     return KnownZero(coalesce([*kz.ranges, *extra]), record)
 
 
+def snapshot_layout(lvm: Lvm, origin: LvInfo, periods: Sequence[Period],
+                    options: SnapshotOptions, warn: Warn
+                    ) -> tuple[str | None, list[str], dict[str, Any]]:
+    """The new snapshot's size argument (None: thin), the PVs to put it on, and what to record
+    of how they were chosen; `periods`: what earlier tracking snapshots held, newest first."""
+    if origin.is_thin:
+        if options.pvs:
+            raise UsageError("--snapshot-pv is for classic snapshots: a thin snapshot lives in "
+                             "its pool")
+        return None, [], {}
+    pvs = lvm.pvs(origin.vg)
+    chosen, where = place(pvs, options.pvs, origin.vg)
+    if where == "the volume group" and any(p.snapspace and p.missing for p in pvs):
+        warn(f"the snapshot space of {origin.vg} is missing (its file is not attached: "
+             "snapship snapspace status)")
+    record: dict[str, Any] = {"sizing": "auto" if options.size == AUTO else "fixed",
+                              "requested": options.size, "placement": where,
+                              "pvs": [p.name for p in chosen]}
+    if options.size != AUTO:
+        return options.size, record["pvs"], record
+    pool = chosen or [p for p in pvs if not p.missing]
+    extents, note = auto_extents(
+        periods, origin_size=origin.size,
+        extent_size=pool[0].extent_size if pool else 0,
+        free_extents=sum(p.free_extents for p in pool))
+    if "free" in note:
+        warn(f"tracking snapshot of {origin.vg}/{origin.name}: {note}")
+    record["note"] = note
+    return f"{extents}e", record["pvs"], record
+
+
+def measured_period(lvm: Lvm, tracking: LvInfo | None, base: Manifest | None) -> Period | None:
+    """How full the tracking snapshot the base was read from is now, just before the new one
+    is taken: the changes of one period between backups (timed from the base's end, a little
+    short of the snapshot's life, so the rate comes out a little high)."""
+    if (tracking is None or base is None or tracking.is_thin
+            or base.labels.get(LABEL_SNAPSHOT_UUID) != tracking.uuid):
+        return None
+    now = lvm.find(tracking.vg, tracking.name)
+    try:
+        seconds = (dt.datetime.now(dt.UTC)
+                   - dt.datetime.fromisoformat(base.created)).total_seconds()
+    except ValueError:
+        return None
+    if now is None or seconds <= 0:
+        return None
+    if now.invalid:
+        return Period(now.size, seconds, overflowed=True)
+    if now.snap_percent is None:
+        return None
+    return Period(round(now.snap_percent * now.size / 100), seconds)
+
+
+def recorded_periods(lvm: Lvm, tracking: LvInfo | None, base: Manifest | None
+                     ) -> list[Period]:
+    """`stats.snapshot.periods` of the new version: the period measured now, then the base's."""
+    period = measured_period(lvm, tracking, base)
+    older = periods_of(base.stats) if base is not None else []
+    return ([period] if period else []) + older[:KEEP_PERIODS - (1 if period else 0)]
+
+
 def run_snapshot_backup(
     repo: Repository,
     lvm: Lvm,
@@ -175,15 +251,20 @@ def run_snapshot_backup(
                 warn(f"removing stale snapshot {vg}/{stale.name}")
                 lvm.remove(vg, stale.name)
 
+        # Measured before the new snapshot is sized, so that the newest period counts (after an
+        # overflow, the very next snapshot is larger).
+        periods = [] if origin.is_thin else recorded_periods(lvm, tracking, base)
+        size, pvs, record = snapshot_layout(lvm, origin, periods, options, warn)
         run_hook(options.pre_hook, "pre-snapshot")
         try:
-            new = lvm.create_snapshot(vg, lv, snapshot_name(lv),
-                                      None if origin.is_thin else options.size)
+            new = lvm.create_snapshot(vg, lv, snapshot_name(lv), size, pvs)
         except BaseException:
             run_hook(options.post_hook, "post-snapshot")
             raise
         try:
             run_hook(options.post_hook, "post-snapshot")
+            stats = {} if origin.is_thin else {"snapshot": {
+                "size": new.size, **record, "periods": [p.record() for p in periods]}}
             plan = plan_changes(lvm, origin, tracking, new, base)
             if plan.fallback:
                 warn(f"full read of {vg}/{lv}: {plan.fallback}")
@@ -196,7 +277,7 @@ def run_snapshot_backup(
                     kz = _thin_zero(lvm, origin, new, plan, kz, warn)
                 plan = dataclasses.replace(
                     plan, labels={LABEL_SNAPSHOT: f"{vg}/{new.name}",
-                                  LABEL_SNAPSHOT_UUID: new.uuid}, known_zero=kz)
+                                  LABEL_SNAPSHOT_UUID: new.uuid}, known_zero=kz, stats=stats)
                 yield source, plan
         except BaseException:
             try:

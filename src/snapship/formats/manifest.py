@@ -267,6 +267,34 @@ def _check_stats(stats: dict[str, Any]) -> None:
             raise ValueError(f"stats field {key!r} is not a string")
     if "free_space" in stats:
         _check_free_space(stats["free_space"])
+    if "snapshot" in stats:
+        _check_snapshot(stats["snapshot"])
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_snapshot(s: Any) -> None:
+    """stats.snapshot (docs/format.md): the classic tracking snapshot, and the periods
+    `--snapshot-size auto` sizes the next one from."""
+    if not isinstance(s, dict):
+        raise ValueError("stats field 'snapshot' is not an object")
+    if "size" in s and not _count(s["size"]):
+        raise ValueError("stats field 'snapshot.size' is not a count")
+    for key in ("sizing", "requested", "placement", "note"):
+        if key in s and not isinstance(s[key], str):
+            raise ValueError(f"stats field 'snapshot.{key}' is not a string")
+    if "pvs" in s and not (isinstance(s["pvs"], list)
+                           and all(isinstance(p, str) for p in s["pvs"])):
+        raise ValueError("stats field 'snapshot.pvs' is not a list of strings")
+    periods = s.get("periods", [])
+    if not isinstance(periods, list) or not all(
+            isinstance(p, dict) and _count(p.get("cow_bytes"))
+            and isinstance(p.get("seconds"), int | float) and not isinstance(p["seconds"], bool)
+            and math.isfinite(p["seconds"]) and p["seconds"] > 0
+            and isinstance(p.get("overflowed"), bool) for p in periods):
+        raise ValueError("stats field 'snapshot.periods' is not a list of periods")
 
 
 _FREE_COUNTS = ("hole_bytes", "free_bytes", "unmapped_bytes", "metadata_bytes_read",
