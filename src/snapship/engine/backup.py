@@ -13,7 +13,7 @@ import contextlib
 import threading
 import time
 from array import array
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -48,7 +48,12 @@ class _Result:
 
 
 class BackupSource(Protocol):
-    """What a backup reads: `snapship.devices.Source`, or a view such as an NBD overlay."""
+    """What a backup reads: `snapship.devices.Source`, or a view such as an NBD overlay.
+
+    A source whose `read` is safe from several threads at once (a pread of a file or a
+    device) says so with a `concurrent_reads = True` attribute: the engine then reads on its
+    workers. Any other source is read on the caller's thread, one chunk at a time, in order.
+    """
 
     @property
     def size(self) -> int: ...
@@ -184,23 +189,29 @@ def _backup(
     kz = plan.known_zero
     skipped = [0, 0, 0]  # chunks not read, bytes not read, bytes zeroed in chunks read
 
-    def reads() -> Iterator[tuple[int, bytes | int]]:
-        """(index, data), or (index, length) for a chunk known to be zero: not read."""
-        for i in indices:
-            off = i * cs
-            n = min(cs, size - off)
-            parts = kz.cover(off, off + n) if kz is not None else []
-            if sum(hi - lo for lo, hi in parts) == n:
-                skipped[0] += 1
-                skipped[1] += n
-                yield i, n
-                continue
-            data, zeroed = zero_parts(source.read(off, n), off, parts)
-            skipped[2] += zeroed
-            yield i, data
+    def read_chunk(index: int) -> bytes | int:
+        """The chunk's data, or its length for a chunk known to be zero: not read."""
+        off = index * cs
+        n = min(cs, size - off)
+        parts = kz.cover(off, off + n) if kz is not None else []
+        if sum(hi - lo for lo, hi in parts) == n:
+            return n
+        data, zeroed = zero_parts(source.read(off, n), off, parts)
+        if zeroed:
+            with lock:
+                skipped[2] += zeroed
+        return data
 
-    def process(item: tuple[int, bytes | int]) -> _Result:
-        index, data = item
+    def reads() -> Iterator[tuple[int, bytes | int]]:
+        """(index, data) read on this thread, in order: for a source that cannot be read
+        from several threads at once."""
+        for i in indices:
+            yield i, read_chunk(i)
+
+    def process(item: tuple[int, bytes | int] | int) -> _Result:
+        # A bare index: the worker reads the chunk itself (pread releases the GIL), so reads
+        # run on every core instead of one at a time on the caller's thread (docs/perf.md).
+        index, data = (item, read_chunk(item)) if isinstance(item, int) else item
         if isinstance(data, int):
             return _Result(index, ZERO_ID, ZERO, data, 0, 0)
         n = len(data)
@@ -224,15 +235,20 @@ def _backup(
         stored_sizes[cid] = stored
         return _Result(index, cid, NEW, n, stored, n)
 
-    nworkers = workers or default_workers(repo.storage)
+    nworkers = workers or default_workers(repo.storage, blocking=True)
     counts = [0] * 5
     bytes_read = new_raw = new_stored = 0
     duplicates: list[_Result] = []
     known: list[_Result] = []
-    for r in bounded_map(process, reads(), nworkers, window_for(nworkers, cs)):
+    items: Iterable[tuple[int, bytes | int] | int] = (
+        indices if getattr(source, "concurrent_reads", False) else reads())
+    for r in bounded_map(process, items, nworkers, window_for(nworkers, cs)):
         ids[r.index * 32 : r.index * 32 + 32] = r.cid
         counts[r.outcome] += 1
         bytes_read += r.read
+        if r.read == 0 and r.outcome == ZERO:
+            skipped[0] += 1
+            skipped[1] += r.raw
         if r.stored is None:
             duplicates.append(r)
         else:
