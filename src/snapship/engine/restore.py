@@ -1,13 +1,13 @@
 """The restore engine: one manifest -> a complete image on a file, a block device or a pipe.
 
-Chunks are fetched, decrypted and checked on the worker pool and written by the calling
-thread, in order, with O_DIRECT from reused aligned buffers where the target takes it (no page
-cache to fill on the way, nothing left for the final fsync to write back); zero chunks become holes in a new file and real zeroes on a device or a
-pipe. Any chunk that is missing or fails its check stops the restore with the chunk id,
-version and offset named. A new file is only put in place of the target once the restore is
-complete and synced (a failure, or an exception such as KeyboardInterrupt, leaves an existing
-file as it was); a device in use, or one carrying a file system unless forced, is refused
-before anything is written (`devices.Target`).
+Chunks are fetched, decrypted and checked on the worker pool and written by the calling thread,
+in order, with O_DIRECT from reused aligned buffers where the target takes it (no page cache to
+fill on the way, nothing left for the final fsync to write back); zero chunks become holes in a
+new file and real zeroes on a device or a pipe. Any chunk that is missing or fails its check
+stops the restore with the chunk id, version and offset named. A new file is only put in place
+of the target once the restore is complete and synced (a failure, or an exception such as
+KeyboardInterrupt, leaves an existing file as it was); a device in use, or one carrying a file
+system unless forced, is refused before anything is written (`devices.Target`).
 
 What is written in place (a device; any differential restore) has its first chunk written
 last: it is first blanked with a marker (`devices.INCOMPLETE_MARK`) and synced, then the rest
