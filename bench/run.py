@@ -2,10 +2,13 @@
 """Benchmark snapship against restic and borg on the same pair of disk images.
 
 For every tool: init, back up day1.img, back up day2.img (a full re-read that dedups against
-day 1), restore the day-1 version and check its SHA-256. Steps run step by step across the
-tools (all day-1 backups, then all day-2 backups, ...), each after the same cache warming and
-a ``sync``. Prints a markdown table and writes the figures as JSON. Needs root (loop mounts
-for the images). See bench/README.md.
+day 1), restore the day-1 version and check its SHA-256, then time the ``sync`` that makes
+the restore durable (snapship's own fsync is inside its restore; restic's and borg's output
+is only durable after it). Steps run step by step across the tools (all day-1 backups, then
+all day-2 backups, ...), each after the same cache warming and a ``sync``; that is one round,
+into new repositories, and the rounds (3 by default) are interleaved so that every tool meets
+the same load. Prints the median of the rounds with min and max, and writes every figure as
+JSON. Needs root (loop mounts for the images). See bench/README.md.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ import hashlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,17 +70,24 @@ class Measurement:
 
 @dataclass
 class ToolResult:
+    """One tool's figures over every round (lists in round order)."""
+
     name: str
     version: str = ""
-    steps: dict[str, Measurement] = field(default_factory=dict)
-    repo_bytes_day1: int | None = None
-    repo_bytes_day2: int | None = None
+    steps: dict[str, list[Measurement]] = field(default_factory=dict)
+    flush_seconds: list[float] = field(default_factory=list)
+    """The `sync` after each restore: what it took to make the restored image durable."""
+    repo_bytes_day1: list[int] = field(default_factory=list)
+    repo_bytes_day2: list[int] = field(default_factory=list)
     restored: str = ""  # which image the restored version must equal: day1 (or day2)
-    verified: bool | None = None
+    verified: bool | None = None  # every round's restore matched
     restored_allocated: int | None = None  # disk blocks of the restored file (sparse or not)
     errors: list[str] = field(default_factory=list)
     failed: bool = False  # a step exited non-zero (its later steps were skipped)
     details: Any = None  # the tool's own report, where it gives one (snapship's versions)
+
+    def ok(self, step: str) -> list[Measurement]:
+        return [m for m in self.steps.get(step, []) if m.returncode == 0]
 
 
 class Tool:
@@ -106,11 +118,12 @@ class Tool:
 
 
 class Snapship(Tool):
-    def __init__(self, repo: Path, cache: Path, exe: Path, encrypted: bool) -> None:
+    def __init__(self, repo: Path, cache: Path, exe: Path, encrypted: bool,
+                 label: str = "snapship") -> None:
         super().__init__(repo, cache)
         self.exe = str(exe)
         self.encrypted = encrypted
-        self.name = "snapship (enc)" if encrypted else "snapship (none)"
+        self.name = f"{label} (enc)" if encrypted else f"{label} (none)"
         self.env["SNAPSHIP_PASSPHRASE"] = PASSPHRASE
         self.version_ids: dict[str, str] = {}
 
@@ -375,18 +388,19 @@ def ensure_tools(anchors: bool) -> None:
     subprocess.run(["bash", str(BENCH_DIR / "setup.sh")], check=True)
 
 
-def run_benchmark(
-    tools: list[Tool], images: make_image.ImageSet, rundir: Path
-) -> dict[str, ToolResult]:
-    results = {t.name: ToolResult(t.name, version=t.version()) for t in tools}
-    digests = {"day1": image_sha256(images.day1), "day2": image_sha256(images.day2)}
+def run_round(
+    tools: list[Tool], images: make_image.ImageSet, rundir: Path,
+    results: dict[str, ToolResult], digests: dict[str, str],
+) -> None:
+    """One round: every step of every tool, step by step across the tools, new repositories."""
     logs, outdir = rundir / "logs", rundir / "out"
     logs.mkdir(parents=True)
     outdir.mkdir()
+    failed: set[str] = set()
     for step in STEPS:
         for tool in tools:
             res = results[tool.name]
-            if res.failed:
+            if tool.name in failed:
                 continue  # a step failed earlier: its later steps are meaningless
             out = outdir / f"{tool.repo.name}.img"
             if step == "init":
@@ -402,82 +416,123 @@ def run_benchmark(
                 res.restored = tool.restore_target
             subprocess.run(["sync"], check=True)
             m = measure(step, cmd, tool.env, logs / f"{tool.repo.name}-{step}.log")
-            res.steps[step] = m
+            res.steps.setdefault(step, []).append(m)
+            flush = time.monotonic()
             subprocess.run(["sync"], check=True)
+            flush = time.monotonic() - flush
             print(
-                f"  {tool.name:20} {step:13} {m.seconds:7.2f} s  rc={m.returncode}  "
-                f"{m.cores:.2f} cores  {m.peak_rss_mb:7.1f} MB",
+                f"  {tool.name:22} {step:13} {m.seconds:7.2f} s  rc={m.returncode}  "
+                f"{m.cores:.2f} cores  {m.peak_rss_mb:7.1f} MB"
+                + (f"  sync after {flush:.2f} s" if step == "restore-day1" else "")
+                + f"  load {os.getloadavg()[0]:.1f}",
                 flush=True,
             )
             if m.returncode != 0:
                 tail = Path(m.log).read_text(errors="replace")[-800:]
                 res.errors.append(f"step {step} exited {m.returncode}: {tail}")
                 res.failed = True
+                failed.add(tool.name)
                 out.unlink(missing_ok=True)
                 continue
             if step == "backup-day1":
-                res.repo_bytes_day1 = dir_bytes(tool.repo)
+                res.repo_bytes_day1.append(dir_bytes(tool.repo))
             elif step == "backup-day2":
-                res.repo_bytes_day2 = dir_bytes(tool.repo)
+                res.repo_bytes_day2.append(dir_bytes(tool.repo))
             if step.startswith("backup-"):
                 tool.after_backup(step.removeprefix("backup-"), res)
             if step == "restore-day1":
+                res.flush_seconds.append(flush)
                 got = sha256(out) if out.exists() else "missing"
                 want = digests[tool.restore_target]
-                res.verified = got == want
+                res.verified = (res.verified is not False) and got == want
                 if tool.restore_target != "day1":
                     res.errors.append(
                         f"restored the latest version ({tool.restore_target}),"
                         " not day 1: version id unknown"
                     )
-                if not res.verified:
+                if got != want:
                     res.errors.append(
                         f"RESTORE MISMATCH: sha256 {got} != {tool.restore_target} {want}"
                     )
                 if out.exists():
                     res.restored_allocated = out.stat().st_blocks * 512
                 out.unlink(missing_ok=True)
+
+
+def run_benchmark(
+    make: Callable[[Path], list[Tool]], images: make_image.ImageSet, rundir: Path, rounds: int
+) -> dict[str, ToolResult]:
+    """`rounds` rounds, each with new repositories; the tools' order rotates by one each round
+    so that no tool always runs first (or right after the same neighbour)."""
+    digests = {"day1": image_sha256(images.day1), "day2": image_sha256(images.day2)}
+    results: dict[str, ToolResult] = {}
+    for n in range(rounds):
+        tools = make(rundir / f"round-{n + 1}")
+        if not results:
+            results = {t.name: ToolResult(t.name, version=t.version()) for t in tools}
+        k = n % len(tools)
+        tools = tools[k:] + tools[:k]
+        print(f"round {n + 1} of {rounds}: {', '.join(t.name for t in tools)}", flush=True)
+        run_round(tools, images, rundir / f"round-{n + 1}", results, digests)
+        if n + 1 < rounds:  # the repositories of the last round stay for a look
+            shutil.rmtree(rundir / f"round-{n + 1}" / "repos", ignore_errors=True)
     return results
 
 
-def fmt_speed(m: Measurement | None, size: int) -> str:
-    if m is None or m.returncode != 0:
-        return "FAILED" if m else "-"
-    return f"{m.seconds:.2f} s ({size / MB / m.seconds:.0f} MB/s)"
+def spread(values: list[float]) -> tuple[float, float, float]:
+    """(median, min, max)."""
+    return statistics.median(values), min(values), max(values)
 
 
-def increment(r: ToolResult) -> int | None:
-    if r.repo_bytes_day1 is None or r.repo_bytes_day2 is None:
-        return None
-    return r.repo_bytes_day2 - r.repo_bytes_day1
+def fmt_speed(ms: list[Measurement], size: int, failed: bool) -> str:
+    if not ms:
+        return "FAILED" if failed else "-"
+    med, lo, hi = spread([m.seconds for m in ms])
+    return f"{med:.2f} s ({lo:.2f}-{hi:.2f}), {size / MB / med:.0f} MB/s"
+
+
+def increment(r: ToolResult) -> list[int]:
+    return [b - a for a, b in zip(r.repo_bytes_day1, r.repo_bytes_day2, strict=False)]
+
+
+def durable(r: ToolResult) -> list[float]:
+    """Each round's restore plus the sync after it: until the restored image is durable."""
+    return [m.seconds + f for m, f in zip(r.ok("restore-day1"), r.flush_seconds, strict=False)]
 
 
 def table(results: dict[str, ToolResult], size: int) -> str:
     cols = list(results.values())
     rows: list[tuple[str, list[str]]] = []
 
-    def step(name: str) -> list[Measurement | None]:
-        return [r.steps.get(name) for r in cols]
+    def mb(values: list[int] | list[float]) -> str:
+        return "-" if not values else f"{statistics.median(values) / MB:.1f} MB"
 
-    def mb(n: float | None) -> str:
-        return "-" if n is None else f"{n / MB:.1f} MB"
+    def usage(ms: list[Measurement]) -> str:
+        if not ms:
+            return "-"
+        return (f"{statistics.median(m.cores for m in ms):.2f} / "
+                f"{statistics.median(m.cpu_seconds for m in ms):.2f} s / "
+                f"{max(m.peak_rss_mb for m in ms):.0f} MB")
 
-    def usage(m: Measurement | None) -> str:
-        return f"{m.cores:.2f} / {m.peak_rss_mb:.0f} MB" if m else "-"
-
-    rows.append(("init", [f"{m.seconds:.2f} s" if m else "-" for m in step("init")]))
     for key, title in (
-        ("backup-day1", "day 1 backup"),
+        ("backup-day1", "day 1 backup (full)"),
         ("backup-day2", "day 2 backup (full re-read)"),
         ("restore-day1", "restore day 1"),
     ):
-        rows.append((title, [fmt_speed(m, size) for m in step(key)]))
-        rows.append(("  cores / peak RSS", [usage(m) for m in step(key)]))
-    peaks = [max((m.peak_rss_mb for m in r.steps.values()), default=None) for r in cols]
-    rows.append(("peak RSS, all steps", [mb(p * MB if p else None) for p in peaks]))
+        rows.append((title, [fmt_speed(r.ok(key), size, r.failed) for r in cols]))
+        rows.append(("  cores / CPU / peak RSS", [usage(r.ok(key)) for r in cols]))
+    rows.append(("  sync after the restore", [
+        "-" if not r.flush_seconds else "{:.2f} s ({:.2f}-{:.2f})".format(*spread(r.flush_seconds))
+        for r in cols]))
+    rows.append(("restore until durable", [
+        "-" if not durable(r) else
+        "{:.2f} s ({:.2f}-{:.2f})".format(*spread(durable(r))) for r in cols]))
+    peaks = [[m.peak_rss_mb for ms in r.steps.values() for m in ms] for r in cols]
+    rows.append(("peak RSS, all steps", [f"{max(p):.0f} MB" if p else "-" for p in peaks]))
     rows.append(("repo size after day 1", [mb(r.repo_bytes_day1) for r in cols]))
     rows.append(("day 2 increment", [mb(increment(r)) for r in cols]))
-    rows.append(("restored file, allocated", [mb(r.restored_allocated) for r in cols]))
+    rows.append(("restored file, allocated",
+                 [mb([r.restored_allocated] if r.restored_allocated else []) for r in cols]))
     verdict = {True: "yes", False: "**NO**", None: "-"}
     rows.append(("restore verified (sha256)", [verdict[r.verified] for r in cols]))
     lines = ["| | " + " | ".join(r.name for r in cols) + " |", "|---|" + "---|" * len(cols)]
@@ -486,38 +541,43 @@ def table(results: dict[str, ToolResult], size: int) -> str:
 
 
 def figures(r: ToolResult, size: int) -> dict[str, float]:
-    """Ratio-able figures of one tool (missing ones left out)."""
+    """Ratio-able figures of one tool, medians of the rounds (missing ones left out)."""
     out: dict[str, float] = {}
     for key, name in (
         ("backup-day1", "day1_mbps"),
         ("backup-day2", "day2_mbps"),
         ("restore-day1", "restore_mbps"),
     ):
-        m = r.steps.get(key)
-        if m and m.returncode == 0:
-            out[name] = size / MB / m.seconds
-    if r.repo_bytes_day1 is not None:
-        out["repo_day1"] = r.repo_bytes_day1
-    if (inc := increment(r)) is not None:
-        out["increment_day2"] = inc
-    if r.steps:
-        out["peak_rss"] = max(m.peak_rss_mb for m in r.steps.values())
+        if ms := r.ok(key):
+            out[name] = size / MB / statistics.median(m.seconds for m in ms)
+            out[name.replace("mbps", "cores")] = statistics.median(m.cores for m in ms)
+    if d := durable(r):
+        out["durable_restore_mbps"] = size / MB / statistics.median(d)
+    if r.repo_bytes_day1:
+        out["repo_day1"] = statistics.median(r.repo_bytes_day1)
+    if inc := increment(r):
+        out["increment_day2"] = statistics.median(inc)
+    if peaks := [m.peak_rss_mb for ms in r.steps.values() for m in ms]:
+        out["peak_rss"] = max(peaks)
     return out
 
 
 def ratios(results: dict[str, ToolResult], size: int) -> list[str]:
     figs = {name: figures(r, size) for name, r in results.items()}
     pairs = [
-        ("full backup (day 1) throughput", "day1_mbps", ("restic", "borg none")),
-        ("day 2 backup throughput", "day2_mbps", ("restic", "borg none")),
-        ("restore throughput", "restore_mbps", ("restic", "borg none")),
-        ("repo size after day 1", "repo_day1", ("restic", "borg none")),
-        ("day 2 increment", "increment_day2", ("restic", "borg none")),
-        ("peak RSS", "peak_rss", ("restic", "borg none")),
+        ("full backup (day 1) throughput", "day1_mbps"),
+        ("day 2 backup throughput", "day2_mbps"),
+        ("restore throughput (command)", "restore_mbps"),
+        ("restore throughput (until durable)", "durable_restore_mbps"),
+        ("repo size after day 1", "repo_day1"),
+        ("day 2 increment", "increment_day2"),
+        ("peak RSS", "peak_rss"),
     ]
     lines: list[str] = []
     for mine in (n for n in figs if n.startswith("snapship")):
-        for title, key, anchors in pairs:
+        anchors = ["restic", "borg none", *(n for n in figs if n.startswith("snapship")
+                                            and n != mine and n.endswith(mine[-5:]))]
+        for title, key in pairs:
             parts = [
                 f"{figs[mine][key] / figs[a][key]:.2f}x {a}"
                 for a in anchors
@@ -529,21 +589,27 @@ def ratios(results: dict[str, ToolResult], size: int) -> list[str]:
 
 
 def make_tools(
-    groups: list[str], snapship: Path, rundir: Path, encryption_none: bool
+    groups: list[str], snapship: Path, rundir: Path, extra: bool, baseline: Path | None
 ) -> list[Tool]:
+    """The columns: snapship (encrypted, defaults), restic, borg none; with `extra` also
+    snapship --encryption none and borg repokey-blake2; with `baseline` the same snapship
+    columns for another build (e.g. main before a change), named "snapship base"."""
     repos, caches = rundir / "repos", rundir / "cache"
     tools: list[Tool] = []
     if "snapship" in groups:
-        tools.append(Snapship(repos / "snapship-enc", caches / "snapship-enc", snapship, True))
-        if encryption_none:
-            tools.append(
-                Snapship(repos / "snapship-none", caches / "snapship-none", snapship, False)
-            )
+        builds = [("snapship", snapship)] + ([("snapship base", baseline)] if baseline else [])
+        for label, exe in builds:
+            slug = label.replace(" ", "-")
+            tools.append(Snapship(repos / f"{slug}-enc", caches / f"{slug}-enc", exe, True, label))
+            if extra:
+                tools.append(Snapship(repos / f"{slug}-none", caches / f"{slug}-none", exe, False,
+                                      label))
     if "restic" in groups:
         tools.append(Restic(repos / "restic", caches / "restic"))
     if "borg" in groups:
         tools.append(Borg(repos / "borg-none", caches / "borg-none", "none"))
-        tools.append(Borg(repos / "borg-blake2", caches / "borg-blake2", "repokey-blake2"))
+        if extra:
+            tools.append(Borg(repos / "borg-blake2", caches / "borg-blake2", "repokey-blake2"))
     return tools
 
 
@@ -591,10 +657,16 @@ def main(argv: list[str] | None = None) -> int:
         "--only", default=",".join(GROUPS), help=f"comma-separated subset of {','.join(GROUPS)}"
     )
     parser.add_argument(
-        "--no-encryption-none",
+        "--extra",
         action="store_true",
-        help="skip the snapship --encryption none variant",
+        help="also snapship --encryption none and borg repokey-blake2",
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another snapship executable (e.g. main's), run beside as 'snapship base'",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per tool (default 3)")
     parser.add_argument("--rebuild", action="store_true", help="rebuild the images")
     parser.add_argument("--json", type=Path, help="results file (default: in the workdir)")
     parser.add_argument(
@@ -628,15 +700,22 @@ def main(argv: list[str] | None = None) -> int:
         )
     rundir = args.workdir / f"run-{make_image.size_label(size)}"
     shutil.rmtree(rundir, ignore_errors=True)
-    tools = make_tools(groups, args.snapship, rundir, not args.no_encryption_none)
-    results = run_benchmark(tools, images, rundir)
+    loads: list[float] = []
+
+    def make(where: Path) -> list[Tool]:
+        loads.append(os.getloadavg()[0])
+        return make_tools(groups, args.snapship, where, args.extra, args.baseline)
+
+    results = run_benchmark(make, images, rundir, args.rounds)
+    loads.append(os.getloadavg()[0])
 
     report = [
         f"## Benchmark: {make_image.size_label(size)} image, "
         f"{images.stats.changed_bytes_4k / 2**20:.1f} MiB of 4 KiB blocks changed on day 2",
         "",
-        f"Load average (1 min) before / after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f} "
-        f"on {os.cpu_count()} CPUs",
+        f"Load average (1 min) at the start of each round and at the end: "
+        f"{' / '.join(f'{x:.2f}' for x in loads)} on {os.cpu_count()} CPUs; "
+        f"{args.rounds} rounds, median (min-max)",
         "",
         table(results, size),
         "",
@@ -655,7 +734,8 @@ def main(argv: list[str] | None = None) -> int:
                 "results": {
                     name: {
                         **asdict(r),
-                        "steps": {k: measurement_json(m) for k, m in r.steps.items()},
+                        "steps": {k: [measurement_json(m) for m in ms]
+                                  for k, ms in r.steps.items()},
                         "figures": figures(r, size),
                     }
                     for name, r in results.items()

@@ -22,6 +22,14 @@ from typing import Self
 from snapship.errors import SourceError, TargetError
 
 _ZERO_BLOCK = bytes(1 << 20)
+DIRECT_ALIGN = 4096
+"""Offset, length and address alignment of an O_DIRECT write: the largest logical block size
+of a Linux block device, so it suits every device and file system that takes O_DIRECT."""
+
+
+def aligned_buffer(size: int) -> mmap.mmap:
+    """A page-aligned buffer, as O_DIRECT needs: an anonymous mapping."""
+    return mmap.mmap(-1, size)
 
 
 def _kind(mode: int) -> str | None:
@@ -69,6 +77,9 @@ class _ReadOnlyDevice:
 
 class Source(_ReadOnlyDevice):
     """A file or block device opened for reading whole chunks by offset."""
+
+    concurrent_reads = True
+    """`read` is a pread: the backup engine may call it from several threads at once."""
 
     def __init__(self, path: str) -> None:
         super().__init__(path)
@@ -164,6 +175,8 @@ class Target:
         self._open = True
         self._done = False
         self._pos = 0
+        self._direct: int | None = None
+        self._zero_buf: mmap.mmap | None = None
         self.size: int | None = None
         """A device's size (it may be larger than what is restored)."""
 
@@ -265,7 +278,7 @@ class Target:
                               f"{e.strerror or e}") from None
         return data
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | memoryview) -> None:
         if self.stream:
             if offset != self._pos:
                 raise AssertionError(f"stream written out of order: {offset} != {self._pos}")
@@ -289,11 +302,59 @@ class Target:
         and a file updated in place must have their zeroes written."""
         return not (self.is_block or self.stream or self.in_place)
 
+    def use_direct(self) -> bool:
+        """Write whole aligned blocks from now on with O_DIRECT (`write_buffer`), past the
+        page cache: no page is allocated and zeroed for what is written (the largest cost of
+        a restore, docs/perf.md), none is left dirty for the final fsync, and a restore does
+        not evict what the machine had cached. A second descriptor of the same open target
+        (through /proc/self/fd: the same file even after a rename, a device's exclusive
+        claim kept by the first). False, and nothing changes, where the file system refuses
+        O_DIRECT (tmpfs) or for standard output."""
+        if self.stream or not self._open:
+            return False
+        if self._direct is None:
+            try:
+                self._direct = os.open(f"/proc/self/fd/{self.fd}",
+                                       os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+            except OSError:
+                return False
+        return True
+
+    def write_buffer(self, offset: int, buf: mmap.mmap, length: int) -> None:
+        """Write `buf[:length]` at `offset`; `buf` from `aligned_buffer`. With `use_direct`
+        the whole blocks go past the page cache, the rest (a short last chunk) through it;
+        if the kernel refuses a direct write (EINVAL: an alignment this target does not
+        take), the target goes on without O_DIRECT."""
+        view = memoryview(buf)[:length]
+        done = 0
+        if self._direct is not None and offset % DIRECT_ALIGN == 0:
+            whole = length - length % DIRECT_ALIGN
+            try:
+                while done < whole:
+                    n = os.pwrite(self._direct, view[done:whole], offset + done)
+                    done += n
+                    if n % DIRECT_ALIGN:
+                        break  # a short, unaligned write: the rest goes through the cache
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise TargetError(f"cannot write target {self.path} at offset "
+                                      f"{offset + done}: {e.strerror or e}") from None
+                self._close_direct()
+        if done < length:
+            self.write(offset + done, view[done:])
+
     def write_zeroes(self, offset: int, length: int, *, always: bool = False) -> None:
         """Zero a range. A new file already reads as zero there (holes); a device, a stream
         and a file updated in place (`always`) must be written."""
         if not (self.is_block or self.stream or always):
             return
+        if self._direct is not None and offset % DIRECT_ALIGN == 0:
+            if self._zero_buf is None:
+                self._zero_buf = aligned_buffer(len(_ZERO_BLOCK))
+            while length >= DIRECT_ALIGN and self._direct is not None:
+                n = min(length - length % DIRECT_ALIGN, len(self._zero_buf))
+                self.write_buffer(offset, self._zero_buf, n)
+                offset, length = offset + n, length - n
         while length:
             n = min(length, len(_ZERO_BLOCK))
             self.write(offset, _ZERO_BLOCK[:n] if n < len(_ZERO_BLOCK) else _ZERO_BLOCK)
@@ -356,10 +417,17 @@ class Target:
             _unfinished.discard(self._temp)
 
     def _close(self) -> None:
+        self._close_direct()
         if self._open and not self.stream:  # standard output stays the process's own
             self._open = False
             with contextlib.suppress(OSError):
                 os.close(self.fd)
+
+    def _close_direct(self) -> None:
+        if self._direct is not None:
+            fd, self._direct = self._direct, None
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def __enter__(self) -> Self:
         return self

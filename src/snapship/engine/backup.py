@@ -14,7 +14,7 @@ import io
 import threading
 import time
 from array import array
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -49,7 +49,12 @@ class _Result:
 
 
 class BackupSource(Protocol):
-    """What a backup reads: `snapship.devices.Source`, or a view such as an NBD overlay."""
+    """What a backup reads: `snapship.devices.Source`, or a view such as an NBD overlay.
+
+    A source whose `read` is safe from several threads at once (a pread of a file or a
+    device) says so with a `concurrent_reads = True` attribute: the engine then reads on its
+    workers. Any other source is read on the caller's thread, one chunk at a time, in order.
+    """
 
     @property
     def size(self) -> int: ...
@@ -200,18 +205,28 @@ def _backup(
 
     zeroed = 0  # bytes zeroed in chunks read
 
-    def reads() -> Iterator[tuple[int, bytes]]:
+    def read_chunk(index: int) -> bytes:
+        """The chunk's data, with what is known to be zero in it zeroed."""
         nonlocal zeroed
-        for i in split.read:
-            off = i * cs
-            n = min(cs, size - off)
-            parts = kz.cover(off, off + n) if kz is not None else []
-            data, z = zero_parts(source.read(off, n), off, parts)
-            zeroed += z
-            yield i, data
+        off = index * cs
+        n = min(cs, size - off)
+        parts = kz.cover(off, off + n) if kz is not None else []
+        data, z = zero_parts(source.read(off, n), off, parts)
+        if z:
+            with lock:
+                zeroed += z
+        return data
 
-    def process(item: tuple[int, bytes]) -> _Result:
-        index, data = item
+    def reads() -> Iterator[tuple[int, bytes]]:
+        """(index, data) read on this thread, in order: for a source that cannot be read
+        from several threads at once."""
+        for i in split.read:
+            yield i, read_chunk(i)
+
+    def process(item: tuple[int, bytes] | int) -> _Result:
+        # A bare index: the worker reads the chunk itself (pread releases the GIL), so reads
+        # run on every core instead of one at a time on the caller's thread (docs/perf.md).
+        index, data = (item, read_chunk(item)) if isinstance(item, int) else item
         n = len(data)
         if data == (zero_full if n == cs else bytes(n)):
             return _Result(index, ZERO_ID, ZERO, n, 0, n)
@@ -233,12 +248,14 @@ def _backup(
         stored_sizes[cid] = stored
         return _Result(index, cid, NEW, n, stored, n)
 
-    nworkers = workers or default_workers(repo.storage)
+    nworkers = workers or default_workers(repo.storage, blocking=True)
     counts = [0] * 5
     bytes_read = new_raw = new_stored = 0
     duplicates: list[_Result] = []
     known: list[_Result] = []
-    for r in bounded_map(process, reads(), nworkers, window_for(nworkers, cs)):
+    items: Iterable[tuple[int, bytes] | int] = (
+        split.read if getattr(source, "concurrent_reads", False) else reads())
+    for r in bounded_map(process, items, nworkers, window_for(nworkers, cs)):
         ids[r.index * 32 : r.index * 32 + 32] = r.cid
         counts[r.outcome] += 1
         bytes_read += r.read

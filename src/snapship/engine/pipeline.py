@@ -21,14 +21,19 @@ R = TypeVar("R")
 WINDOW_BYTES = 64 << 20
 
 
-def default_workers(storage: Storage | None = None) -> int:
+def default_workers(storage: Storage | None = None, *, blocking: bool = False) -> int:
     """One worker per CPU; more if the storage says its requests are worth overlapping.
 
     A backend whose requests wait on a network (S3) declares its `parallelism`: with only
-    one worker per CPU, each would sit idle for a round trip on every chunk.
+    one worker per CPU, each would sit idle for a round trip on every chunk. `blocking` says
+    each item also waits on the disk (a backup's store fsyncs every object, a restore may
+    read a repository that is not cached): then there are two workers per CPU, so that a
+    core whose worker waits has another one's zstd to run (docs/perf.md: with one per CPU,
+    the backup's workers spent 30% of their time in the store and left a core idle).
     """
     cpus = max(1, len(os.sched_getaffinity(0)))
-    return max(cpus, storage.capabilities.parallelism if storage is not None else 0)
+    per_cpu = 2 if blocking else 1
+    return max(per_cpu * cpus, storage.capabilities.parallelism if storage is not None else 0)
 
 
 def window_for(workers: int, chunk_size: int) -> int:

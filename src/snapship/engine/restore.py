@@ -1,12 +1,13 @@
 """The restore engine: one manifest -> a complete image on a file, a block device or a pipe.
 
-Chunks are fetched, decrypted and checked on the worker pool and written by the calling
-thread, in order; zero chunks become holes in a new file and real zeroes on a device or a
-pipe. Any chunk that is missing or fails its check stops the restore with the chunk id,
-version and offset named. A new file is only put in place of the target once the restore is
-complete and synced (a failure, or an exception such as KeyboardInterrupt, leaves an existing
-file as it was); a device in use, or one carrying a file system unless forced, is refused
-before anything is written (`devices.Target`).
+Chunks are fetched, decrypted and checked on the worker pool and written by the calling thread,
+in order, with O_DIRECT from reused aligned buffers where the target takes it (no page cache to
+fill on the way, nothing left for the final fsync to write back); zero chunks become holes in a
+new file and real zeroes on a device or a pipe. Any chunk that is missing or fails its check
+stops the restore with the chunk id, version and offset named. A new file is only put in place
+of the target once the restore is complete and synced (a failure, or an exception such as
+KeyboardInterrupt, leaves an existing file as it was); a device in use, or one carrying a file
+system unless forced, is refused before anything is written (`devices.Target`).
 
 What is written in place (a device; any differential restore) has its first chunk written
 last: it is first blanked with a marker (`devices.INCOMPLETE_MARK`) and synced, then the rest
@@ -20,11 +21,13 @@ are fetched and written.
 
 from __future__ import annotations
 
+import mmap
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from snapship.devices import Target
+from snapship.devices import Target, aligned_buffer
 from snapship.engine.compare import compare
 from snapship.engine.pipeline import bounded_map, default_workers, window_for
 from snapship.engine.progress import NoProgress, Progress
@@ -85,7 +88,7 @@ def run_restore(
     open (so a device is held exclusively while they are worked out)."""
     started = time.monotonic()
     progress = progress or NoProgress()
-    nworkers = workers or default_workers(repo.storage)
+    nworkers = workers or default_workers(repo.storage, blocking=True)
     compared = 0
     if target_path == STDOUT:
         target = Target.stdout()
@@ -134,8 +137,37 @@ def run_restore(
     )
 
 
+class _Buffers:
+    """Page-aligned chunk buffers for O_DIRECT writes, reused: no page of them is faulted in
+    and zeroed more than once. At most the pipeline's window (plus the one being written) is
+    out at a time, so that bounds how many are ever made."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._free: list[mmap.mmap] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> mmap.mmap:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return aligned_buffer(self.size)
+
+    def give(self, buf: mmap.mmap) -> None:
+        with self._lock:
+            self._free.append(buf)
+
+
+Fetched = bytes | tuple[mmap.mmap, int] | None
+"""A chunk's data; in an aligned buffer (with its length) for O_DIRECT; None for zeroes."""
+
+
 class _Writer:
-    """Fetches and writes the chosen chunks of a version, first chunk last when in place."""
+    """Fetches and writes the chosen chunks of a version, first chunk last when in place.
+
+    The workers fetch, decrypt, decompress and check each chunk and, when the target takes
+    O_DIRECT, copy it into an aligned buffer (one memcpy, on the worker: the caller's thread
+    only issues the writes, which release the GIL)."""
 
     def __init__(self, repo: Repository, m: Manifest, target: Target, progress: Progress,
                  nworkers: int) -> None:
@@ -143,8 +175,17 @@ class _Writer:
         self.nworkers = nworkers
         self.data_chunks = self.zero_chunks = self.bytes_fetched = 0
         self.marked = False
+        self.buffers = _Buffers(m.chunk_size) if target.use_direct() else None
 
-    def fetch(self, index: int) -> tuple[int, bytes | None]:
+    def fetch(self, index: int) -> tuple[int, Fetched]:
+        index, data = self._fetch(index)
+        if data is None or self.buffers is None:
+            return index, data
+        buf = self.buffers.take()
+        buf[: len(data)] = data
+        return index, (buf, len(data))
+
+    def _fetch(self, index: int) -> tuple[int, bytes | None]:
         m = self.m
         cid = m.chunk(index)
         if cid == ZERO_ID:
@@ -164,7 +205,7 @@ class _Writer:
             )
         return index, data
 
-    def put(self, index: int, data: bytes | None) -> None:
+    def put(self, index: int, data: Fetched) -> None:
         off, length = self.m.chunk_span(index)
         if data is None:
             self.zero_chunks += 1
@@ -172,7 +213,13 @@ class _Writer:
         else:
             self.data_chunks += 1
             self.bytes_fetched += self.m.sizes[index]
-            self.target.write(off, data)
+            if isinstance(data, tuple):
+                buf, n = data
+                self.target.write_buffer(off, buf, n)
+                assert self.buffers is not None
+                self.buffers.give(buf)
+            else:
+                self.target.write(off, data)
         self.progress.advance(length)
 
     def write(self, todo: Sequence[int], first: bytes | None) -> None:
