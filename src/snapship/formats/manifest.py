@@ -104,6 +104,7 @@ class Manifest:
 _BLOCK = 256
 _SPAN = 32 * _BLOCK
 _ZEROES = {_BLOCK: bytes(_BLOCK * ID_LEN), _SPAN: bytes(_SPAN * ID_LEN)}
+_ZERO_SIZES = bytes(_SPAN * 4)
 
 
 def _zero_blocks(ids: bytes | bytearray, start: int, stop: int, block: int
@@ -136,14 +137,20 @@ def _check_zero_markers(ids: bytes | bytearray, sizes: array[int]) -> None:
     """The all-zero id and a stored size of 0 mark the same chunks: whole blocks of zero ids
     are checked against the sizes at once."""
     sb = sizes.tobytes()
-    zero_sizes = bytes(_BLOCK * 4)
     n = len(sizes)
-    for s0, s1, zero in _zero_blocks(ids, 0, n, _BLOCK):
-        if zero and sb.startswith(zero_sizes[: (s1 - s0) * 4], s0 * 4):
+
+    def zero_sizes(first: int, end: int) -> bool:
+        return sb.startswith(_ZERO_SIZES[: (end - first) * 4], first * 4)
+
+    for s0, s1, zero in _zero_blocks(ids, 0, n, _SPAN):
+        if zero and zero_sizes(s0, s1):
             continue
-        for i in range(s0, s1):
-            if ids.startswith(ZERO_ID, i * ID_LEN) != (sizes[i] == 0):
-                raise ValueError(f"chunk {i}: zero marker and stored size disagree")
+        for b0, b1, bzero in _zero_blocks(ids, s0, s1, _BLOCK):
+            if bzero and zero_sizes(b0, b1):
+                continue
+            for i in range(b0, b1):
+                if ids.startswith(ZERO_ID, i * ID_LEN) != (sizes[i] == 0):
+                    raise ValueError(f"chunk {i}: zero marker and stored size disagree")
 
 
 def differing_indices(a: bytes | bytearray, b: bytes | bytearray) -> Iterator[int]:

@@ -43,6 +43,8 @@ class OverlaySource:
             raise ValueError(f"overlay of {overlay.size} bytes over a {base.size}-byte version")
         self.repo = repo
         self.base = base
+        # Its own reference: an incremental backup takes `base.ids` over (engine/backup.py).
+        self._ids = base.ids
         self.overlay = overlay
         self.size = base.size
         self.path = f"nbd overlay over {base.volume}@{base.version}"
@@ -61,7 +63,7 @@ class OverlaySource:
     def _read_base(self, start: int, end: int, out: bytearray, origin: int) -> None:
         cs = self.base.chunk_size
         for index in range(start // cs, (end - 1) // cs + 1):
-            cid = self.base.chunk(index)
+            cid = self._ids[index * 32 : index * 32 + 32]
             if cid == ZERO_ID:
                 continue
             a, b = max(start, index * cs), min(end, (index + 1) * cs)
