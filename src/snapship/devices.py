@@ -125,6 +125,9 @@ class Source(_ReadOnlyDevice):
 
 Warn = Callable[[str], None]
 
+STDOUT = "-"
+"""The restore target name that means standard output."""
+
 INCOMPLETE_MARK = b"SNAPSHIP INCOMPLETE RESTORE\n"
 """What the first chunk of a target written in place holds until the restore is complete:
 no file system, partition table or other signature, so a half-restored device does not mount

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from snapship.devices import Target
+from snapship.devices import STDOUT, Target
 from snapship.engine.compare import compare
 from snapship.engine.pipeline import bounded_map, default_workers, window_for
 from snapship.engine.progress import NoProgress, Progress
@@ -34,8 +34,6 @@ from snapship.repository.repo import Repository
 from snapship.types import ZERO_ID
 
 Warn = Callable[[str], None]
-STDOUT = "-"
-"""The target name that means standard output."""
 
 
 @dataclass(frozen=True)
