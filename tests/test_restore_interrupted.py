@@ -12,9 +12,9 @@ with a file of random data), so "does not look complete" is what blkid and mount
 - A file restore onto a full file system (a small tmpfs): exit 1, one line naming the full
   disk, no file at the target name and no temporary left.
 - A device restore (a loop device) killed: blkid finds no file system, mount fails, the first
-  chunk carries the INCOMPLETE marker, `verify --against` and the next `restore` say the
-  device holds an incomplete restore; `restore --differential` then writes only what is
-  missing, and a plain rerun restores it whole.
+  chunk carries the INCOMPLETE marker, `verify --against`, a `backup` of it and the next
+  `restore` say the device holds an incomplete restore; `restore --differential` then
+  writes only what is missing, and a plain rerun restores it whole.
 """
 
 from __future__ import annotations
@@ -234,6 +234,11 @@ def test_a_killed_device_restore_says_it_is_incomplete(repo: Repo, tmp_path: Pat
             vj = json.loads(repo.run("verify", "disk", "--against", dev, "--json").stdout)
             assert vj["incomplete_restore"].startswith("disk@"), vj
             assert vj["ok"] is False and 0 in [d["first"] for d in vj["differing"]], vj
+            if rerun == "differential":  # a backup of it says so too
+                b = repo.run("backup", dev, "--volume", "half")
+                assert b.returncode == 0, describe(b)
+                assert f"source {dev} holds an incomplete restore of disk@" in b.stderr, \
+                    describe(b)
 
             if rerun == "differential":
                 # No --force needed (the marker is no signature); only the missing chunks go.
