@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import mmap
 import os
 import re
@@ -135,10 +136,43 @@ class Source(_ReadOnlyDevice):
 
 Warn = Callable[[str], None]
 
+STDOUT = "-"
+"""The restore target name that means standard output."""
+
 INCOMPLETE_MARK = b"SNAPSHIP INCOMPLETE RESTORE\n"
 """What the first chunk of a target written in place holds until the restore is complete:
 no file system, partition table or other signature, so a half-restored device does not mount
 (and carries no signature that a later restore would need --force for)."""
+
+
+def incomplete_restore(head: bytes) -> str | None:
+    """The version (VOL@VER) a target beginning with `head` was being restored from when
+    that restore stopped, if it carries the INCOMPLETE marker; else None."""
+    if not head.startswith(INCOMPLETE_MARK):
+        return None
+    what = head[len(INCOMPLETE_MARK):].split(b"\n", 1)[0]
+    return what.decode("utf-8", "replace") or "an unknown version"
+
+
+def read_head(path: str, length: int = 512) -> bytes:
+    """The first bytes of a file or device, b"" when they cannot be read (for messages)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return b""
+    try:
+        return os.pread(fd, length, 0)
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
+
+
+def _say_incomplete(path: str, head: bytes, warn: Warn) -> None:
+    what = incomplete_restore(head)
+    if what is not None:
+        warn(f"target {path} holds an incomplete restore of {what} (stopped before it "
+             "finished): restoring over it")
 
 
 class Target:
@@ -196,6 +230,7 @@ class Target:
             target = cls(path, fd, True)
             try:
                 target.size = os.lseek(fd, 0, os.SEEK_END)
+                _say_incomplete(path, read_head(path), warn)
                 if not force:
                     _refuse_signature(path)
             except BaseException:
@@ -205,6 +240,7 @@ class Target:
         # A symlink is followed: the file it names is the one replaced.
         final = os.path.realpath(path)
         directory, name = os.path.split(final)
+        _remove_stopped(directory, name, warn)
         temp = os.path.join(directory, _temp_name(name))
         _unfinished.add(temp)  # before it exists: see remove_unfinished
         try:
@@ -214,13 +250,18 @@ class Target:
             raise TargetError(f"cannot create target {path}: {e.strerror or e}") from None
         target = cls(path, fd, False, final, temp, st)
         try:
+            # Held until the rename: a later restore knows a temporary nobody holds is left
+            # by one that was killed (see _remove_stopped). Before it has a size, so an empty
+            # one is never taken for that.
+            fcntl.flock(fd, fcntl.LOCK_EX)
             os.ftruncate(fd, size)  # holes wherever the image has zero chunks
             if st is not None and hasattr(os, "fchown"):
                 with contextlib.suppress(PermissionError):
                     os.fchown(fd, st.st_uid, st.st_gid)
         except OSError as e:
             target.abort()
-            raise TargetError(f"cannot prepare target {path}: {e.strerror or e}") from None
+            raise TargetError(f"cannot prepare target {path}: {e.strerror or e}"
+                              + _full(e.errno)) from None
         except BaseException:
             target.abort()
             raise
@@ -242,11 +283,14 @@ class Target:
         if _kind(st.st_mode) is None:
             raise TargetError(f"target {path} is not a regular file or a block device")
         if stat.S_ISBLK(st.st_mode):
-            return cls(path, _open_device(path, st, size, os.O_RDWR, warn), True)
+            target = cls(path, _open_device(path, st, size, os.O_RDWR, warn), True)
+            _say_incomplete(path, read_head(path), warn)
+            return target
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
             raise TargetError(f"cannot open target {path}: {e.strerror or e}") from None
+        _say_incomplete(path, read_head(path), warn)
         target = cls(path, fd, False, in_place=True)
         try:
             os.ftruncate(fd, size)
@@ -294,6 +338,7 @@ class Target:
                                   f"{e.strerror or e}") from None
             raise TargetError(
                 f"cannot write target {self.path} at offset {offset}: {e.strerror or e}"
+                + _full(e.errno, self.is_block)
             ) from None
 
     @property
@@ -374,7 +419,8 @@ class Target:
         try:
             os.fsync(self.fd)
         except OSError as e:
-            raise TargetError(f"cannot flush target {self.path}: {e.strerror or e}") from None
+            raise TargetError(f"cannot flush target {self.path}: {e.strerror or e}"
+                              + _full(e.errno, self.is_block)) from None
 
     def commit(self) -> None:
         """Make the restore durable and, for a file, put it in place of the target."""
@@ -387,16 +433,20 @@ class Target:
                 os.fchmod(self.fd, stat.S_IMODE(self._keep.st_mode))
             os.fsync(self.fd)
         except OSError as e:
-            raise TargetError(f"cannot flush target {self.path}: {e.strerror or e}") from None
-        self._close()
+            raise TargetError(f"cannot flush target {self.path}: {e.strerror or e}"
+                              + _full(e.errno, self.is_block)) from None
         if self._temp is None or self._final is None:
+            self._close()
             self._done = True
             return
         try:
+            # Renamed while still open (and locked): closing first would let another
+            # restore take the temporary for one left by a killed restore.
             os.rename(self._temp, self._final)
         except OSError as e:
             raise TargetError(f"cannot put target {self.path} in place: {e.strerror or e}"
                               ) from None
+        self._close()
         self._done = True
         _unfinished.discard(self._temp)
         try:
@@ -436,6 +486,17 @@ class Target:
         self.abort()
 
 
+def _full(error: int | None, block: bool = False) -> str:
+    """What a full disk adds to a write error (the restore then stops; a file restore removes
+    its temporary, so nothing half-written is left under the target's name)."""
+    if error not in (errno.ENOSPC, errno.EDQUOT):
+        return ""
+    if block:
+        return " (the device's storage is full, e.g. its thin pool)"
+    return " (the disk quota is used up)" if error == errno.EDQUOT else \
+        " (the file system holding it is full)"
+
+
 _unfinished: set[str] = set()
 """The temporary files of this process's file restores that are neither committed nor aborted."""
 
@@ -450,9 +511,46 @@ def remove_unfinished() -> None:
             os.unlink(_unfinished.pop())
 
 
+def _remove_stopped(directory: str, name: str, warn: Warn) -> None:
+    """Remove the temporary files that restores to NAME left when they were killed: those no
+    process holds a lock on (a running restore holds its own until the rename). One that is
+    still empty may be in the instant between its creation and its lock: it is left alone."""
+    prefix = "." + os.fsdecode(os.fsencode(name)[:255 - 1 - len(_TEMP_SUFFIX) - 8])
+    try:
+        entries = [e for e in os.scandir(directory)
+                   if e.name.startswith(prefix + _TEMP_SUFFIX)
+                   and len(e.name) == len(prefix) + len(_TEMP_SUFFIX) + 8]
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a restore is writing it
+            if os.fstat(fd).st_size == 0:
+                continue
+            os.unlink(entry.path)
+            warn(f"removed {entry.name}, the temporary file of a restore to {name} that was "
+                 "stopped before it finished")
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+
+
+_TEMP_SUFFIX = ".snapship-restore-"
+
+
 def _temp_name(name: str) -> str:
     """`.NAME.snapship-restore-XXXXXXXX`, NAME shortened to keep within 255 bytes."""
-    suffix = f".snapship-restore-{secrets.token_hex(4)}"
+    suffix = f"{_TEMP_SUFFIX}{secrets.token_hex(4)}"
     room = 255 - 1 - len(suffix)
     return "." + os.fsdecode(os.fsencode(name)[:room]) + suffix
 

@@ -48,6 +48,40 @@ def unit_start(link: str) -> None:
         subprocess.run(argv, check=True)
 
 
+def expected_restore(ref: str, other: str | None, extra: list[int], verifies: list[str]
+                     ) -> dict[str, int]:
+    """What restoring `ref` in place should write, worked out independently of the restore:
+    the chunks `verify --against` found differing (each file in `verifies`), `extra`, and
+    the chunks where `ref` and `other` differ (their manifests). Counts and the stored bytes
+    (the version's own chunk sizes) of the non-zero ones."""
+    import os
+
+    from snapship.formats.manifest import Manifest
+    from snapship.repository.repo import Repository
+    from snapship.storage.local import LocalStorage
+    from snapship.types import ZERO_ID, VersionRef
+
+    repo = Repository.open(LocalStorage(os.environ["SNAPSHIP_REPO"]),
+                           lambda: os.environ["SNAPSHIP_PASSPHRASE"].encode())
+
+    def manifest(text: str) -> Manifest:
+        volume, _, version = text.partition("@")
+        return repo.load_manifest(*repo.resolve(VersionRef(volume, version or None)))
+
+    m = manifest(ref)
+    todo = set(extra)
+    for path in verifies:
+        with open(path) as f:
+            for run in json.load(f)["differing"]:
+                todo.update(range(run["first"], run["first"] + run["count"]))
+    if other is not None:
+        o = manifest(other)
+        todo.update(i for i in range(m.count) if m.chunk(i) != o.chunk(i))
+    data = [i for i in todo if m.chunk(i) != ZERO_ID]
+    return {"chunks": len(todo), "data_chunks": len(data),
+            "bytes": sum(m.sizes[i] for i in data)}
+
+
 def main() -> None:
     cmd, arg = sys.argv[1], sys.argv[2]
     if cmd == "sha":
@@ -56,6 +90,12 @@ def main() -> None:
         print(latest_snapshot_device(arg))
     elif cmd == "unit-start":
         unit_start(arg)
+
+
+    elif cmd == "expect":  # expect REF OTHER|- EXTRA,... VERIFY.json...
+        extra = [int(i) for i in sys.argv[4].split(",") if i]
+        other = None if sys.argv[3] == "-" else sys.argv[3]
+        print(json.dumps(expected_restore(arg, other, extra, sys.argv[5:])))
     else:
         raise SystemExit(f"unknown command {cmd}")
 

@@ -7,10 +7,12 @@ there) into the scratch folder the guest reads. In the guest:
   matches; after umount nothing is attached (/sys/block/nbd*/pid, losetup -a, /proc/mounts);
   mounted again, the mount process is SIGKILLed and `snapship umount` leaves nothing either.
 - instant restore: the new LV is mounted and the file read while the copy goes on, sooner
-  than a full restore of the same version (timed in the same run) finishes; a file written
-  meanwhile survives; after --finish the LV is a plain linear LV again (no tag, no mirror, no
-  NBD device), passes xfs_repair -n, and holds every file of the version plus the one
-  written, read back from its own extents (caches dropped).
+  than a full restore of the same version (timed in the same run) finishes; the
+  figures (interpreter start and imports, one dmsetup and one lvm process, each step of the
+  instant path) are printed: the issue's 10 s is not reachable under emulation (see check);
+  a file written meanwhile survives; after --finish the LV is a plain linear LV again (no
+  tag, no mirror, no NBD device), passes xfs_repair -n, and holds every file of the version
+  plus the one written, read back from its own extents (caches dropped).
 - the source dies mid-copy (the serving process SIGKILLed): --status says failed, --finish
   refuses, the LV keeps its incomplete tag; --abort leaves it deactivated, nothing attached.
 """
@@ -55,6 +57,13 @@ pvcreate -q /dev/vda > /dev/null
 vgcreate -q vg /dev/vda > /dev/null
 mkdir -p /tmp/mnt /tmp/new
 A=$(now); S --version > /dev/null; B=$(now); echo "$A $B" > /scratch/startup
+# What the instant path's parts cost here (reported by the host side): its imports, one
+# process start of each tool it runs
+$PYTHON -X importtime -c 'import snapship.cli.main, snapship.cli.transfer_commands
+import snapship.cli.instant_commands, snapship.nbd.inprocess, snapship.nbd.server' \
+    2> /scratch/importtime.txt
+A=$(now); dmsetup version > /dev/null; B=$(now); lvm version > /dev/null; C=$(now)
+echo "$A $B $C" > /scratch/tools
 
 # -- mount through the kernel's NBD client -------------------------------------------------
 S mount xfs /tmp/mnt --json > /scratch/mount1.json
@@ -81,6 +90,7 @@ T0=$(now)
 S restore --instant xfs lvm:vg/new --json > /scratch/instant.json
 T1=$(now)
 mount -o nouuid /dev/mapper/vg-new /tmp/new
+TM=$(now)
 sha256sum < /tmp/new/file > /scratch/instant-file.sha
 T2=$(now)
 dmsetup status vg-new > /scratch/mirror-early.txt
@@ -101,7 +111,7 @@ mount -o ro,nouuid /dev/mapper/vg-new /tmp/new
 sha256sum < /tmp/new/written > /scratch/written-after.sha
 umount /tmp/new
 attached > /scratch/left3.txt
-echo "$T0 $T1 $T2 $T3" > /scratch/times
+echo "$T0 $T1 $T2 $T3 $TM" > /scratch/times
 
 # -- the source dies mid-copy ----------------------------------------------------------------
 S restore --instant xfs lvm:vg/new2 --json > /scratch/instant2.json
@@ -155,6 +165,14 @@ def test_mount_via_kernel_nbd_and_instant_restore(tmp_path: Path) -> None:
     check(res.scratch, res.seconds)
 
 
+def import_profile(text: str) -> str:
+    """`python -X importtime` output as 'N modules, T s importing'."""
+    rows = [line.split("|") for line in text.splitlines() if line.startswith("import time:")
+            and "self [us]" not in line]
+    total = sum(int(r[0].removeprefix("import time:")) for r in rows) / 1e6
+    return f"{len(rows)} modules imported in {total:.1f} s"
+
+
 def check(s: Path, seconds: float) -> None:
     """The assertions on what the guest left in its scratch folder."""
 
@@ -182,21 +200,29 @@ def check(s: Path, seconds: float) -> None:
     startup = b - a
     a, b = map(float, read("full").split())
     full = b - a
-    t0, t1, t2, t3 = map(float, read("times").split())
+    t0, t1, t2, t3, tm = map(float, read("times").split())
     usable, hydrated = t2 - t0, t3 - t0
-    timing = (f"python start {startup:.1f} s; full restore {full:.1f} s; instant: command "
-              f"returned after {t1 - t0:.1f} s, LV mounted and a file read after {usable:.1f} "
-              f"s, copy finished after {hydrated:.1f} s; VM run {seconds:.0f} s")
-    print(timing)
+    a, b, c = map(float, read("tools").split())
+    imports = import_profile(read("importtime.txt"))
     start = obj("instant.json", "restore-instant")
+    timing = (f"python start {startup:.1f} s ({imports}); one dmsetup {b - a:.2f} s, one lvm "
+              f"{c - b:.2f} s; full restore {full:.1f} s; instant: command returned after "
+              f"{t1 - t0:.1f} s (of which its background start {start['duration']:.1f} s), "
+              f"LV mounted after {tm - t0:.1f} s, a 6 MiB file read after {usable:.1f} s, "
+              f"copy finished after {hydrated:.1f} s; VM run {seconds:.0f} s")
+    print(timing)
     assert start["action"] == "start" and start["state"] == "copying", start
     assert read("instant-file.sha") == read("file.sha")
     early = instant.parse_mirror_status(read("mirror-early.txt"))
     assert early is not None and early.in_sync < early.regions, (early, timing)
-    # Emulation (TCG) on a shared machine makes a Python start take tens of seconds, so the
-    # issue's 10 s cannot be a bound here; what must hold whatever the speed: the file was
-    # read while the copy was far from done, and before a full restore (each less its one
-    # interpreter start) would have finished.
+    # The issue asks for a file read within 10 s of the command. Under emulation (TCG) that
+    # held with this shared machine idle (file read after 7.3 s; full restore 15.2 s), not
+    # with it loaded: one interpreter start ("python start", printed above) took 3 to 14 s,
+    # the instant command 4 to 25 s, and the mount, reading through the emulated NBD server
+    # while the copy competes for it, 2.5 to 18 s. So the 10 s is reported (the figures
+    # above), not asserted. What must hold whatever the speed: the file was read while the
+    # copy was far from done, and before a full restore of the same version (timed in the
+    # same boot, each less its one interpreter start) would have finished.
     assert usable < hydrated / 2, timing
     assert usable - startup < full - startup, timing
     status = obj("status1.json", "restore-instant")

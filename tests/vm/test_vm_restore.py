@@ -1,12 +1,15 @@
 """Restores into real LVM volumes (issue 12) in one VM boot with a real kernel and lvm2.
 
-One guest script: back up an ext4 LV twice through its tracking snapshot (classic COW); change
-it and roll it back to the newest version and to the one before (only the changed chunks
-written, the next backup incremental and correct); the same rollback on a thin LV; restore
-into a new linear and a new thin LV (byte-identical); a mounted LV refused in one line with
-nothing written; an LV carrying a file system refused without --force; verify --against an
-LV. The host side checks what the guest recorded.
-"""
+One guest script: back up a 512 MiB XFS LV twice through its tracking snapshot (classic COW);
+rewrite ~2% of it through the file system, unmount it, and roll it back to the newest version
+and to the one before: what is fetched and written is exactly the chunks that differ (worked
+out beforehand by `verify --against` and the manifests, counts and stored bytes compared with
+the restore's --json), the LV equals the version byte for byte, and the next backup is
+incremental and restores correctly; a mounted origin is refused. The same rollback on a thin
+LV (thin_delta). Restore of a small ext4 LV's versions into a new linear and a new thin LV
+(byte-identical); a mounted LV refused in one line with nothing written; an LV carrying a
+file system refused without --force; verify --against an LV. The host side checks what the
+guest recorded."""
 
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ pytestmark = pytest.mark.slow
 GUEST = Path(__file__).resolve().parent / "guest.py"
 MiB = 1 << 20
 LV_MIB = 64
+XFS_MIB = 512
 
 SCRIPT = f"""
 set -euo pipefail
@@ -46,12 +50,12 @@ fails() {{
 pvcreate -q /dev/vda
 vgcreate -q vg /dev/vda
 mkdir -p /tmp/repo /tmp/fs
-lvcreate -q -y -L 96M -n repo vg
+lvcreate -q -y -L 192M -n repo vg
 mkfs.ext4 -q -m 0 /dev/mapper/vg-repo
 mount /dev/mapper/vg-repo /tmp/repo
 S init --encryption none > /dev/null
 
-# -- rollback of a classic LV ------------------------------------------------------------
+# -- a small ext4 LV, backed up twice (for the new-LV and safety scenarios below) -----------
 lvcreate -q -y -L {LV_MIB}M -n src vg
 mkfs.ext4 -q /dev/mapper/vg-src
 mount /dev/mapper/vg-src /tmp/fs
@@ -64,21 +68,48 @@ change a 2 1
 S backup lvm:vg/src --snapshot-size 32M --json > /scratch/b2.json
 sha /dev/mapper/vg-src > /scratch/v2.sha
 V1=$(vid /scratch/b1.json) V2=$(vid /scratch/b2.json)
-change b 5 1                                     # written after the newest backup
-S verify vg.src --against lvm:vg/src --json > /scratch/drift.json || true
-S restore --rollback vg.src lvm:vg/src --json > /scratch/rb_latest.json
-sha /dev/mapper/vg-src > /scratch/rb_latest.sha
-change b 1 1
-S restore --rollback vg.src@latest~1 lvm:vg/src --json > /scratch/rb_prev.json
-sha /dev/mapper/vg-src > /scratch/rb_prev.sha
-S backup lvm:vg/src --snapshot-size 32M --json > /scratch/b3.json   # after the rollbacks
-S restore vg.src /tmp/repo/b3.img > /dev/null
-sha /tmp/repo/b3.img > /scratch/b3.sha
-rm /tmp/repo/b3.img
-mount -o ro,noload /dev/mapper/vg-src /tmp/fs      # mounted, but writing nothing itself
-fails rb_mounted S restore --rollback vg.src@$V2 lvm:vg/src
+
+# -- rollback of a {XFS_MIB} MiB XFS LV (classic snapshot) --------------------------------------
+lvcreate -q -y -L {XFS_MIB}M -n xsrc vg
+mkfs.xfs -q /dev/mapper/vg-xsrc
+mount /dev/mapper/vg-xsrc /tmp/fs
+dd if=/dev/urandom of=/tmp/fs/a bs=1M count=24 status=none
+dd if=/dev/urandom of=/tmp/fs/b bs=1M count=16 status=none
 umount /tmp/fs
-sha /dev/mapper/vg-src > /scratch/rb_mounted.sha
+S backup lvm:vg/xsrc --json > /scratch/x1.json
+sha /dev/mapper/vg-xsrc > /scratch/xv1.sha
+mount /dev/mapper/vg-xsrc /tmp/fs
+dd if=/dev/urandom of=/tmp/fs/a bs=1M seek=4 count=4 conv=notrunc status=none
+umount /tmp/fs
+S backup lvm:vg/xsrc --json > /scratch/x2.json
+sha /dev/mapper/vg-xsrc > /scratch/xv2.sha
+XV1=$(vid /scratch/x1.json) XV2=$(vid /scratch/x2.json)
+# ~2% of the LV (10 MiB of file data) rewritten after the newest backup, then unmounted
+mount /dev/mapper/vg-xsrc /tmp/fs
+dd if=/dev/urandom of=/tmp/fs/a bs=1M seek=12 count=6 conv=notrunc status=none
+dd if=/dev/urandom of=/tmp/fs/b bs=1M seek=2 count=4 conv=notrunc status=none
+umount /tmp/fs
+# What differs, found independently of the rollback (verify --against, the manifests)
+S verify vg.xsrc --against lvm:vg/xsrc --json > /scratch/xdrift1.json || true
+$G expect vg.xsrc@$XV2 - "" /scratch/xdrift1.json > /scratch/xexp_latest.json
+S restore --rollback vg.xsrc lvm:vg/xsrc --json > /scratch/xrb_latest.json
+sha /dev/mapper/vg-xsrc > /scratch/xrb_latest.sha
+mount /dev/mapper/vg-xsrc /tmp/fs
+dd if=/dev/urandom of=/tmp/fs/b bs=1M seek=9 count=2 conv=notrunc status=none
+umount /tmp/fs
+S verify vg.xsrc --against lvm:vg/xsrc --json > /scratch/xdrift2.json || true
+# The second rollback also rewrites what the first wrote (the tracking snapshot still lists
+# it) and chunk 0 (blanked and put back as the guard), and where the versions differ.
+$G expect vg.xsrc@$XV1 vg.xsrc@$XV2 0 /scratch/xdrift1.json /scratch/xdrift2.json \\
+    > /scratch/xexp_prev.json
+S restore --rollback vg.xsrc@latest~1 lvm:vg/xsrc --json > /scratch/xrb_prev.json
+sha /dev/mapper/vg-xsrc > /scratch/xrb_prev.sha
+S backup lvm:vg/xsrc --json > /scratch/x3.json   # after the rollbacks
+S restore vg.xsrc - | sha256sum | cut -d' ' -f1 > /scratch/x3.sha
+mount -o ro,norecovery /dev/mapper/vg-xsrc /tmp/fs  # mounted, but writing nothing itself
+fails xrb_mounted S restore --rollback vg.xsrc@$XV2 lvm:vg/xsrc
+umount /tmp/fs
+sha /dev/mapper/vg-xsrc > /scratch/xrb_mounted.sha
 
 # -- rollback of a thin LV (raw writes) --------------------------------------------------
 lvcreate -q -y -L 160M -T vg/pool
@@ -130,44 +161,50 @@ def one_line_error(err: str, *needles: str) -> None:
 
 
 def test_restores_into_lvm(tmp_path: Path) -> None:
-    res = run_in_vm(SCRIPT, disks={"pv": 1 << 30}, timeout=1500, workdir=tmp_path).check()
+    res = run_in_vm(SCRIPT, disks={"pv": 3 << 29}, timeout=1500, workdir=tmp_path).check()
     s = res.scratch
     v1, v2 = text(s, "v1.sha"), text(s, "v2.sha")
     assert v1 != v2
-    chunks = LV_MIB  # 1 MiB chunks
+    chunks = XFS_MIB  # 1 MiB chunks
 
-    # Rollback to the newest version: only what was written since its backup.
-    drift = read(s, "drift.json")
-    assert drift["ok"] is False and 1 <= drift["chunks_differing"] <= 4, drift
-    rb = read(s, "rb_latest.json")
-    assert text(s, "rb_latest.sha") == v2, "rollback to the newest is not byte-identical"
+    # Rollback to the newest version after ~2% of the XFS LV changed: what it fetched and
+    # wrote is exactly the chunks that differ (found by verify --against beforehand), the
+    # bytes fetched exactly their stored sizes.
+    xv1, xv2 = text(s, "xv1.sha"), text(s, "xv2.sha")
+    assert xv1 != xv2
+    exp = read(s, "xexp_latest.json")
+    assert chunks // 100 <= exp["chunks"] <= chunks * 4 // 100, exp  # ~2%: 10 MiB + metadata
+    rb = read(s, "xrb_latest.json")
+    assert text(s, "xrb_latest.sha") == xv2, "rollback to the newest is not byte-identical"
     info = rb["rollback"]
     assert rb["mode"] == "rollback" and info["change_source"] == "COW table", rb
     assert info["differ_from_newest"] == 0
-    written = rb["chunks_written"] + rb["chunks_zero"]
-    assert written == info["changed_since_backup"], rb
-    assert drift["chunks_differing"] <= written <= 10, rb  # the 1 MiB change, the journal
-    assert rb["chunks_fetched"] == rb["chunks_written"]
-    assert rb["bytes_fetched"] <= rb["chunks_fetched"] * MiB + 4096 * rb["chunks_fetched"]
+    assert rb["chunks_written"] + rb["chunks_zero"] == info["changed_since_backup"] == \
+        exp["chunks"], (rb, exp)
+    assert rb["chunks_fetched"] == rb["chunks_written"] == exp["data_chunks"], (rb, exp)
+    assert rb["bytes_fetched"] == exp["bytes"], (rb, exp)
 
-    # Rollback to the one before: the changed chunks plus where the versions differ.
-    prev = read(s, "rb_prev.json")
-    assert text(s, "rb_prev.sha") == v1, "rollback to the one before is not byte-identical"
+    # Rollback to the one before: the chunks written since the backup (the new change and
+    # what the first rollback wrote) plus where the two versions differ, exactly.
+    pexp = read(s, "xexp_prev.json")
+    prev = read(s, "xrb_prev.json")
+    assert text(s, "xrb_prev.sha") == xv1, "rollback to the one before is not byte-identical"
     pinfo = prev["rollback"]
     pwritten = prev["chunks_written"] + prev["chunks_zero"]
-    assert pinfo["differ_from_newest"] >= 1
-    assert max(pinfo["differ_from_newest"], pinfo["changed_since_backup"]) <= pwritten <= \
-        pinfo["differ_from_newest"] + pinfo["changed_since_backup"], prev
-    assert pwritten <= chunks // 4, prev  # O(changed), not O(volume)
+    assert pinfo["differ_from_newest"] >= 4, prev  # the 4 MiB between the versions
+    assert pwritten == pexp["chunks"], (prev, pexp)
+    assert prev["chunks_fetched"] == pexp["data_chunks"], (prev, pexp)
+    assert prev["bytes_fetched"] == pexp["bytes"], (prev, pexp)
+    assert pwritten <= chunks // 10, prev  # O(changed), not O(volume)
 
     # The tracking chain holds: the next backup is incremental, reads what the rollbacks
-    # wrote (plus the first chunk, blanked and put back as a guard), and restores as v1.
-    b3 = read(s, "b3.json")["stats"]
-    assert (b3["mode"], b3["change_source"]) == ("incremental", "COW table"), b3
-    assert b3["chunks_read"] <= pinfo["changed_since_backup"] + pwritten + 1, b3
-    assert text(s, "b3.sha") == v1
-    one_line_error(text(s, "rb_mounted.err"), "/dev/mapper/vg-src", "mounted", "/tmp/fs")
-    assert text(s, "rb_mounted.sha") == v1, "a mounted origin was written to"
+    # wrote (plus the first chunk, blanked and put back as a guard), and restores as xv1.
+    x3 = read(s, "x3.json")["stats"]
+    assert (x3["mode"], x3["change_source"]) == ("incremental", "COW table"), x3
+    assert x3["chunks_read"] <= pinfo["changed_since_backup"] + pwritten + 1, x3
+    assert text(s, "x3.sha") == xv1
+    one_line_error(text(s, "xrb_mounted.err"), "/dev/mapper/vg-xsrc", "mounted", "/tmp/fs")
+    assert text(s, "xrb_mounted.sha") == xv1, "a mounted origin was written to"
 
     # Thin: the same through thin_delta.
     trb = read(s, "trb.json")

@@ -14,7 +14,7 @@ from snapship.cli.context import open_repository
 from snapship.cli.output import TerminalProgress, human_bytes
 from snapship.cli.reports import Report, emit, ref
 from snapship.cli.transfer_commands import parse_ref
-from snapship.devices import Source
+from snapship.devices import Source, incomplete_restore
 from snapship.engine.compare import compare, runs
 from snapship.engine.pipeline import default_workers
 from snapship.engine.source_backup import parse_lvm_source
@@ -51,6 +51,8 @@ def cmd_verify_against(args: argparse.Namespace) -> int:
         found = compare(repo, m, source.read, source.size, TerminalProgress(f"verify {volume}"),
                         default_workers(repo.storage))
         available = source.size
+        # What a restore that was stopped leaves in place of the first chunk.
+        incomplete = incomplete_restore(source.read(0, min(512, source.size)))
     report = {
         "volume": volume,
         "version_id": version,
@@ -64,6 +66,7 @@ def cmd_verify_against(args: argparse.Namespace) -> int:
         "chunks": m.count,
         "chunks_compared": found.compared,
         "chunks_differing": len(found.differing),
+        "incomplete_restore": incomplete,
         "differing": [{"first": first, "count": count, "offset": first * m.chunk_size,
                        "length": min(count * m.chunk_size, m.size - first * m.chunk_size)}
                       for first, count in runs(found.differing)],
@@ -75,6 +78,10 @@ def cmd_verify_against(args: argparse.Namespace) -> int:
 def describe_against(r: Report) -> list[str]:
     where = f"{r['ref']} against {r['against']}"
     lines = []
+    if r["incomplete_restore"] is not None:
+        lines.append(f"note: {r['against']} holds an incomplete restore of "
+                     f"{r['incomplete_restore']}: that restore stopped before it finished "
+                     "(restore it again; --differential writes only what is missing)")
     if r["against_size"] != r["size"]:
         lines.append(f"note: {r['against']} is {r['against_size']} bytes, the version "
                      f"{r['size']}" + (": its tail was not compared"

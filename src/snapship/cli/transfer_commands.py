@@ -9,22 +9,25 @@ import os
 import re
 import stat
 import sys
+from typing import TYPE_CHECKING
 
-from snapship.changes.lvm import Lvm
-from snapship.changes.range_file import MAX_FILE_SIZE, parse_ranges
 from snapship.cli import instant_commands, options
 from snapship.cli.context import open_repository
 from snapship.cli.output import TerminalProgress, warn
 from snapship.cli.reports import describe_backup, describe_restore, emit, ref, version_detail
-from snapship.devices import remove_unfinished
-from snapship.engine.lvm_restore import LvPlacement, restore_to_lv, rollback_lv
-from snapship.engine.restore import STDOUT, RestoreStats, run_restore
-from snapship.engine.snapshot_backup import SnapshotOptions
-from snapship.engine.source_backup import backup_source, parse_lvm_source
+from snapship.devices import STDOUT
 from snapship.errors import UsageError
 from snapship.formats.manifest import Manifest, check_name
-from snapship.repository.repo import Repository
 from snapship.types import ByteRange, VersionRef
+
+# The engines (and the file-system, COW and thin parsers under them, ~70 modules) load only
+# once a backup or a plain restore runs: the commands that take parse_ref from here, and an
+# instant restore, whose start must be quick (under emulation each module costs ~0.1 s),
+# do not need them.
+if TYPE_CHECKING:
+    from snapship.engine.restore import RestoreStats
+    from snapship.repository.repo import Repository
+
 
 
 def parse_labels(items: list[str]) -> dict[str, str]:
@@ -44,6 +47,8 @@ def default_volume_name(source: str) -> str:
 def read_changed_ranges(path: str) -> list[ByteRange]:
     """The list in file `path` (`-`: standard input): a regular file or a pipe, at most
     MAX_FILE_SIZE bytes. A device or a directory is refused before anything is read."""
+    from snapship.changes.range_file import MAX_FILE_SIZE, parse_ranges
+
     what = "standard input" if path == "-" else f"changed-ranges file {path}"
     try:
         if path == "-":
@@ -83,7 +88,17 @@ def parse_ref(text: str) -> VersionRef:
     return VersionRef(volume, version or None)
 
 
+def parse_lvm_source(text: str) -> tuple[str, str]:
+    from snapship.engine.source_backup import parse_lvm_source as parse
+
+    return parse(text)
+
+
 def cmd_backup(args: argparse.Namespace) -> int:
+    from snapship.changes.lvm import Lvm
+    from snapship.engine.snapshot_backup import SnapshotOptions
+    from snapship.engine.source_backup import backup_source
+
     lvm_source = parse_lvm_source(args.source) if args.source.startswith("lvm:") else None
     if args.volume is not None:
         volume = args.volume
@@ -137,6 +152,9 @@ def check_restore_options(args: argparse.Namespace) -> None:
 def restore_into_lvm(args: argparse.Namespace, repo: Repository, m: Manifest,
                      progress: TerminalProgress) -> tuple[RestoreStats, dict[str, object]]:
     """`restore ... lvm:VG/LV` (with --rollback or not): the stats and the report's extras."""
+    from snapship.changes.lvm import Lvm
+    from snapship.engine.lvm_restore import LvPlacement, restore_to_lv, rollback_lv
+
     vg, lv = parse_lvm_source(args.target)
     if args.rollback:
         done = rollback_lv(repo, m, Lvm(), vg, lv, progress=progress, warn=warn)
@@ -154,6 +172,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if instant_commands.requested(args):
         return instant_commands.run_instant(args)
     check_restore_options(args)
+    from snapship.devices import remove_unfinished
+    from snapship.engine.restore import run_restore
+
     repo = open_repository(args)
     volume, version = repo.resolve(parse_ref(args.version_ref))
     m = repo.load_manifest(volume, version)

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from snapship.devices import Target, aligned_buffer
+from snapship.devices import STDOUT, Target, aligned_buffer
 from snapship.engine.compare import compare
 from snapship.engine.pipeline import bounded_map, default_workers, window_for
 from snapship.engine.progress import NoProgress, Progress
@@ -37,8 +37,6 @@ from snapship.repository.repo import Repository
 from snapship.types import ZERO_ID
 
 Warn = Callable[[str], None]
-STDOUT = "-"
-"""The target name that means standard output."""
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 
 from snapship.changes.lvm import Lvm
-from snapship.devices import Source
+from snapship.devices import Source, incomplete_restore
 from snapship.engine.backup import BackupPlan, Prepared, run_backup
 from snapship.engine.known_zero import survey
 from snapship.engine.progress import Progress
@@ -96,6 +96,11 @@ def backup_source(
                                    progress=progress, warn=warn)
     source_desc = os.path.abspath(source)
     with Source(source) as reader:
+        half = incomplete_restore(reader.read(0, min(512, reader.size)))
+        if half is not None:
+            warn(f"source {source} holds an incomplete restore of {half} (stopped before it "
+                 "finished): its first chunk is a marker, not data, and the rest is partly "
+                 "old; this backup keeps it as it is")
 
         @contextlib.contextmanager
         def prepare(base: Manifest | None) -> Iterator[Prepared]:
