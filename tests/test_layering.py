@@ -18,7 +18,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "snapship"
 ABOVE = sorted([*SRC.glob("cli/*.py"), *SRC.glob("engine/*.py"), *SRC.glob("server/*.py"),
                 *SRC.glob("nbd/*.py"), *SRC.glob("changes/*.py"), *SRC.glob("jobs/*.py"),
                 *SRC.glob("filesystems/*.py"), *SRC.glob("snapspace/*.py"), SRC / "devices.py",
-                SRC / "attach.py",
+                SRC / "attach.py", SRC / "logreplay.py",
                 SRC / "instant.py"])
 KEY_NAMES = {"CONFIG_KEY", "KEY_KEY", "CHUNK_PREFIX", "FOSSIL_PREFIX", "VERSION_PREFIX",
              "REFS_PREFIX", "SUMMARY_PREFIX", "LOCK_PREFIX", "TOMBSTONE_PREFIX",

@@ -317,8 +317,9 @@ def _check_free_space(f: Any) -> None:
             raise ValueError(f"stats field 'free_space.{key}' is not a count")
     if "note" in f and not isinstance(f["note"], str):
         raise ValueError("stats field 'free_space.note' is not a string")
-    if "skipped" in f and not isinstance(f["skipped"], bool):
-        raise ValueError("stats field 'free_space.skipped' is not a boolean")
+    for key in ("skipped", "log_replayed"):
+        if key in f and not isinstance(f[key], bool):
+            raise ValueError(f"stats field 'free_space.{key}' is not a boolean")
     if "filesystem" in f and f["filesystem"] is not None and not isinstance(f["filesystem"], str):
         raise ValueError("stats field 'free_space.filesystem' is not a string or null")
 
