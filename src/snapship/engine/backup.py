@@ -44,8 +44,6 @@ class _Result:
     raw: int
     stored: int | None
     """Size of the chunk's object; None for an in-run duplicate, whose first copy knows it."""
-    read: int
-    """Bytes read from the source for it: 0 for a chunk known to be zero."""
 
 
 class BackupSource(Protocol):
@@ -250,14 +248,14 @@ def _backup(
         index, data = (item, read_chunk(item)) if isinstance(item, int) else item
         n = len(data)
         if data == (zero_full if n == cs else bytes(n)):
-            return _Result(index, ZERO_ID, ZERO, n, 0, n)
+            return _Result(index, ZERO_ID, ZERO, n, 0)
         cid = repo.chunk_id(data)
         base_id, base_size = in_base(index)
         if base_id == cid and cid not in damaged:
-            return _Result(index, cid, KNOWN, n, base_size, n)
+            return _Result(index, cid, KNOWN, n, base_size)
         with lock:
             if cid in claimed:
-                return _Result(index, cid, DUPLICATE, n, None, n)
+                return _Result(index, cid, DUPLICATE, n, None)
             claimed.add(cid)
         existing = repo.stat_chunk(cid)
         blob = repo.seal_chunk(cid, data)
@@ -265,10 +263,10 @@ def _backup(
         # damaged (or left by a crash of another tool) and is replaced, never trusted.
         if existing == len(blob) and cid not in damaged:
             stored_sizes[cid] = existing
-            return _Result(index, cid, EXISTING, n, existing, n)
+            return _Result(index, cid, EXISTING, n, existing)
         stored = repo.put_chunk(cid, blob)
         stored_sizes[cid] = stored
-        return _Result(index, cid, NEW, n, stored, n)
+        return _Result(index, cid, NEW, n, stored)
 
     nworkers = workers or default_workers(repo.storage, blocking=True)
     counts = [0] * 5
@@ -280,7 +278,7 @@ def _backup(
     for r in bounded_map(process, items, nworkers, window_for(nworkers, cs)):
         ids[r.index * 32 : r.index * 32 + 32] = r.cid
         counts[r.outcome] += 1
-        bytes_read += r.read
+        bytes_read += r.raw
         if r.stored is None:
             duplicates.append(r)
         else:
