@@ -153,21 +153,6 @@ def _check_zero_markers(ids: bytes | bytearray, sizes: array[int]) -> None:
                     raise ValueError(f"chunk {i}: zero marker and stored size disagree")
 
 
-def differing_indices(a: bytes | bytearray, b: bytes | bytearray) -> Iterator[int]:
-    """The indices where two id lists of the same length differ, in order: blocks that are
-    equal are skipped in C (bytes slices: memoryview comparison goes element by element)."""
-    if len(a) != len(b):
-        raise ValueError("id lists of different lengths")
-    n = len(a) // ID_LEN
-    for blk in range(0, n, _BLOCK):
-        e = min(n, blk + _BLOCK)
-        if a[blk * ID_LEN : e * ID_LEN] == b[blk * ID_LEN : e * ID_LEN]:
-            continue
-        for i in range(blk, e):
-            if a[i * ID_LEN : (i + 1) * ID_LEN] != b[i * ID_LEN : (i + 1) * ID_LEN]:
-                yield i
-
-
 def encode(m: Manifest) -> bytes:
     return b"".join(encode_parts(m))
 
@@ -260,10 +245,8 @@ def _check_stats(stats: dict[str, Any]) -> None:
     """The statistics snapship writes must have their types (others are kept as they are):
     `show` and `versions` compute with them."""
     for key in _COUNTS:
-        if key in stats:
-            v = stats[key]
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"stats field {key!r} is not a count")
+        if key in stats and not _count(stats[key]):
+            raise ValueError(f"stats field {key!r} is not a count")
     if "duration" in stats:
         v = stats["duration"]
         if (not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v)
@@ -313,7 +296,7 @@ def _check_free_space(f: Any) -> None:
     if not isinstance(f, dict):
         raise ValueError("stats field 'free_space' is not an object")
     for key in _FREE_COUNTS:
-        if key in f and (not isinstance(f[key], int) or isinstance(f[key], bool) or f[key] < 0):
+        if key in f and not _count(f[key]):
             raise ValueError(f"stats field 'free_space.{key}' is not a count")
     if "note" in f and not isinstance(f["note"], str):
         raise ValueError("stats field 'free_space.note' is not a string")
