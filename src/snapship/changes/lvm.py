@@ -255,14 +255,23 @@ class Lvm:
         self._lvm("lvremove", "-f", f"{vg}/{name}")
 
     def thin_delta(self, vg: str, pool: str, thin_id1: int, thin_id2: int) -> str:
-        """thin_delta XML between two thin devices, under a reserved metadata snapshot that is
+        """thin_delta XML between two thin devices (`_on_metadata_snap`)."""
+        return self._on_metadata_snap(vg, pool, ["thin_delta", "--metadata-snap", "--snap1",
+                                                 str(thin_id1), "--snap2", str(thin_id2)])
+
+    def thin_dump(self, vg: str, pool: str, thin_id: int) -> str:
+        """thin_dump XML of one thin device's mappings (`_on_metadata_snap`)."""
+        return self._on_metadata_snap(vg, pool, ["thin_dump", "--metadata-snap", "--dev-id",
+                                                 str(thin_id)])
+
+    def _on_metadata_snap(self, vg: str, pool: str, argv: list[str]) -> str:
+        """Run a thin tool on the pool's metadata device under a reserved metadata snapshot,
         released again whatever happens."""
         tpool = mapper_name(vg, pool) + "-tpool"
         tmeta = f"/dev/mapper/{mapper_name(vg, pool + '_tmeta')}"
         self.runner(["dmsetup", "message", tpool, "0", "reserve_metadata_snap"])
         try:
-            return self.runner(["thin_delta", "--metadata-snap", "--snap1", str(thin_id1),
-                                "--snap2", str(thin_id2), tmeta])
+            return self.runner([*argv, tmeta])
         finally:
             self.runner(["dmsetup", "message", tpool, "0", "release_metadata_snap"])
 

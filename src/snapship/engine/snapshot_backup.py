@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from snapship.changes import cow, thin_delta, thin_dump
-from snapship.changes.lvm import LvInfo, Lvm, LvmError, mapper_name
+from snapship.changes.lvm import LvInfo, Lvm, LvmError
 from snapship.changes.ranges import coalesce
 from snapship.devices import Source, UncachedReader
 from snapship.engine.backup import BackupPlan, Prepared, run_backup
@@ -130,18 +130,6 @@ def plan_changes(
     return BackupPlan(table.changed_ranges(origin.size), "COW table")
 
 
-def thin_mappings(lvm: Lvm, vg: str, pool: str, thin_id: int) -> str:
-    """thin_dump XML of one thin device's mappings, under a reserved metadata snapshot that is
-    released again whatever happens (as Lvm.thin_delta)."""
-    tpool = mapper_name(vg, pool) + "-tpool"
-    tmeta = f"/dev/mapper/{mapper_name(vg, pool + '_tmeta')}"
-    lvm.runner(["dmsetup", "message", tpool, "0", "reserve_metadata_snap"])
-    try:
-        return lvm.runner(["thin_dump", "--metadata-snap", "--dev-id", str(thin_id), tmeta])
-    finally:
-        lvm.runner(["dmsetup", "message", tpool, "0", "release_metadata_snap"])
-
-
 def _thin_zero(lvm: Lvm, origin: LvInfo, new: LvInfo, plan: BackupPlan, kz: KnownZero,
                warn: Warn) -> KnownZero:
     """Add what the thin snapshot does not map to what is known to be zero: for a full read
@@ -154,7 +142,7 @@ def _thin_zero(lvm: Lvm, origin: LvInfo, new: LvInfo, plan: BackupPlan, kz: Know
         if new.thin_id is None or not origin.pool:
             return kz
         try:
-            xml = thin_mappings(lvm, origin.vg, origin.pool, new.thin_id)
+            xml = lvm.thin_dump(origin.vg, origin.pool, new.thin_id)
             extra = thin_dump.unmapped(thin_dump.mapped(xml, new.thin_id, origin.size),
                                        origin.size)
         except (LvmError, thin_delta.ThinDeltaError) as e:
