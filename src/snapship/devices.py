@@ -515,11 +515,10 @@ def _remove_stopped(directory: str, name: str, warn: Warn) -> None:
     """Remove the temporary files that restores to NAME left when they were killed: those no
     process holds a lock on (a running restore holds its own until the rename). One that is
     still empty may be in the instant between its creation and its lock: it is left alone."""
-    prefix = "." + os.fsdecode(os.fsencode(name)[:255 - 1 - len(_TEMP_SUFFIX) - 8])
+    stem = _temp_stem(name)
     try:
         entries = [e for e in os.scandir(directory)
-                   if e.name.startswith(prefix + _TEMP_SUFFIX)
-                   and len(e.name) == len(prefix) + len(_TEMP_SUFFIX) + 8]
+                   if e.name.startswith(stem) and len(e.name) == len(stem) + _TEMP_RANDOM]
     except OSError:
         return
     for entry in entries:
@@ -546,13 +545,20 @@ def _remove_stopped(directory: str, name: str, warn: Warn) -> None:
 
 
 _TEMP_SUFFIX = ".snapship-restore-"
+_TEMP_RANDOM = 8
+"""Hex digits that end a temporary name."""
+
+
+def _temp_stem(name: str) -> str:
+    """`.NAME.snapship-restore-`, NAME shortened so that the whole name keeps within 255
+    bytes: what every temporary of a restore to NAME begins with."""
+    room = 255 - 1 - len(_TEMP_SUFFIX) - _TEMP_RANDOM
+    return "." + os.fsdecode(os.fsencode(name)[:room]) + _TEMP_SUFFIX
 
 
 def _temp_name(name: str) -> str:
-    """`.NAME.snapship-restore-XXXXXXXX`, NAME shortened to keep within 255 bytes."""
-    suffix = f"{_TEMP_SUFFIX}{secrets.token_hex(4)}"
-    room = 255 - 1 - len(suffix)
-    return "." + os.fsdecode(os.fsencode(name)[:room]) + suffix
+    """`.NAME.snapship-restore-XXXXXXXX`."""
+    return _temp_stem(name) + secrets.token_hex(_TEMP_RANDOM // 2)
 
 
 def _fsync_directory(path: str) -> None:
