@@ -194,6 +194,10 @@ MISTAKES = [
      "invalid volume name"),
     ("version", "version = 1", "version = 2", 1, "version = 1 is needed"),
     ("bad lvm source", 'source = "/dev/sda1"', 'source = "lvm:vg0"', 7, "lvm:VG/LV"),
+    ("snapshot-pv not a list", 'source = "/dev/sda1"',
+     'source = "lvm:vg/lv"\nsnapshot-pv = "/dev/sdb1"', 8, "list of PV paths"),
+    ("snapshot-pv on a file", 'source = "/dev/sda1"',
+     'source = "/dev/sda1"\nsnapshot-pv = ["/dev/sdb1"]', 8, "is for lvm:VG/LV sources"),
     ("bad job name", "[jobs.j]", '[jobs."j k"]', 12, "job name"),
     ("no rule", "keep-last = 2", "", 9, "has no rule"),
     ("copy from nowhere", 'repositories = ["r"]', 'repositories = ["r"]\ncopy-from = "x"', 15,
@@ -206,6 +210,10 @@ MISTAKES = [
 def test_the_good_file_and_the_documented_example_pass() -> None:
     config = parse(GOOD.encode(), "good.toml")
     assert list(config.jobs) == ["j"] and config.volumes["v"].retention is not None
+    lvm = parse(GOOD.replace('source = "/dev/sda1"', 'source = "lvm:vg/lv"\n'
+                             'snapshot-size = "auto"\nsnapshot-pv = ["/dev/sdb1", "/dev/sdc"]'
+                             ).encode(), "lvm.toml").volumes["v"]
+    assert (lvm.snapshot_size, lvm.snapshot_pvs) == ("auto", ("/dev/sdb1", "/dev/sdc"))
     example = re.search(r"^```toml\n(.*?)^```$", DOCS.read_text(), re.S | re.M)
     assert example is not None
     documented, problems = check(example.group(1).encode())

@@ -40,6 +40,7 @@ source = "/tmp/j/gone.img"
 [volumes.root]
 source = "lvm:vg/lv"
 snapshot-size = "16M"
+snapshot-pv = ["/dev/vdb"]
 retention = { keep-last = 1 }
 
 [jobs.files]
@@ -56,9 +57,9 @@ SCRIPT = f"""
 set -euo pipefail
 export SNAPSHIP_STATE_DIR=/tmp/state
 S() {{ $PYTHON -m snapship.cli.main "$@"; }}
-pvcreate -q /dev/vda
-vgcreate -q vg /dev/vda
-lvcreate -q -y -L 64M -n lv vg
+pvcreate -q /dev/vda /dev/vdb
+vgcreate -q vg /dev/vda /dev/vdb
+lvcreate -q -y -L 64M -n lv vg /dev/vda
 dd if=/dev/urandom of=/dev/mapper/vg-lv bs=1M count=64 oflag=direct status=none
 mkdir -p /tmp/j
 dd if=/dev/urandom of=/tmp/j/a.img bs=1M count=3 status=none
@@ -80,11 +81,13 @@ S restore --repo /tmp/j/one root /tmp/j/root.img > /dev/null
 sha256sum < /dev/mapper/vg-lv > /scratch/lv.sha
 sha256sum < /tmp/j/root.img > /scratch/restored.sha
 lvs --noheadings -o lv_name vg > /scratch/lvs
+lvs --noheadings -o lv_name,devices vg > /scratch/lvs-devices
 """
 
 
 def test_run_with_an_lvm_volume_two_files_and_a_missing_source(tmp_path: Path) -> None:
-    res = run_in_vm(SCRIPT, disks={"pv": 256 * MiB}, timeout=900, workdir=tmp_path).check()
+    res = run_in_vm(SCRIPT, disks={"pv": 256 * MiB, "snap": 64 * MiB}, timeout=900,
+                    workdir=tmp_path).check()
     s = res.scratch
     assert (s / "check.out").read_text().endswith(": ok: 2 job(s): files, lvm\n")
 
@@ -117,3 +120,7 @@ def test_run_with_an_lvm_volume_two_files_and_a_missing_source(tmp_path: Path) -
     assert (s / "restored.sha").read_text() == (s / "lv.sha").read_text()
     snapshots = [n for n in (s / "lvs").read_text().split() if n != "lv"]
     assert len(snapshots) == 1 and snapshots[0].startswith("lv-snapship-"), snapshots
+    # The job's snapshot-pv put the tracking snapshot on the second PV, the origin stays put.
+    devices = {name: where.partition("(")[0] for name, where in
+               (line.split() for line in (s / "lvs-devices").read_text().splitlines())}
+    assert devices == {"lv": "/dev/vda", snapshots[0]: "/dev/vdb"}, devices

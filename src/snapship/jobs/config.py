@@ -83,6 +83,9 @@ class VolumeConfig:
     pre_snapshot: str | None = None
     post_snapshot: str | None = None
     retention: Policy | None = None
+    snapshot_pvs: tuple[str, ...] = ()
+    """The PVs its classic snapshots go on (as `--snapshot-pv`; default: the VG's snapshot
+    space, if any)."""
 
     @property
     def is_lvm(self) -> bool:
@@ -300,8 +303,8 @@ def _retention(c: _Checker, path: Path, d: dict[str, Any]) -> Policy | None:
 
 def _volume(c: _Checker, name: str, d: dict[str, Any]) -> VolumeConfig | None:
     path = ("volumes", name)
-    c.known(d, path, ("source", "volume", "labels", "snapshot-size", "pre-snapshot",
-                      "post-snapshot", "retention"))
+    c.known(d, path, ("source", "volume", "labels", "snapshot-size", "snapshot-pv",
+                      "pre-snapshot", "post-snapshot", "retention"))
     source = c.string(d, path, "source", required=True)
     volume = c.string(d, path, "volume") or name
     bad = _checked(check_name, "volume", volume)
@@ -313,14 +316,20 @@ def _volume(c: _Checker, name: str, d: dict[str, Any]) -> VolumeConfig | None:
             c.problem((*path, "labels", key), f"{_name((*path, 'labels', key))} must be a "
                       "string")
     size = c.string(d, path, "snapshot-size")
+    pvs = d.get("snapshot-pv", [])
+    if not isinstance(pvs, list) or not all(isinstance(v, str) and v.startswith("/dev/")
+                                            and "\n" not in v for v in pvs):
+        c.problem((*path, "snapshot-pv"), f"{_name((*path, 'snapshot-pv'))} must be a list "
+                  "of PV paths such as \"/dev/sdb1\"")
+        pvs = []
     pre = c.string(d, path, "pre-snapshot")
     post = c.string(d, path, "post-snapshot")
     if size is not None and not valid_snapshot_size(size):
         c.problem((*path, "snapshot-size"), f"{_name((*path, 'snapshot-size'))} {size!r} "
-                  "is neither N% of the origin (N at least 1) nor a size such as 2G")
+                  "is neither N% of the origin (N at least 1), a size such as 2G, nor auto")
     if source is not None and not source.startswith("lvm:"):
-        for key, value in (("snapshot-size", size), ("pre-snapshot", pre),
-                           ("post-snapshot", post)):
+        for key, value in (("snapshot-size", size), ("snapshot-pv", pvs or None),
+                           ("pre-snapshot", pre), ("post-snapshot", post)):
             if value is not None:
                 c.problem((*path, key), f"{_name((*path, key))} is for lvm:VG/LV sources "
                           f"(the source is {source})")
@@ -336,7 +345,7 @@ def _volume(c: _Checker, name: str, d: dict[str, Any]) -> VolumeConfig | None:
         return None
     return VolumeConfig(name, source, volume, {k: v for k, v in labels.items()
                                                if isinstance(v, str)},
-                        size or "10%", pre, post, retention)
+                        size or "10%", pre, post, retention, tuple(pvs))
 
 
 def _job(c: _Checker, name: str, d: dict[str, Any], volumes: dict[str, Any],

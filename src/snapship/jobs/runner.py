@@ -185,7 +185,8 @@ class Runner:
         repo = self._open(rc)
         step.manifest = backup_source(
             repo, v.source, v.volume, explicit_volume=True, lvm=self.lvm, labels=v.labels,
-            snapshot=SnapshotOptions(v.snapshot_size, v.pre_snapshot, v.post_snapshot),
+            snapshot=SnapshotOptions(v.snapshot_size, v.pre_snapshot, v.post_snapshot,
+                                     pvs=v.snapshot_pvs),
             progress=self.progress(f"backup {v.name} -> {rc.name}"), warn=warn)
 
     def _copy(self, step: Step, warn: Warn, *, src: RepositoryConfig, dst: RepositoryConfig,
