@@ -16,6 +16,7 @@ from typing import ClassVar, NoReturn
 
 from snapship import __version__
 from snapship.cli import options, output
+from snapship.cli.allocator import keep_freed_memory
 from snapship.cli.signals import Terminated, terminate_raises
 from snapship.errors import SnapshipError
 
@@ -228,6 +229,7 @@ def _main(argv: list[str] | None) -> int:
     if args.quiet and args.verbose:
         parser.error("-q (--quiet) and -v (--verbose) exclude each other")
     _configure(args)
+    keep_freed_memory()
     log = logging.getLogger("snapship.cli")
     log.debug("snapship %s: %s", __version__, " ".join(sys.argv[1:] if argv is None else argv))
     command = _command_name(args)
