@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     images = make_image.ensure_images(args.workdir, size)
     digest = run.image_sha256(images.day1)
     rundir = args.workdir / f"remote-{make_image.size_label(size)}"
-    shutil.rmtree(rundir, ignore_errors=True)
+    previous = run.set_aside(rundir)
     load_before = os.getloadavg()[0]
     targets = [TARGETS[n]() for n in names]
     results = [Result(t.name) for t in targets]
@@ -247,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for t in targets:
             t.stop()
+    shutil.rmtree(previous, ignore_errors=True)
     report = [
         f"## Remote repositories: day-1 image of {make_image.size_label(size)}, "
         f"{images.stats.used_bytes_day1 / MB:.0f} MB used, best of {args.rounds} rounds",
