@@ -7,8 +7,10 @@ and the retry layer under 5xx bursts, dropped connections, stalls and damaged up
 
 from __future__ import annotations
 
+import base64
 import random
 import time
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -194,7 +196,7 @@ def test_a_dropped_upload_leaves_nothing_and_is_retried(
     assert s3_bucket.keys() == {"r/chunks/ab/cut": len(data)}
 
 
-def test_a_damaged_upload_is_refused_by_its_md5(
+def test_a_damaged_upload_is_refused_by_its_checksum(
         proxy: FaultProxy, s3_bucket: Bucket, monkeypatch: pytest.MonkeyPatch) -> None:
     s = through(proxy, s3_bucket, monkeypatch)
     proxy.add(Rule("corrupt", match=puts_under("/chunks/"), count=None))
@@ -205,6 +207,26 @@ def test_a_damaged_upload_is_refused_by_its_md5(
     proxy.add(Rule("corrupt", match=puts_under("/chunks/"), count=1))
     s.put("chunks/cd/bad", b"precious data")
     assert s.get("chunks/cd/bad") == b"precious data"
+
+
+def test_an_upload_is_one_request_with_its_crc32(
+        proxy: FaultProxy, s3_bucket: Bucket, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = through(proxy, s3_bucket, monkeypatch)
+    data = bytearray(random.Random(5).randbytes(2 << 20))  # what sealing a chunk gives
+    s.put("chunks/ab/one", data)
+    create = s.creator()
+    assert create is not None and create("chunks/ab/two", b"small") is True
+    puts = [headers for method, _path, headers in proxy.seen if method == "PUT"]
+    bodies: list[bytes | bytearray] = [data, b"small"]
+    assert len(puts) == 2
+    for headers, body in zip(puts, bodies, strict=True):
+        # No 100-continue round trip before the body, no MD5 or SHA-256 of it: one CRC32.
+        assert "expect" not in headers and "content-md5" not in headers
+        assert headers["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD"
+        crc = base64.b64encode(zlib.crc32(body).to_bytes(4, "big")).decode()
+        assert headers["x-amz-checksum-crc32"] == crc
+        assert headers["content-length"] == str(len(body))
+    assert s.get("chunks/ab/one") == data
 
 
 def test_a_download_that_breaks_off_is_retried(
