@@ -25,7 +25,7 @@ from snapship.errors import (
     UsageError,
 )
 from snapship.storage.retry import Retry, RetryingStorage, RetryPolicy
-from snapship.storage.s3 import S3Storage
+from snapship.storage.s3 import PARALLELISM, S3Storage
 from snapship.storage.s3_client import ClientOptions, make_client, parse_s3_url
 from tests.s3faultproxy import FaultProxy, Rule, puts_under
 from tests.seaweed import Bucket, use_endpoint
@@ -227,6 +227,40 @@ def test_an_upload_is_one_request_with_its_crc32(
         assert headers["x-amz-checksum-crc32"] == crc
         assert headers["content-length"] == str(len(body))
     assert s.get("chunks/ab/one") == data
+
+
+def test_stat_many_overlaps_its_heads(proxy: FaultProxy, s3_bucket: Bucket,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    s = through(proxy, s3_bucket, monkeypatch)
+    present = {f"chunks/0{i}/x": i + 1 for i in range(4)}
+    for key, size in present.items():
+        s.put(key, b"x" * size)
+    keys = [*present, *(f"chunks/1{i}/absent" for i in range(2 * PARALLELISM - 4))]
+    # Every HEAD takes 0.25 s: one after the other the batch would take 4 s.
+    proxy.add(Rule("stall", match=lambda method, path: method == "HEAD", seconds=0.25,
+                   count=None))
+    started = time.monotonic()
+    assert s.stat_many(keys) == {k: present.get(k) for k in keys}
+    assert time.monotonic() - started < len(keys) * 0.25 / 2
+    heads = [path for method, path, _headers in proxy.seen if method == "HEAD"]
+    assert sorted(heads) == sorted(f"/{s3_bucket.name}/r/{k}" for k in keys)
+
+
+def test_stat_many_asks_again_only_for_what_failed(
+        proxy: FaultProxy, s3_bucket: Bucket, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = through(proxy, s3_bucket, monkeypatch)
+    s.put("chunks/00/here", b"123")
+    keys = ["chunks/00/here", *(f"chunks/{i:02x}/absent" for i in range(1, 20))]
+    proxy.add(Rule("status", match=lambda method, path: method == "HEAD", count=3))
+    assert s.stat_many(keys) == {k: (3 if k == "chunks/00/here" else None) for k in keys}
+    assert proxy.injected["status"] == 3
+    heads = [path for method, path, _headers in proxy.seen if method == "HEAD"]
+    assert len(heads) == len(keys) + 3  # each failed HEAD once more, none of the others
+    proxy.add(Rule("status", status=403, code="AccessDenied", match=lambda method, path:
+                   method == "HEAD", count=None))
+    with pytest.raises(StorageError, match="HTTP 403") as e:
+        s.stat_many(keys)
+    assert not isinstance(e.value, TransientStorageError)
 
 
 def test_a_download_that_breaks_off_is_retried(

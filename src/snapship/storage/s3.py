@@ -7,6 +7,7 @@ gives directly (docs/s3.md has the details and the consistency each step relies 
   the whole object or nothing, and refuses a body that arrives short or altered, so no
   reader ever sees half an object.
 - `flush` does nothing: a PUT that returned success is durable.
+- `stat_many` is one HeadObject per key, `PARALLELISM` at a time (S3 has no batch HEAD).
 - `list` pages through ListObjectsV2 lazily, one page of at most 1000 keys at a time.
 - `rename` is CopyObject then DeleteObject (a crash between them leaves both, as allowed).
 
@@ -22,7 +23,8 @@ from __future__ import annotations
 import base64
 import dataclasses
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from botocore.exceptions import (
@@ -38,7 +40,7 @@ from botocore.exceptions import (
 from snapship.errors import ObjectNotFound, StorageError, TransientStorageError, UsageError
 from snapship.storage.base import Capabilities, CreateFn, StorageDefaults, check_key
 from snapship.storage.local import TMP_PREFIX
-from snapship.storage.retry import RetryingStorage, RetryPolicy
+from snapship.storage.retry import PartlyAnswered, RetryingStorage, RetryPolicy
 from snapship.storage.s3_client import ClientOptions, S3Location, make_client, parse_s3_url
 
 if TYPE_CHECKING:
@@ -159,6 +161,32 @@ class S3Storage(StorageDefaults):
             return size
 
         return self._request("stat", key, head)
+
+    def stat_many(self, keys: Iterable[str]) -> dict[str, int | None]:
+        """`stat` of each key, `PARALLELISM` HEADs in flight: a batch costs its length over
+        the parallelism in round trips, not its length. Keys that failed transiently are
+        reported with what the others answered (`PartlyAnswered`), so that a retry asks only
+        for them; a permanent failure is raised as it is."""
+        todo = list(dict.fromkeys(keys))
+        if len(todo) <= 1:
+            return {k: self.stat(k) for k in todo}
+        answered: dict[str, int | None] = {}
+        transient: TransientStorageError | None = None
+        pool = ThreadPoolExecutor(min(len(todo), PARALLELISM), thread_name_prefix="s3-stat")
+        try:
+            futures = [(k, pool.submit(self.stat, k)) for k in todo]
+            for k, future in futures:
+                try:
+                    answered[k] = future.result()
+                except TransientStorageError as e:
+                    transient = transient or e
+        finally:
+            # A permanent failure leaves the HEADs not yet started unsent.
+            pool.shutdown(wait=True, cancel_futures=True)
+        if transient is not None:
+            raise PartlyAnswered(f"{transient} ({len(todo) - len(answered)} of {len(todo)} "
+                                 "keys unanswered)", transient.problem, answered)
+        return answered
 
     def list(self, prefix: str, after: str | None = None) -> Iterator[tuple[str, int]]:
         full = self.prefix + prefix
