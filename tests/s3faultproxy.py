@@ -14,7 +14,10 @@ path and fires on its next `count` matches (None: every one) after letting `skip
 - `cut_response`: forward the request, then send the answer's head and only half its body
   before cutting the client's connection (a download that breaks off);
 - `stall`: wait `seconds` before forwarding (the client's read timeout fires first);
-- `corrupt`: flip one byte of the body on its way (the server must refuse it: Content-MD5).
+- `corrupt`: flip one byte of the body on its way (the server must refuse it: its CRC32).
+
+`seen` keeps the method, path and headers (lower-case names) of every request, for tests
+that check what the client sends.
 
 Only used by tests: the proxy never opens a connection anywhere but to its upstream.
 """
@@ -72,6 +75,7 @@ class FaultProxy:
     rules: list[Rule] = field(default_factory=list)
     injected: Counter[str] = field(default_factory=Counter)
     requests: int = 0
+    seen: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -113,9 +117,10 @@ class FaultProxy:
 
     # -- one client connection ------------------------------------------------------------
 
-    def _rule_for(self, method: str, path: str) -> Rule | None:
+    def _rule_for(self, method: str, path: str, headers: list[tuple[str, str]]) -> Rule | None:
         with self._lock:
             self.requests += 1
+            self.seen.append((method, path, {k.lower(): v for k, v in headers}))
             for rule in self.rules:
                 if rule.claims(method, path):
                     self.injected[rule.kind] += 1
@@ -128,7 +133,7 @@ class FaultProxy:
         upstream = http.client.HTTPConnection("127.0.0.1", self.upstream_port, timeout=60)
         try:
             for method, path, headers, body in _requests(conn, rfile):
-                rule = self._rule_for(method, path)
+                rule = self._rule_for(method, path, headers)
                 if rule is not None and rule.kind == "status":
                     conn.sendall(_error_response(rule.status, rule.code, method))
                     continue
@@ -159,7 +164,8 @@ class FaultProxy:
     def _truncated_upload(self, method: str, path: str, headers: list[tuple[str, str]],
                           body: bytes, after: int) -> None:
         with socket.create_connection(("127.0.0.1", self.upstream_port), timeout=10) as s:
-            head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
+            head = f"{method} {path} HTTP/1.1\r\n" + "".join(
+                f"{k}: {v}\r\n" for k, v in headers if k.lower() != "expect")
             s.sendall(head.encode("latin-1") + b"\r\n" + body[:after])
             time.sleep(0.05)  # let the server start on the body before it is cut off
 
@@ -176,10 +182,9 @@ def _requests(conn: socket.socket, rfile: io.BufferedIOBase
         while (h := read(65537)) not in (b"\r\n", b"\n", b""):
             name, _, value = h.decode("latin-1").partition(":")
             if name.strip().lower() == "expect":
-                # boto3 waits (up to a second) for this before it sends a body; the proxy
-                # takes the whole body first and forwards it without asking again.
+                # The client waits (up to a second) for this before it sends a body; the
+                # proxy takes the whole body first and forwards it without asking again.
                 conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-                continue
             headers.append((name.strip(), value.strip()))
         length = next((int(v) for k, v in headers if k.lower() == "content-length"), 0)
         body = rfile.read(length) if length else b""
@@ -190,7 +195,7 @@ def _forward(upstream: http.client.HTTPConnection, method: str, path: str,
              headers: list[tuple[str, str]], body: bytes) -> bytes:
     upstream.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
     for k, v in headers:
-        if k.lower() not in ("connection", "keep-alive"):
+        if k.lower() not in ("connection", "keep-alive", "expect"):
             upstream.putheader(k, v)
     upstream.endheaders(body if body else None)
     resp = upstream.getresponse()

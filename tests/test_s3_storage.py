@@ -7,8 +7,10 @@ and the retry layer under 5xx bursts, dropped connections, stalls and damaged up
 
 from __future__ import annotations
 
+import base64
 import random
 import time
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -23,7 +25,7 @@ from snapship.errors import (
     UsageError,
 )
 from snapship.storage.retry import Retry, RetryingStorage, RetryPolicy
-from snapship.storage.s3 import S3Storage
+from snapship.storage.s3 import PARALLELISM, S3Storage
 from snapship.storage.s3_client import ClientOptions, make_client, parse_s3_url
 from tests.s3faultproxy import FaultProxy, Rule, puts_under
 from tests.seaweed import Bucket, use_endpoint
@@ -194,7 +196,7 @@ def test_a_dropped_upload_leaves_nothing_and_is_retried(
     assert s3_bucket.keys() == {"r/chunks/ab/cut": len(data)}
 
 
-def test_a_damaged_upload_is_refused_by_its_md5(
+def test_a_damaged_upload_is_refused_by_its_checksum(
         proxy: FaultProxy, s3_bucket: Bucket, monkeypatch: pytest.MonkeyPatch) -> None:
     s = through(proxy, s3_bucket, monkeypatch)
     proxy.add(Rule("corrupt", match=puts_under("/chunks/"), count=None))
@@ -205,6 +207,60 @@ def test_a_damaged_upload_is_refused_by_its_md5(
     proxy.add(Rule("corrupt", match=puts_under("/chunks/"), count=1))
     s.put("chunks/cd/bad", b"precious data")
     assert s.get("chunks/cd/bad") == b"precious data"
+
+
+def test_an_upload_is_one_request_with_its_crc32(
+        proxy: FaultProxy, s3_bucket: Bucket, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = through(proxy, s3_bucket, monkeypatch)
+    data = bytearray(random.Random(5).randbytes(2 << 20))  # what sealing a chunk gives
+    s.put("chunks/ab/one", data)
+    create = s.creator()
+    assert create is not None and create("chunks/ab/two", b"small") is True
+    puts = [headers for method, _path, headers in proxy.seen if method == "PUT"]
+    bodies: list[bytes | bytearray] = [data, b"small"]
+    assert len(puts) == 2
+    for headers, body in zip(puts, bodies, strict=True):
+        # No 100-continue round trip before the body, no MD5 or SHA-256 of it: one CRC32.
+        assert "expect" not in headers and "content-md5" not in headers
+        assert headers["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD"
+        crc = base64.b64encode(zlib.crc32(body).to_bytes(4, "big")).decode()
+        assert headers["x-amz-checksum-crc32"] == crc
+        assert headers["content-length"] == str(len(body))
+    assert s.get("chunks/ab/one") == data
+
+
+def test_stat_many_overlaps_its_heads(proxy: FaultProxy, s3_bucket: Bucket,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    s = through(proxy, s3_bucket, monkeypatch)
+    present = {f"chunks/0{i}/x": i + 1 for i in range(4)}
+    for key, size in present.items():
+        s.put(key, b"x" * size)
+    keys = [*present, *(f"chunks/1{i}/absent" for i in range(2 * PARALLELISM - 4))]
+    # Every HEAD takes 0.25 s: one after the other the batch would take 4 s.
+    proxy.add(Rule("stall", match=lambda method, path: method == "HEAD", seconds=0.25,
+                   count=None))
+    started = time.monotonic()
+    assert s.stat_many(keys) == {k: present.get(k) for k in keys}
+    assert time.monotonic() - started < len(keys) * 0.25 / 2
+    heads = [path for method, path, _headers in proxy.seen if method == "HEAD"]
+    assert sorted(heads) == sorted(f"/{s3_bucket.name}/r/{k}" for k in keys)
+
+
+def test_stat_many_asks_again_only_for_what_failed(
+        proxy: FaultProxy, s3_bucket: Bucket, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = through(proxy, s3_bucket, monkeypatch)
+    s.put("chunks/00/here", b"123")
+    keys = ["chunks/00/here", *(f"chunks/{i:02x}/absent" for i in range(1, 20))]
+    proxy.add(Rule("status", match=lambda method, path: method == "HEAD", count=3))
+    assert s.stat_many(keys) == {k: (3 if k == "chunks/00/here" else None) for k in keys}
+    assert proxy.injected["status"] == 3
+    heads = [path for method, path, _headers in proxy.seen if method == "HEAD"]
+    assert len(heads) == len(keys) + 3  # each failed HEAD once more, none of the others
+    proxy.add(Rule("status", status=403, code="AccessDenied", match=lambda method, path:
+                   method == "HEAD", count=None))
+    with pytest.raises(StorageError, match="HTTP 403") as e:
+        s.stat_many(keys)
+    assert not isinstance(e.value, TransientStorageError)
 
 
 def test_a_download_that_breaks_off_is_retried(

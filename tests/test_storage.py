@@ -20,7 +20,7 @@ from snapship.storage.local import LocalStorage
 from snapship.storage.memory import MemoryStorage
 from snapship.storage.prefixed import PrefixedStorage, names
 from snapship.storage.ratelimit import RateLimitedStorage, TokenBucket
-from snapship.storage.retry import RetryingStorage, RetryPolicy
+from snapship.storage.retry import PartlyAnswered, RetryingStorage, RetryPolicy
 from snapship.storage.s3 import S3Storage
 from tests.seaweed import Bucket
 from tests.serverproc import ServerProc, http_storage, running_server
@@ -390,3 +390,30 @@ def test_local_full_disk_is_a_storage_error_and_leaves_nothing(tmp_path: Path) -
         with pytest.raises(StorageError, match="No space left on device"):
             s.put("chunks/ab/x", b"data")
     assert s.stat("chunks/ab/x") is None
+
+
+class HalfAnswers(MemoryStorage):
+    """A batch `stat_many` whose every other key fails the first time it is asked for (one
+    request per key, as S3's): it says what the rest answered."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[list[str]] = []
+
+    def stat_many(self, keys: Iterable[str]) -> dict[str, int | None]:
+        todo = list(keys)
+        self.asked.append(todo)
+        failed = todo[::2] if len(self.asked) == 1 else []
+        answered = {k: MemoryStorage.stat(self, k) for k in todo if k not in failed}
+        if failed:
+            raise PartlyAnswered(f"lost {len(failed)}", "lost", answered)
+        return answered
+
+
+def test_a_partly_answered_batch_is_asked_again_only_for_the_rest() -> None:
+    inner = HalfAnswers()
+    inner.put("refs/a/1", b"12")
+    keys = [f"refs/a/{i}" for i in range(6)]
+    s = RetryingStorage(inner, RetryPolicy(budget=10, first_delay=0.001, max_delay=0.001))
+    assert s.stat_many(keys) == {k: (2 if k == "refs/a/1" else None) for k in keys}
+    assert inner.asked == [keys, keys[::2]]

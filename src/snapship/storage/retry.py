@@ -3,7 +3,9 @@ budget counted from the first failure of an operation.
 
 Backends that talk to a network (storage/http.py, storage/s3.py) decide what is transient
 (`TransientStorageError`) and never wait themselves; `RetryingStorage` wraps such a backend
-and does the waiting, for every operation of the contract alike.
+and does the waiting, for every operation of the contract alike. A batch that is many
+requests (S3's `stat_many`, one HEAD per key) may fail part-way with `PartlyAnswered`: the
+retry then asks again only for the keys still unanswered.
 """
 
 from __future__ import annotations
@@ -21,6 +23,16 @@ T = TypeVar("T")
 
 DEFAULT_RETRY_TIME = 60.0
 SLOW_AFTER = 3.0
+
+
+class PartlyAnswered(TransientStorageError):
+    """A `stat_many` of which some keys failed transiently: what the others answered, so a
+    retry does not ask for them again."""
+
+    def __init__(self, message: str, problem: str | None, answered: dict[str, int | None]
+                 ) -> None:
+        super().__init__(message, problem)
+        self.answered = answered
 
 
 @dataclass(frozen=True)
@@ -136,7 +148,19 @@ class RetryingStorage(StorageDefaults):
 
     def stat_many(self, keys: Iterable[str]) -> dict[str, int | None]:
         todo = list(keys)
-        return run(self.policy, lambda: self.inner.stat_many(todo))
+        answered: dict[str, int | None] = {}
+
+        def stat_rest() -> dict[str, int | None]:
+            nonlocal todo
+            try:
+                answered.update(self.inner.stat_many(todo))
+            except PartlyAnswered as e:
+                answered.update(e.answered)
+                todo = [k for k in todo if k not in answered]
+                raise
+            return answered
+
+        return run(self.policy, stat_rest)
 
     def list(self, prefix: str, after: str | None = None) -> Iterator[tuple[str, int]]:
         retry = self.policy.start()

@@ -3,9 +3,11 @@
 A repository key `K` is the S3 object `PREFIX + K`. What the contract in `base.py` needs, S3
 gives directly (docs/s3.md has the details and the consistency each step relies on):
 
-- `put` is a single PutObject with a Content-MD5: S3 stores the whole object or nothing, and
-  refuses a body that arrives short or altered, so no reader ever sees half an object.
+- `put` is a single PutObject with a CRC32 of the body (`x-amz-checksum-crc32`): S3 stores
+  the whole object or nothing, and refuses a body that arrives short or altered, so no
+  reader ever sees half an object.
 - `flush` does nothing: a PUT that returned success is durable.
+- `stat_many` is one HeadObject per key, `PARALLELISM` at a time (S3 has no batch HEAD).
 - `list` pages through ListObjectsV2 lazily, one page of at most 1000 keys at a time.
 - `rename` is CopyObject then DeleteObject (a crash between them leaves both, as allowed).
 
@@ -20,9 +22,10 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import hashlib
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, TypeVar
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from botocore.exceptions import (
     BotoCoreError,
@@ -37,7 +40,7 @@ from botocore.exceptions import (
 from snapship.errors import ObjectNotFound, StorageError, TransientStorageError, UsageError
 from snapship.storage.base import Capabilities, CreateFn, StorageDefaults, check_key
 from snapship.storage.local import TMP_PREFIX
-from snapship.storage.retry import RetryingStorage, RetryPolicy
+from snapship.storage.retry import PartlyAnswered, RetryingStorage, RetryPolicy
 from snapship.storage.s3_client import ClientOptions, S3Location, make_client, parse_s3_url
 
 if TYPE_CHECKING:
@@ -103,11 +106,11 @@ class S3Storage(StorageDefaults):
         if len(data) > MAX_PUT:
             raise StorageError(f"cannot write {self.location.url(key)}: {len(data)} bytes is "
                                "more than one S3 PUT can store (5 GiB)")
-        body = bytes(data)
-        md5 = base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
+        crc = _crc32(data)
+        body = _as_body(data)
 
         def put() -> None:
-            self.client.put_object(Bucket=self.bucket, Key=name, Body=body, ContentMD5=md5)
+            self.client.put_object(Bucket=self.bucket, Key=name, Body=body, ChecksumCRC32=crc)
 
         self._request("write", key, put)
 
@@ -118,12 +121,12 @@ class S3Storage(StorageDefaults):
         """`put`, only if no object is under the key (`If-None-Match: *`): whether it was
         stored. The store decides, so this holds across every client of the bucket."""
         name = self._name(key)
-        body = bytes(data)
-        md5 = base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
+        crc = _crc32(data)
+        body = _as_body(data)
 
         def put() -> bool:
             try:
-                self.client.put_object(Bucket=self.bucket, Key=name, Body=body, ContentMD5=md5,
+                self.client.put_object(Bucket=self.bucket, Key=name, Body=body, ChecksumCRC32=crc,
                                        IfNoneMatch="*")
             except ClientError as e:
                 if _code(e) == "PreconditionFailed" or _status(e) == 412:
@@ -158,6 +161,32 @@ class S3Storage(StorageDefaults):
             return size
 
         return self._request("stat", key, head)
+
+    def stat_many(self, keys: Iterable[str]) -> dict[str, int | None]:
+        """`stat` of each key, `PARALLELISM` HEADs in flight: a batch costs its length over
+        the parallelism in round trips, not its length. Keys that failed transiently are
+        reported with what the others answered (`PartlyAnswered`), so that a retry asks only
+        for them; a permanent failure is raised as it is."""
+        todo = list(dict.fromkeys(keys))
+        if len(todo) <= 1:
+            return {k: self.stat(k) for k in todo}
+        answered: dict[str, int | None] = {}
+        transient: TransientStorageError | None = None
+        pool = ThreadPoolExecutor(min(len(todo), PARALLELISM), thread_name_prefix="s3-stat")
+        try:
+            futures = [(k, pool.submit(self.stat, k)) for k in todo]
+            for k, future in futures:
+                try:
+                    answered[k] = future.result()
+                except TransientStorageError as e:
+                    transient = transient or e
+        finally:
+            # A permanent failure leaves the HEADs not yet started unsent.
+            pool.shutdown(wait=True, cancel_futures=True)
+        if transient is not None:
+            raise PartlyAnswered(f"{transient} ({len(todo) - len(answered)} of {len(todo)} "
+                                 "keys unanswered)", transient.problem, answered)
+        return answered
 
     def list(self, prefix: str, after: str | None = None) -> Iterator[tuple[str, int]]:
         full = self.prefix + prefix
@@ -248,6 +277,17 @@ class S3Storage(StorageDefaults):
         if isinstance(e, ConnectionError | HTTPClientError | IncompleteReadError):
             return TransientStorageError(f"cannot {what}: {_one_line(e)}", _one_line(e))
         return StorageError(f"cannot {what}: {type(e).__name__}: {_one_line(e)}")
+
+
+def _crc32(data: bytes | bytearray) -> str:
+    """The body's CRC32 as S3 wants it: four big-endian bytes, base64. S3 recomputes it and
+    refuses a body that does not match (BadDigest); a fifth of the cost of an MD5."""
+    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+
+
+def _as_body(data: bytes | bytearray) -> bytes:
+    """The buffer itself, not a copy of it: botocore sends any buffer (the stubs say bytes)."""
+    return cast(bytes, data)
 
 
 def _code(e: ClientError) -> str:
