@@ -124,10 +124,14 @@ def make_client(options: ClientOptions = ClientOptions()) -> tuple[S3Client, int
         # Both make botocore stream a body it holds whole: an `Expect: 100-continue` round
         # trip before every upload (worth it only for a body too large to send twice), and
         # a file wrapper the connection reads 16 KiB at a time. Our bodies are in memory and
-        # at most a chunk: one sendall of the buffer.
-        events.unregister("before-call.s3", botocore.handlers.add_expect_header)
-        events.unregister("before-parameter-build.s3.PutObject",
-                          botocore.handlers.convert_body_to_file_like_object)
+        # at most a chunk: one sendall of the buffer. They are botocore's internals: should a
+        # release rename them, uploads only get slower (tests/test_s3_storage.py notices).
+        for event, name in (("before-call.s3", "add_expect_header"),
+                            ("before-parameter-build.s3.PutObject",
+                             "convert_body_to_file_like_object")):
+            handler = getattr(botocore.handlers, name, None)
+            if handler is not None:
+                events.unregister(event, handler)
         return client
 
     client = build(path_style=False)
