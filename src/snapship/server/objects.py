@@ -21,7 +21,6 @@ state are objects in the repository (docs/gc.md), so several servers may serve o
 
 from __future__ import annotations
 
-import concurrent.futures
 import enum
 import io
 import itertools
@@ -55,10 +54,8 @@ class RepoStore:
     """One repository. `stripes` are locks shared by every store of the server: puts and
     deletes of one key (in one repository) take the same one."""
 
-    def __init__(self, storage: Storage, stripes: list[threading.Lock] | None = None,
-                 pool: concurrent.futures.Executor | None = None) -> None:
+    def __init__(self, storage: Storage, stripes: list[threading.Lock] | None = None) -> None:
         self.storage = storage
-        self._pool = pool
         self.root = storage.describe()
         self._stripes = stripes or [threading.Lock() for _ in range(_STRIPES)]
         self._create = creator(storage)
@@ -141,12 +138,7 @@ class RepoStore:
     def stat_many(self, keys: list[str]) -> tuple[list[str], list[tuple[str, int]]]:
         """(keys that do not exist, (key, size) of those that do), in the order given."""
         missing, present = [], []
-        if self._pool is not None and len(keys) > 1:
-            # One round trip per key on an object store: many at once, not one by one.
-            found = list(self._pool.map(self.storage.stat, keys))
-            sizes = dict(zip(keys, found, strict=True))
-        else:
-            sizes = self.storage.stat_many(keys)
+        sizes = self.storage.stat_many(keys)  # an object store's HEADs run in parallel
         for k in keys:
             size = sizes[k]
             if size is None:
@@ -222,13 +214,11 @@ class Repositories:
             self.store = root
             self.root = root.describe().rstrip("/")
         self._stripes = [threading.Lock() for _ in range(_STRIPES)]
-        self._pool = None if self.store is None else concurrent.futures.ThreadPoolExecutor(
-            max(1, 2 * self.store.capabilities.parallelism), thread_name_prefix="stat")
 
     def get(self, name: str) -> RepoStore:
         if self.store is None:
             return RepoStore(LocalStorage(os.path.join(self.root, name)), self._stripes)
-        return RepoStore(PrefixedStorage(self.store, name), self._stripes, self._pool)
+        return RepoStore(PrefixedStorage(self.store, name), self._stripes)
 
     def names(self) -> list[str]:
         """The names that hold objects (directories, under a local root), in order."""
