@@ -17,11 +17,12 @@ $(STAMP): pyproject.toml
 # The NBD tests talk to the real clients (libnbd-bin: nbdinfo, nbdcopy; python3-libnbd: nbdsh;
 # qemu-utils: qemu-img, qemu-io, qemu-nbd; nbd-client; nbdkit as a reference server).
 # nbd-client's package only registers its boot-time service (with an empty /etc/nbdtab);
-# installing it starts nothing. systemd-analyze verifies the units `systemd install` writes.
+# installing it starts nothing. systemd-analyze verifies the units `systemd install` writes;
+# fincore (util-linux-extra) shows what of a file is in the page cache.
 DEMO_TOOLS := mkfs.ext4:e2fsprogs debugfs:e2fsprogs
 TEST_TOOLS := $(DEMO_TOOLS) nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdfuse:libnbd-bin nbdsh:python3-libnbd \
 	qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils nbdkit:nbdkit \
-	nbd-client:nbd-client systemd-analyze:systemd
+	nbd-client:nbd-client systemd-analyze:systemd fincore:util-linux-extra
 
 # `command:package` pairs: installs the packages whose command is missing (root only).
 apt-demo: TOOLS = $(DEMO_TOOLS)

@@ -6,6 +6,7 @@ bandwidth limiter (storage/ratelimit.py, at a fast limit), which must too."""
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 import uuid
 from collections.abc import Iterable, Iterator
@@ -363,6 +364,21 @@ def test_local_put_leaves_no_temp_files_and_listing_ignores_them(tmp_path: Path)
     assert dict(s.list("chunks/")) == {"chunks/ab/x": 1}
     assert sorted(p.name for p in (tmp_path / "chunks" / "ab").iterdir()) == [
         ".tmp-deadbeef", "x"]
+
+
+def test_local_chunks_leave_the_page_cache_and_small_objects_stay(tmp_path: Path) -> None:
+    s = LocalStorage(str(tmp_path))
+    chunk, lock = os.urandom(1 << 20), b'{"version": 1}' * 100
+    s.put("chunks/ab/x", chunk)
+    s.put("locks/l", lock)
+
+    def cached(key: str) -> int:  # util-linux's fincore: bytes of the file in the page cache
+        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES",
+                              str(tmp_path / key)], check=True, capture_output=True, text=True)
+        return int(out.stdout)
+
+    assert cached("chunks/ab/x") == 0 and cached("locks/l") >= len(lock)  # whole pages
+    assert s.get("chunks/ab/x") == chunk
 
 
 def test_local_write_failure_is_a_storage_error(tmp_path: Path) -> None:
