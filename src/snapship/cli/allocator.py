@@ -3,9 +3,9 @@
 glibc's malloc returns freed memory to the kernel as soon as the top of a heap holds more
 than twice its (dynamically raised) mmap threshold: a 1 MiB chunk buffer freed by one worker
 and allocated again by the next is then faulted in page by page every time. A 4 GiB backup
-took 253,000 page faults that way, 45,000 with these settings, and 0.2-0.4 s less system time
-(docs/perf.md); peak RSS did not change (165 MB), since the pipeline's window bounds what is
-ever allocated at once.
+took 207,000-253,000 page faults that way (a restore 153,000), 45,000 with these settings
+(44,000), and 0.2-0.4 s less system time (docs/perf.md); peak RSS did not change (165 MB),
+since the pipeline's window bounds what is ever allocated at once.
 """
 
 from __future__ import annotations

@@ -58,7 +58,8 @@ class LocalStorage(StorageDefaults):
                     view = view[os.write(fd, view) :]
                 os.fsync(fd)
                 if len(data) >= UNCACHED_MIN:
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    with contextlib.suppress(OSError):  # a hint: never a reason to fail
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
             os.rename(tmp, path)
