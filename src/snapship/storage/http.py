@@ -37,11 +37,12 @@ from snapship.storage.base import Capabilities, StorageDefaults, check_key
 from snapship.storage.retry import RetryPolicy, run
 
 DEFAULT_TIMEOUT = 60.0
-PARALLELISM = 16
+PARALLELISM = 8
 """Requests worth having in flight: a put waits about 3 ms for the server to store and
 fsync 0.4 MB on loopback, a stat 0.5 ms. With the engines' default of 2 workers per CPU a
 backup over loopback ran at 53% of a local directory's speed with each core idle a third of
-the time; 8 workers gave 65-67%, 16 gave 70-84% (docs/perf.md, "Remote repositories")."""
+the time; 8 gave 68-71%, and 16 no more (67-69%, interleaved) for twice the connections, each
+one of the server's `--max-connections` (docs/perf.md, "Remote repositories")."""
 MAX_IDLE = 2 * PARALLELISM
 _STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError,
           ConnectionAbortedError)
