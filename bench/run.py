@@ -396,6 +396,8 @@ def run_round(
     logs, outdir = rundir / "logs", rundir / "out"
     logs.mkdir(parents=True)
     outdir.mkdir()
+    for tool in tools:  # borg init, unlike the others, wants its repository's parent to exist
+        tool.repo.parent.mkdir(parents=True, exist_ok=True)
     failed: set[str] = set()
     for step in STEPS:
         for tool in tools:
