@@ -1,11 +1,13 @@
 """The fast paths of the backup and restore pipelines (docs/perf.md): a source that allows it
-is read on the workers, and a restore writes whole blocks with O_DIRECT where the target takes
-it, falling back to the page cache where it does not, with the same bytes either way."""
+is read on the workers (a block device past the page cache), and a restore writes whole
+blocks with O_DIRECT where the target takes it, falling back to the page cache where it does
+not, with the same bytes either way."""
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import mmap
 import os
 import random
 import threading
@@ -14,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from snapship.devices import DIRECT_ALIGN, Source
+from snapship.devices import DIRECT_ALIGN, Source, aligned_buffer
 from snapship.engine.backup import run_backup
 from snapship.engine.restore import run_restore
+from snapship.errors import SourceError
 from snapship.formats.constants import ENCRYPTION_AES_GCM
 from snapship.formats.manifest import Manifest
 from snapship.repository.repo import Repository
@@ -30,14 +33,21 @@ SIZE = 40 * CHUNK + 4096 + 123  # a short last chunk that is not a whole number 
 class _Recording:
     """A source that records the threads it is read from."""
 
-    def __init__(self, inner: Source, concurrent: bool) -> None:
+    def __init__(self, inner: Source) -> None:
         self.inner, self.size, self.path = inner, inner.size, inner.path
-        self.concurrent_reads = concurrent
         self.threads: set[int] = set()
 
     def read(self, offset: int, length: int) -> bytes:
         self.threads.add(threading.get_ident())
         return self.inner.read(offset, length)
+
+
+class _RecordingInto(_Recording):
+    """One that can also read into the engine's buffers, from several threads at once."""
+
+    def read_into(self, buffer: mmap.mmap, offset: int, length: int) -> memoryview:
+        self.threads.add(threading.get_ident())
+        return self.inner.read_into(buffer, offset, length)
 
 
 @pytest.fixture
@@ -54,9 +64,9 @@ def test_reads_run_on_the_workers_only_when_the_source_allows_it(
         tmp_path: Path, image: tuple[Path, bytes]) -> None:
     repo = _repo(tmp_path)
     with Source(str(image[0])) as src:
-        serial = _Recording(src, concurrent=False)
+        serial = _Recording(src)
         a = run_backup(repo, serial, "serial", workers=3)
-        parallel = _Recording(src, concurrent=True)
+        parallel = _RecordingInto(src)
         b = run_backup(repo, parallel, "parallel", workers=3)
     assert serial.threads == {threading.get_ident()}
     assert threading.get_ident() not in parallel.threads and parallel.threads
@@ -151,3 +161,69 @@ def test_a_device_restore_writes_data_and_zeroes_past_the_page_cache(
     # Everything but the short last chunk's tail and the first chunk's marker (the guard of
     # a restore in place, written through the cache) went past it.
     assert direct_bytes[0] >= SIZE - CHUNK - DIRECT_ALIGN
+
+
+@pytest.fixture
+def direct_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Bytes read through a descriptor opened with O_DIRECT, counted at os.preadv."""
+    counted = [0]
+    real = os.preadv
+
+    def preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+        n = real(fd, buffers, offset)
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            assert offset % DIRECT_ALIGN == 0
+            counted[0] += n
+        return n
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    yield counted
+
+
+def test_a_device_is_read_past_the_page_cache_and_backs_up_as_its_file_does(
+        tmp_path: Path, image: tuple[Path, bytes], direct_reads: list[int]) -> None:
+    repo = _repo(tmp_path)
+    with Source(str(image[0])) as src:
+        from_file = run_backup(repo, src, "file")
+    assert direct_reads[0] == 0  # a file is read through the cache
+    backing = tmp_path / "device"
+    backing.write_bytes(image[1])  # no holes: the device's every chunk is read
+    with loop_device(backing) as dev, Source(str(dev)) as src:
+        assert src.size == SIZE - SIZE % 512  # a loop device ends at a whole sector
+        from_device = run_backup(repo, src, "device")
+        got = src.read_into(aligned_buffer(CHUNK), src.size - 200, 200)
+        assert bytes(got) == image[1][src.size - 200 : src.size]
+    assert direct_reads[0] >= src.size - CHUNK
+    n = src.size // CHUNK
+    assert from_device.ids[: n * 32] == from_file.ids[: n * 32]
+    assert from_device.stats["chunks_zero_read"] > 0  # read as zeroes, found zero
+
+
+def test_a_device_that_refuses_o_direct_reads_is_read_through_the_cache(
+        tmp_path: Path, image: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    backing = tmp_path / "device"
+    backing.write_bytes(image[1])
+    real = os.preadv
+    refused = [0]
+
+    def preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused[0] += 1
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    buffer = aligned_buffer(CHUNK)
+    with loop_device(backing) as dev, Source(str(dev)) as src:
+        got = [bytes(src.read_into(buffer, off, CHUNK)) for off in (0, CHUNK, 2 * CHUNK)]
+    assert refused == [1]  # refused once, then never tried again
+    assert got == [image[1][off : off + CHUNK] for off in (0, CHUNK, 2 * CHUNK)]
+
+
+def test_a_source_that_shrank_fails_its_read_with_a_message(tmp_path: Path) -> None:
+    path = tmp_path / "shrinks.img"
+    path.write_bytes(b"x" * (2 * CHUNK))
+    with Source(str(path)) as src:
+        path.write_bytes(b"x" * CHUNK)
+        with pytest.raises(SourceError, match=r"ended at 65536, before its size 131072"):
+            src.read_into(aligned_buffer(CHUNK), CHUNK, CHUNK)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import mmap
+import operator
 import threading
 import time
 from array import array
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from snapship.changes.ranges import touched_chunks
+from snapship.devices import aligned_buffer
 from snapship.engine.known_zero import ChunkSplit, KnownZero, zero_parts
 from snapship.engine.pipeline import bounded_map, default_workers, window_for
 from snapship.engine.progress import NoProgress, Progress
@@ -49,9 +52,10 @@ class _Result:
 class BackupSource(Protocol):
     """What a backup reads: `snapship.devices.Source`, or a view such as an NBD overlay.
 
-    A source whose `read` is safe from several threads at once (a pread of a file or a
-    device) says so with a `concurrent_reads = True` attribute: the engine then reads on its
-    workers. Any other source is read on the caller's thread, one chunk at a time, in order.
+    A source that can also read into a caller's buffer from several threads at once (a
+    pread of a file or a device: `snapship.devices.Source.read_into`) has a `read_into`
+    method: the engine then reads on its workers, each into a page-aligned buffer of its own.
+    Any other source is read on the caller's thread, one chunk at a time, in order.
     """
 
     @property
@@ -217,37 +221,51 @@ def _backup(
     # Chunks a verify found damaged are stored again when met, never trusted.
     damaged = {bytes.fromhex(c) for mark in repo.catalog.damaged().values()
                for c in mark.chunks}
-    zero_full = bytes(cs)
+    # A bytearray: comparing one with a memoryview (a chunk read into a worker's buffer) is
+    # a memcmp, where bytes == memoryview compares byte by byte, a thousand times slower.
+    zero_full = bytearray(cs)
     claimed: set[bytes] = set()
     stored_sizes: dict[bytes, int] = {}
     lock = threading.Lock()
 
     zeroed = 0  # bytes zeroed in chunks read
 
-    def read_chunk(index: int) -> bytes:
-        """The chunk's data, with what is known to be zero in it zeroed."""
+    read_into: Callable[[mmap.mmap, int, int], memoryview] | None = getattr(
+        source, "read_into", None)
+    buffers = threading.local()
+
+    def read_chunk(index: int) -> bytes | memoryview:
+        """The chunk's data, with what is known to be zero in it zeroed: on a worker, in that
+        worker's buffer, valid until its next read (nothing keeps it past `process`)."""
         nonlocal zeroed
         off = index * cs
         n = min(cs, size - off)
         parts = kz.cover(off, off + n) if kz is not None else []
-        data, z = zero_parts(source.read(off, n), off, parts)
+        if read_into is not None:
+            buffer = getattr(buffers, "buffer", None)
+            if buffer is None:
+                buffer = buffers.buffer = aligned_buffer(cs)
+            data: bytes | memoryview = read_into(buffer, off, n)
+        else:
+            data = source.read(off, n)
+        data, z = zero_parts(data, off, parts)
         if z:
             with lock:
                 zeroed += z
         return data
 
-    def reads() -> Iterator[tuple[int, bytes]]:
+    def reads() -> Iterator[tuple[int, bytes | memoryview]]:
         """(index, data) read on this thread, in order: for a source that cannot be read
         from several threads at once."""
         for i in split.read:
             yield i, read_chunk(i)
 
-    def process(item: tuple[int, bytes] | int) -> _Result:
+    def process(item: tuple[int, bytes | memoryview] | int) -> _Result:
         # A bare index: the worker reads the chunk itself (pread releases the GIL), so reads
         # run on every core instead of one at a time on the caller's thread (docs/perf.md).
         index, data = (item, read_chunk(item)) if isinstance(item, int) else item
         n = len(data)
-        if data == (zero_full if n == cs else bytes(n)):
+        if operator.eq(zero_full if n == cs else bytearray(n), data):
             return _Result(index, ZERO_ID, ZERO, n, 0)
         cid = repo.chunk_id(data)
         base_id, base_size = in_base(index)
@@ -273,8 +291,8 @@ def _backup(
     bytes_read = new_raw = new_stored = 0
     duplicates: list[_Result] = []
     known: list[_Result] = []
-    items: Iterable[tuple[int, bytes] | int] = (
-        split.read if getattr(source, "concurrent_reads", False) else reads())
+    items: Iterable[tuple[int, bytes | memoryview] | int] = (
+        split.read if read_into is not None else reads())
     for r in bounded_map(process, items, nworkers, window_for(nworkers, cs)):
         ids[r.index * 32 : r.index * 32 + 32] = r.cid
         counts[r.outcome] += 1

@@ -172,13 +172,15 @@ def _ignore(message: str) -> None:
     pass
 
 
-def zero_parts(data: bytes, offset: int, parts: list[tuple[int, int]]) -> tuple[bytes, int]:
-    """`data` (read at `offset`) with `parts` zeroed, and how many bytes that zeroed."""
+def zero_parts(data: bytes | memoryview, offset: int, parts: list[tuple[int, int]]
+               ) -> tuple[bytes | memoryview, int]:
+    """`data` (read at `offset`) with `parts` zeroed, and how many bytes that zeroed: a
+    memoryview (of a buffer the caller owns) is zeroed in place, bytes are copied first."""
     if not parts:
         return data, 0
-    buf = bytearray(data)
+    buf = data if isinstance(data, memoryview) else bytearray(data)
     zeroed = 0
     for lo, hi in parts:
         buf[lo - offset : hi - offset] = bytes(hi - lo)
         zeroed += hi - lo
-    return bytes(buf), zeroed
+    return (buf if isinstance(buf, memoryview) else bytes(buf)), zeroed
