@@ -141,6 +141,16 @@ def test_manifest_rejects_inconsistent_counts_and_versions() -> None:
     body[4] = 9
     with pytest.raises(FormatError, match="manifest version 9"):
         mf.decode(bytes(body), "m")
+    body[4] = 1
+    assert mf.decode(bytes(body), "m") == m
+    for at in (6, 7):  # the reserved u16: a later version's field is refused, not ignored
+        body[at] = 1
+        with pytest.raises(FormatError, match="reserved bits set"):
+            mf.decode(bytes(body), "m")
+        damaged = bytes(body)
+        with pytest.raises(FormatError, match="reserved bits set"):
+            mf.plaintext_size(lambda n: damaged[:n], "m")  # noqa: B023 (called at once)
+        body[at] = 0
 
 
 def test_volume_names_are_checked() -> None:

@@ -58,16 +58,20 @@ def read_head(peek: Callable[[int], bytes], magic: bytes, version: int, kind: st
               ) -> Head:
     """Parse the prefix, header and count through `peek` (the first n bytes of the plaintext),
     reading no further: so a compressed object's real size can be checked before it is
-    decompressed. Rejects another magic or version, an oversized or malformed header."""
+    decompressed. Rejects another magic or version, reserved bits set, an oversized or
+    malformed header."""
     prefix = peek(_PREFIX.size)
     if len(prefix) < _PREFIX.size:
         raise FormatError(f"{what} is truncated")
-    got_magic, got_version, _, header_len = _PREFIX.unpack(prefix)
+    got_magic, got_version, reserved, header_len = _PREFIX.unpack(prefix)
     if got_magic != magic:
         raise FormatError(f"{what} is not a {kind} (magic {got_magic!r})")
     if got_version != version:
         raise FormatError(f"{what} has {kind} version {got_version}; this snapship reads "
                           f"{version}")
+    if reserved:  # a field this version does not define: refused, never ignored
+        raise FormatError(f"{what} has reserved bits set ({reserved:#06x}); this snapship "
+                          f"reads {kind} version {version} without them")
     if header_len > MAX_MANIFEST_HEADER:
         raise FormatError(f"{what} has an oversized header ({header_len} bytes)")
     end = _PREFIX.size + header_len
