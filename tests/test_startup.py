@@ -45,14 +45,23 @@ def test_help_and_light_commands_load_no_heavy_stack(argv: list[str]) -> None:
     assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
 
 
-def test_locks_on_a_local_repository_loads_no_heavy_stack(tmp_path: Path) -> None:
+KEYED = ("cryptography", "zstandard", "blake3", "snapship.crypto", "snapship.formats.envelope",
+         "snapship.repository.repo")
+"""What reading or sealing an object needs: 30-35 ms of start-up that keyless commands that
+read no object's envelope (`locks`, `prune`) do not pay."""
+
+
+@pytest.mark.parametrize("argv", [["locks"], ["prune", "--keep-last", "1", "--dry-run"]])
+def test_keyless_commands_on_a_local_repository_load_no_heavy_or_crypto_stack(
+        tmp_path: Path, argv: list[str]) -> None:
     repo = tmp_path / "repo"
     init_repo_fast_kdf(repo)
     code = ("import sys\nfrom snapship.cli.main import main\n"
-            f"assert main(['--repo', {str(repo)!r}, 'locks']) == 0")
+            f"assert main(['--repo', {str(repo)!r}, *{argv!r}]) == 0")
     loaded = _modules_after(code, env=cli_env())
     assert "snapship.repository.locks" in loaded  # it did run
     assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
+    assert not loaded & set(KEYED), sorted(loaded & set(KEYED))
     assert "snapship.cli.transfer_commands" not in loaded
 
 

@@ -20,13 +20,15 @@ from snapship.cli import known_repos, output
 from snapship.cli.signals import retry_cutoff
 from snapship.engine.pipeline import default_workers
 from snapship.errors import AuthFailed, UsageError
-from snapship.repository.repo import PassphraseSource, Repository
 from snapship.storage import ratelimit
 from snapship.storage.base import Storage
 from snapship.storage.local import LocalStorage
 from snapship.storage.retry import DEFAULT_RETRY_TIME, RetryingStorage, RetryPolicy
 
-if TYPE_CHECKING:  # http.client and ssl: imported by the commands that reach a server
+if TYPE_CHECKING:
+    # http.client and ssl: imported by the commands that reach a server; the key's code
+    # (and zstandard, cryptography, BLAKE3) by those that open the repository with it.
+    from snapship.repository.repo import PassphraseSource, Repository
     from snapship.storage.http import HttpStorage
 
 log = logging.getLogger("snapship.cli")
@@ -252,6 +254,8 @@ def source_args(args: argparse.Namespace, location: str) -> argparse.Namespace:
 
 
 def open_repository(args: argparse.Namespace) -> Repository:
+    from snapship.repository.repo import Repository
+
     repo = vouch_for(Repository.open(open_storage(args.repo, args), passphrase_source(args)),
                      args)
     log.debug("repository %s: id %s, encryption %s, chunk size %d", repo.storage.describe(),

@@ -18,15 +18,18 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from snapship.cli.output import JSON_VERSION, human_bytes, print_json
-from snapship.engine.prune import version_time
 from snapship.errors import FormatError, UsageError
-from snapship.formats import summary as summary_codec
-from snapship.formats.manifest import Manifest
-from snapship.formats.summary import Summary
-from snapship.repository.catalog import DamageMark
+
+if TYPE_CHECKING:
+    from snapship.formats.manifest import Manifest
+    from snapship.formats.summary import Summary
+    from snapship.repository.catalog import DamageMark
+
+# The versions' codecs and the prune engine are imported by the reports that need them:
+# `locks` and `--help` start without them (docs/perf.md, "Fixed costs").
 
 Report = dict[str, Any]
 Describe = Callable[[Report], Iterable[str]]
@@ -57,6 +60,8 @@ def _labels(labels: dict[str, str] | None, sep: str = ",") -> str:
 def created_from_id(version: str) -> str | None:
     """When a version was made, as its id says (for a manifest that cannot be read), in the
     form manifests record it; None for an id that does not start with a time."""
+    from snapship.engine.prune import version_time
+
     try:
         t = version_time(version)
     except UsageError:
@@ -94,6 +99,9 @@ def version_detail(m: Summary | Manifest, damage: DamageMark | None, note: str |
                    ) -> Report:
     """What `show` (and `backup`, of the version it made) reports: the row, sizes, what the
     version costs in the repository, its ratios and the statistics of its backup."""
+    from snapship.formats import summary as summary_codec
+    from snapship.formats.manifest import Manifest
+
     if isinstance(m, Manifest):
         m = summary_codec.from_manifest(m)
     nonzero = m.chunks - m.zero_chunks

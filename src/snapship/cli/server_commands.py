@@ -16,15 +16,14 @@ from snapship.cli.output import warn
 from snapship.cli.reports import emit, print_gc, print_verify
 from snapship.errors import StorageError, UsageError
 from snapship.formats.manifest import check_name
-from snapship.server.policy import Role
 
 if TYPE_CHECKING:
     from snapship.server.objects import Repositories
     from snapship.storage.http import HttpStorage
 
-# The server's stack (h11, ssl, the app, maintenance) and the token file's code are imported
-# by the commands that use them: other commands register --on-server from here, and must not
-# pay for them at start-up.
+# The server's stack (h11, ssl, the app, maintenance, the roles) and the token file's code
+# are imported by the commands that use them: other commands register --on-server from here,
+# and must not pay for them at start-up.
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -127,6 +126,7 @@ def _repositories(args: argparse.Namespace) -> Repositories:
 
 def cmd_token(args: argparse.Namespace) -> int:
     """Create a token: append its hash to the token file, print the token once."""
+    from snapship.server.policy import Role
     from snapship.server.tokens import HEADER, hash_token, new_token, parse_tokens, token_line
 
     name = args.name
@@ -196,6 +196,8 @@ def cmd_verify_on_server(args: argparse.Namespace) -> int:
 
 
 def register(sub: options.SubParsers) -> None:
+    from snapship.server.policy import Role
+
     p = options.add_command(
         sub, "server", summary="serve repositories over HTTP(S) to token holders",
         description="""

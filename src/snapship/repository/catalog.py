@@ -14,9 +14,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from snapship import crypto
 from snapship.errors import Corrupt, FormatError, NotFound, ObjectNotFound, UsageError
-from snapship.formats import envelope
 from snapship.formats import refs as refs_codec
 from snapship.formats.config import RepoConfig, decode_config
 from snapship.formats.constants import (
@@ -39,6 +37,9 @@ from snapship.repository.session import WriterSession
 from snapship.storage.base import Storage
 from snapship.types import VersionRef
 
+# The envelope and crypto modules (zstandard, cryptography, BLAKE3: about 17 ms of start-up)
+# are imported where an object's envelope is read or sealed: `locks` and `prune` never do.
+
 
 @dataclass(frozen=True)
 class DamageMark:
@@ -48,6 +49,8 @@ class DamageMark:
 
 
 def seal_refs(r: Refs) -> bytes | bytearray:
+    from snapship.formats import envelope
+
     key = L.refs_key(r.volume, r.version)
     return envelope.seal(KIND_REFS, key.encode(), refs_codec.encode(r), None, 0)
 
@@ -55,6 +58,8 @@ def seal_refs(r: Refs) -> bytes | bytearray:
 def open_refs(volume: str, version: str, blob: bytes) -> Refs:
     """Decode a stored reference list of `volume@version`: `Corrupt` unless it is whole and
     names itself (decompression bounded by its own header, docs/format.md)."""
+    from snapship.formats import envelope
+
     key = L.refs_key(volume, version)
     what = f"reference list of {volume}@{version}"
     body = envelope.open_sealed(KIND_REFS, key.encode(), blob, None,
@@ -216,6 +221,8 @@ class Catalog:
 
     def inspect_summary(self, blob: bytes, config: RepoConfig) -> str | None:
         """What is wrong with a summary's envelope as far as it shows without the key."""
+        from snapship.formats import envelope
+
         return envelope.inspect(blob, KIND_SUMMARY, config.encrypted)
 
     # -- reference lists ------------------------------------------------------------------
@@ -366,6 +373,9 @@ class Catalog:
     def inspect_chunk(self, cid: bytes, blob: bytes, config: RepoConfig) -> str | None:
         """What is wrong with a chunk object as far as it shows without the key (everything,
         in an unencrypted repository); None if nothing is."""
+        from snapship import crypto
+        from snapship.formats import envelope
+
         problem = envelope.inspect(blob, KIND_CHUNK, config.encrypted)
         overhead = chunk_overhead(config.encrypted)
         if problem is None and not overhead < len(blob) <= config.chunk_size + overhead:
@@ -383,6 +393,8 @@ class Catalog:
 
     def inspect_manifest(self, blob: bytes, config: RepoConfig) -> str | None:
         """What is wrong with a manifest's envelope as far as it shows without the key."""
+        from snapship.formats import envelope
+
         return envelope.inspect(blob, KIND_MANIFEST, config.encrypted)
 
     # -- locks and gc state ---------------------------------------------------------------
