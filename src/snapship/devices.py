@@ -105,10 +105,10 @@ class Source(_ReadOnlyDevice):
         """Exactly `length` bytes at `offset`, read into `buffer` (page-aligned, as
         `aligned_buffer` makes it): the backup engine's read, safe from several threads at
         once. A block device's whole blocks are read with O_DIRECT: a backup then neither pays
-        the kernel's copy out of the page cache (a third of a full backup's CPU time on a cold
-        source) nor pushes the host's working set out of the cache to make room for data read
-        once. A file, the tail of a short read, and every read the device refuses O_DIRECT for
-        go through the page cache."""
+        the kernel's copy out of the page cache (about a quarter of a full backup's CPU time
+        on a cold source) nor pushes the host's working set out of the cache to make room for
+        data read once. A file, the tail of a short read, and every read the device refuses
+        O_DIRECT for go through the page cache."""
         view = memoryview(buffer)
         got = 0
         try:
