@@ -125,15 +125,10 @@ class Source(_ReadOnlyDevice):
             while got < length:
                 n = os.preadv(self.fd, [view[got:length]], offset + got)
                 if not n:
-                    raise SourceError(
-                        f"source {self.path} ended at {offset + got}, "
-                        f"before its size {self.size} (did it shrink during the backup?)"
-                    )
+                    raise self._ended(offset + got)
                 got += n
         except OSError as e:
-            raise SourceError(
-                f"cannot read source {self.path} at offset {offset}: {e.strerror or e}"
-            ) from None
+            raise self._failed(offset, e) from None
         return view[:length]
 
     def read(self, offset: int, length: int) -> bytes:
@@ -143,16 +138,19 @@ class Source(_ReadOnlyDevice):
             while len(data) < length:
                 more = os.pread(self.fd, length - len(data), offset + len(data))
                 if not more:
-                    raise SourceError(
-                        f"source {self.path} ended at {offset + len(data)}, "
-                        f"before its size {self.size} (did it shrink during the backup?)"
-                    )
+                    raise self._ended(offset + len(data))
                 data += more
         except OSError as e:
-            raise SourceError(
-                f"cannot read source {self.path} at offset {offset}: {e.strerror or e}"
-            ) from None
+            raise self._failed(offset, e) from None
         return data
+
+    def _ended(self, at: int) -> SourceError:
+        return SourceError(f"source {self.path} ended at {at}, before its size {self.size} "
+                           "(did it shrink during the backup?)")
+
+    def _failed(self, offset: int, e: OSError) -> SourceError:
+        return SourceError(f"cannot read source {self.path} at offset {offset}: "
+                           f"{e.strerror or e}")
 
     def data_ranges(self) -> list[tuple[int, int]] | None:
         """(start, end) of each run of data of a regular file, by SEEK_DATA/SEEK_HOLE: what is
