@@ -1,7 +1,7 @@
 """`snapship mount` through the kernel's NBD client, and instant restore into a new LV, in a
 VM with a real kernel (nbd, dm-mirror, lvm2): one boot for all of it.
 
-An XFS volume holding a 6 MiB file and 300 MiB of filler is backed up on the host (quick
+An XFS volume holding a 6 MiB file and 1 GiB of filler is backed up on the host (quick
 there) into the scratch folder the guest reads. In the guest:
 - mount: the version is mounted (kernel NBD, read-only, norecovery); the file's checksum
   matches; after umount nothing is attached (/sys/block/nbd*/pid, losetup -a, /proc/mounts);
@@ -81,7 +81,7 @@ S umount /tmp/mnt --json > /scratch/umount2.json
 attached > /scratch/left2.txt
 
 # -- a full restore, for comparison ---------------------------------------------------------
-lvcreate -q -n full -L 640M vg > /dev/null
+lvcreate -q -n full -L 1344M vg > /dev/null
 A=$(now); S restore xfs /dev/mapper/vg-full -q; B=$(now); echo "$A $B" > /scratch/full
 lvremove -q -y vg/full > /dev/null
 
@@ -129,12 +129,12 @@ attached > /scratch/left4.txt
 
 
 def make_repository(scratch: Path) -> None:
-    """An XFS volume (a 6 MiB file, 300 MiB of filler, a directory tree) backed up on the
+    """An XFS volume (a 6 MiB file, 1 GiB of filler, a directory tree) backed up on the
     host, where it is quick, into scratch/repo; checksums of its files in scratch."""
     scratch.mkdir(parents=True)
     img = scratch.parent / "xfs.img"
     with open(img, "wb") as f:
-        f.truncate(640 << 20)
+        f.truncate(1344 << 20)
     subprocess.run(["mkfs.xfs", "-q", str(img)], check=True)
     mnt = scratch.parent / "fs"
     mnt.mkdir()
@@ -142,7 +142,7 @@ def make_repository(scratch: Path) -> None:
     try:
         (mnt / "file").write_bytes(os.urandom(6 << 20))
         with open(mnt / "filler", "wb") as f:
-            for _ in range(300):
+            for _ in range(1024):
                 f.write(os.urandom(1 << 20))
         shutil.copytree("/usr/share/doc/bash", mnt / "doc")
         (scratch / "file.sha").write_text(sha256_file(mnt / "file") + "  -\n")
@@ -160,7 +160,7 @@ def make_repository(scratch: Path) -> None:
 
 def test_mount_via_kernel_nbd_and_instant_restore(tmp_path: Path) -> None:
     make_repository(tmp_path / "scratch")
-    res = run_in_vm(SCRIPT, disks={"pv": 2 << 30}, timeout=1500, memory_mb=1536,
+    res = run_in_vm(SCRIPT, disks={"pv": 3 << 30}, timeout=1500, memory_mb=1536,
                     workdir=tmp_path).check()
     check(res.scratch, res.seconds)
 
@@ -216,15 +216,17 @@ def check(s: Path, seconds: float) -> None:
     early = instant.parse_mirror_status(read("mirror-early.txt"))
     assert early is not None and early.in_sync < early.regions, (early, timing)
     # The issue asks for a file read within 10 s of the command. Under emulation (TCG) that
-    # held with this shared machine idle (file read after 7.3 s; full restore 15.2 s), not
-    # with it loaded: one interpreter start ("python start", printed above) took 3 to 14 s,
-    # the instant command 4 to 25 s, and the mount, reading through the emulated NBD server
-    # while the copy competes for it, 2.5 to 18 s. So the 10 s is reported (the figures
-    # above), not asserted. What must hold whatever the speed: the file was read while the
-    # copy was far from done, and before a full restore of the same version (timed in the
-    # same boot, each less its one interpreter start) would have finished.
+    # held with this shared machine idle (file read after 7.3 s), not with it loaded: one
+    # interpreter start ("python start", printed above) took 3 to 14 s, the instant command 4
+    # to 25 s, and the mount, reading through the emulated NBD server while the copy competes
+    # for it, 2.5 to 18 s. So the 10 s is reported (the figures above), not asserted. What
+    # must hold whatever the speed: the file was read while the copy was far from done, and
+    # before a full restore of the same version (timed in the same boot) would have finished.
+    # Those costs are fixed, a full restore's grows with the data: with 300 MiB of filler a
+    # loaded CI run read the file after 35.2 s and a full restore took 32.2 s, an idle one
+    # 7.3 and 15.2 s. Hence 1 GiB, where a full restore takes about three times as long.
     assert usable < hydrated / 2, timing
-    assert usable - startup < full - startup, timing
+    assert usable < full, timing
     status = obj("status1.json", "restore-instant")
     assert status["state"] in ("copying", "complete") and status["source_running"]
     finish = obj("finish.json", "restore-instant")
