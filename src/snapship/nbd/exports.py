@@ -13,6 +13,7 @@ import errno
 from bisect import bisect_right
 from collections.abc import Awaitable, Iterator
 from concurrent.futures import Executor
+from typing import Protocol
 
 from snapship.errors import SnapshipError
 from snapship.formats.manifest import Manifest
@@ -24,13 +25,31 @@ from snapship.nbd.overlay import (
     WRITTEN,
     ZERO,
     ZERO_ALLOCATED,
-    OverlayView,
     PieceSource,
 )
 from snapship.types import ZERO_ID
 
 Piece = tuple[int, int, bytes | memoryview | None]
 """(offset, length, data): data None means `length` zero bytes."""
+
+
+class OverlayView(Protocol):
+    """What a connection writes into and reads through: an `overlay.Overlay`, or a live export
+    (`nbd.live.LiveExport`) whose layers survive restarts and whose base moves on at each
+    checkpoint."""
+
+    size: int
+
+    @property
+    def base(self) -> VersionImage | None:
+        """The version under the overlay when it is not the one the connection opened."""
+
+    def segments(self, start: int, end: int) -> Iterator[tuple[int, int, int | None]]: ...
+    def source_for(self, state: int) -> PieceSource: ...
+    def mark(self, start: int, end: int, state: int) -> None: ...
+    async def write(self, io: Executor, offset: int, data: bytes) -> None: ...
+    async def flush(self) -> None: ...
+
 
 MAX_EXTENTS = 8192
 """Descriptors per block-status reply; a client asks again from where the reply ended."""

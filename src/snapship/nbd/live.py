@@ -30,8 +30,8 @@ from typing import Any
 from snapship.errors import FormatError, UsageError
 from snapship.formats.manifest import Manifest, check_name
 from snapship.nbd.durable import DurableLayer, fsync_dir
-from snapship.nbd.exports import VersionImage
-from snapship.nbd.overlay import FROZEN, WRITTEN, OverlayView, PieceSource
+from snapship.nbd.exports import OverlayView, VersionImage
+from snapship.nbd.overlay import FROZEN, WRITTEN, PieceSource
 
 log = logging.getLogger("snapship.nbd")
 
@@ -103,7 +103,7 @@ def _write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
 
 
 class LiveExport:
-    """One volume's live export; implements `overlay.OverlayView`. Used from the event loop."""
+    """One volume's live export; implements `exports.OverlayView`. Used from the event loop."""
 
     def __init__(self, directory: Path, image: VersionImage, layers: list[DurableLayer],
                  next_layer: int) -> None:  # fmt: skip

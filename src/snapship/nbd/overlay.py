@@ -14,13 +14,10 @@ import os
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import Executor
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from snapship.nbd.rangemap import RangeMap
 from snapship.types import ByteRange
-
-if TYPE_CHECKING:
-    from snapship.nbd.exports import VersionImage
 
 WRITTEN = 1
 """The overlay file holds the data."""
@@ -40,24 +37,6 @@ class PieceSource(Protocol):
     def unpin(self) -> None: ...
 
 
-class OverlayView(Protocol):
-    """What a connection writes into and reads through: an `Overlay`, or a live export
-    (`nbd.live.LiveExport`) whose layers survive restarts and whose base moves on at each
-    checkpoint."""
-
-    size: int
-
-    @property
-    def base(self) -> VersionImage | None:
-        """The version under the overlay when it is not the one the connection opened."""
-
-    def segments(self, start: int, end: int) -> Iterator[tuple[int, int, int | None]]: ...
-    def source_for(self, state: int) -> PieceSource: ...
-    def mark(self, start: int, end: int, state: int) -> None: ...
-    async def write(self, io: Executor, offset: int, data: bytes) -> None: ...
-    async def flush(self) -> None: ...
-
-
 class Overlay:
     def __init__(self, size: int, directory: str | None = None) -> None:
         self.size = size
@@ -67,7 +46,7 @@ class Overlay:
         os.ftruncate(fd, size)  # sparse: only what is written takes space
         self.map = RangeMap()
 
-    base: VersionImage | None = None
+    base: None = None  # a plain overlay lies on the version the connection opened
 
     @property
     def dirty(self) -> bool:

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from snapship.formats.manifest import Manifest
-from snapship.nbd.exports import VersionImage
-from snapship.nbd.overlay import Overlay, OverlayView
+from snapship.nbd.exports import OverlayView, VersionImage
+from snapship.nbd.overlay import Overlay
 
 log = logging.getLogger("snapship.nbd")
 
