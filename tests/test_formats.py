@@ -310,6 +310,31 @@ def _with_header(body: bytes, header: bytes) -> bytes:
     return body[:8] + struct.pack("<I", len(header)) + header + body[12 + old :]
 
 
+def canonical(header: dict[str, object]) -> bytes:
+    return json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+
+
+def test_a_header_spelled_otherwise_is_refused() -> None:
+    """The same JSON spelled as no writer spells it (hypothesis found `"\\u0072"` for `"r"`,
+    made by damage) is refused, so what decodes always encodes back to the bytes stored."""
+    m = mf.Manifest("v", "1", 65536, 65536, "t", "r", None, ZERO_ID, array("I", [0]),
+                    labels={"k": "\u00e9"})
+    for decode, body in [(mf.decode, mf.encode(m)),
+                         (refs.decode, refs.encode(refs.from_manifest(m, "w\u00e9")))]:
+        header = json.loads(body[12 : 12 + struct.unpack_from("<I", body, 8)[0]])
+        assert decode(_with_header(body, canonical(header)), "m")
+        for other in [canonical(header).replace(b'"v"', b'"\\u0076"', 1),
+                      json.dumps(header).encode(),
+                      json.dumps(dict(reversed(header.items())), separators=(",", ":")).encode(),
+                      json.dumps(header, sort_keys=True, separators=(",", ":"),
+                                 ensure_ascii=False).encode(),
+                      canonical(header)[:-1] + b',"volume":"v"}']:
+            assert json.loads(other) == header
+            with pytest.raises(FormatError, match="the header of m is not in the form snapship "
+                                                  "writes"):
+                decode(_with_header(body, other), "m")
+
+
 def test_manifest_and_refs_headers_nested_deeply_are_refused() -> None:
     m = mf.Manifest("v", "1", 65536, 65536, "t", "s", None, ZERO_ID, array("I", [0]))
     deep = ('{"x":' + "[" * 100_000 + "]" * 100_000 + "}").encode()
@@ -334,7 +359,7 @@ def test_manifest_decode_refuses_mistyped_stats(change: dict[str, object], field
     header = json.loads(body[12 : 12 + struct.unpack_from("<I", body, 8)[0]])
     header["stats"].update(change)
     with pytest.raises(FormatError, match=f"m is malformed: stats field '{field}'"):
-        mf.decode(_with_header(body, json.dumps(header).encode()), "m")
+        mf.decode(_with_header(body, canonical(header)), "m")
     m.stats.update(change)
     with pytest.raises(ValueError, match=field):
         mf.encode(m)

@@ -32,7 +32,7 @@ def encode_parts(magic: bytes, version: int, header: dict[str, Any], ids: bytes,
                  values: array[int]) -> list[bytes | memoryview]:
     """The encoding in three parts (everything before the ids, the ids, the values), which
     join to `encode`'s bytes: the ids are not copied."""
-    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    head = _spelled(header)
     if sys.byteorder == "big":
         values = array("I", values)
         values.byteswap()
@@ -59,7 +59,7 @@ def read_head(peek: Callable[[int], bytes], magic: bytes, version: int, kind: st
     """Parse the prefix, header and count through `peek` (the first n bytes of the plaintext),
     reading no further: so a compressed object's real size can be checked before it is
     decompressed. Rejects another magic or version, reserved bits set, an oversized or
-    malformed header."""
+    malformed header, or one not spelled as `encode` spells it."""
     prefix = peek(_PREFIX.size)
     if len(prefix) < _PREFIX.size:
         raise FormatError(f"{what} is truncated")
@@ -78,9 +78,20 @@ def read_head(peek: Callable[[int], bytes], magic: bytes, version: int, kind: st
     head = peek(end + _COUNT.size)
     if len(head) < end + _COUNT.size:
         raise FormatError(f"{what} is truncated")
-    header = load_object(head[_PREFIX.size : end], f"the header of {what}", MAX_MANIFEST_HEADER)
+    raw = head[_PREFIX.size : end]
+    header = load_object(raw, f"the header of {what}", MAX_MANIFEST_HEADER)
+    if _spelled(header) != raw:
+        # One header has one spelling (every writer has used this one): any other is damage
+        # or a foreign writer, and would decode to a header other than the bytes stored.
+        raise FormatError(f"the header of {what} is not in the form snapship writes (sorted "
+                          "keys, no spaces, ASCII escapes)")
     (count,) = _COUNT.unpack_from(head, end)
     return Head(header, header_len, count)
+
+
+def _spelled(header: dict[str, Any]) -> bytes:
+    """The one spelling of a header: the bytes `encode` writes and `read_head` accepts."""
+    return json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
 
 
 def cut(head: Head) -> list[int]:
