@@ -1,9 +1,16 @@
 """Real ext4 and XFS images for the free-space tests: made by mkfs, filled and partly deleted
-through a loop mount (seeded, so a failure reproduces), and the real tools' view of them."""
+through a loop mount (seeded, so a failure reproduces), and the real tools' view of them.
+
+Every loop mount of the host tests is made in a mount namespace of its own (`private_mounts`).
+A process that another test starts in a new mount namespace meanwhile (`unshare
+--mount-proc`, tests/test_leases.py) would otherwise get a copy of the mount, and keep the file
+system alive after `umount` here: its data unwritten, the image read as it was before.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import os
 import random
@@ -19,14 +26,47 @@ def run(*cmd: str) -> str:
     return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
 
 
+CLONE_NEWNS = 0x00020000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _checked(result: int, what: str) -> None:
+    if result != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"{what}: {os.strerror(e)}")
+
+
+@contextlib.contextmanager
+def private_mounts() -> Iterator[None]:
+    """This thread, and what it starts, in a mount namespace of its own until the block
+    ends: mounts made meanwhile exist nowhere else, so an unmount here is the last one."""
+    cwd = os.getcwd()
+    original = os.open("/proc/thread-self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _checked(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+        try:
+            # Where / is shared (systemd), a mount made here would propagate back out.
+            _checked(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None),
+                     "mount --make-rprivate /")
+            yield
+        finally:
+            _checked(_libc.setns(original, CLONE_NEWNS), "setns(CLONE_NEWNS)")
+            os.chdir(cwd)  # setns moved this thread to the namespace's root
+    finally:
+        os.close(original)
+
+
 @contextlib.contextmanager
 def mounted(image: Path, where: Path) -> Iterator[Path]:
     where.mkdir(exist_ok=True)
-    run("mount", "-o", "loop", str(image), str(where))
-    try:
-        yield where
-    finally:
-        run("umount", str(where))
+    with private_mounts():
+        run("mount", "-o", "loop", str(image), str(where))
+        try:
+            yield where
+        finally:
+            run("umount", str(where))
 
 
 def make_image(path: Path, size_mib: int, mkfs: list[str]) -> Path:

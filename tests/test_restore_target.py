@@ -37,6 +37,7 @@ from tests.clihelp import (
     start_cli,
     write_image,
 )
+from tests.fsimages import private_mounts
 
 IMAGE_SIZE = 24 * CHUNK + 999
 
@@ -78,11 +79,12 @@ needs_loop = pytest.mark.skipif(loop_reason is not None, reason=loop_reason or "
 @contextlib.contextmanager
 def mounted(dev: Path, mnt: Path) -> Iterator[Path]:
     mnt.mkdir(exist_ok=True)
-    subprocess.run([_sbin("mount"), str(dev), str(mnt)], check=True, timeout=60)
-    try:
-        yield mnt
-    finally:
-        subprocess.run([_sbin("umount"), str(mnt)], check=False, timeout=60)
+    with private_mounts():  # tests/fsimages.py says why
+        subprocess.run([_sbin("mount"), str(dev), str(mnt)], check=True, timeout=60)
+        try:
+            yield mnt
+        finally:
+            subprocess.run([_sbin("umount"), str(mnt)], check=False, timeout=60)
 
 
 @needs_loop

@@ -30,6 +30,7 @@ import pytest
 
 from snapship import instant
 from tests.clihelp import ok, run_cli, sha256_file
+from tests.fsimages import mounted
 from tests.test_json_contract import BY_ID, problems
 from tests.vm.harness import run_in_vm
 
@@ -136,10 +137,7 @@ def make_repository(scratch: Path) -> None:
     with open(img, "wb") as f:
         f.truncate(1344 << 20)
     subprocess.run(["mkfs.xfs", "-q", str(img)], check=True)
-    mnt = scratch.parent / "fs"
-    mnt.mkdir()
-    subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], check=True)
-    try:
+    with mounted(img, scratch.parent / "fs") as mnt:
         (mnt / "file").write_bytes(os.urandom(6 << 20))
         with open(mnt / "filler", "wb") as f:
             for _ in range(1024):
@@ -150,8 +148,6 @@ def make_repository(scratch: Path) -> None:
         files = sorted(f"./{p.relative_to(mnt)}" for p in mnt.rglob("*") if p.is_file())
         (scratch / "tree.sha").write_text("".join(
             f"{sha256_file(mnt / name)}  {name}\n" for name in files))
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
     repo = scratch / "repo"
     ok(run_cli("init", "--repo", repo, "--encryption", "none", passphrase=None))
     ok(run_cli("backup", "--repo", repo, img, "--volume", "xfs", passphrase=None))
