@@ -407,6 +407,16 @@ def new_chunks(repo: Path, before: set[str]) -> int:
     return n
 
 
+PID_NAMESPACE = [
+    "unshare", "-p", "--fork", "--mount-proc", "sh", "-c",
+    # The new mount namespace starts as a copy of this one, other tests' loop mounts too; held
+    # here, they would outlive those tests' umount unwritten (tests/fsimages.py): let go.
+    'findmnt -rn -o TARGET | grep "^/tmp/pytest-of-" | sort -r | while read -r m; do '
+    'umount -l "$m" || true; done; exec "$@"', "sh"]
+"""A command prefix: what follows runs as pid 1 of a PID namespace, with its own /proc, as
+in a container."""
+
+
 def child_pid(pid: int) -> int:
     """The one child of `pid` (what `unshare --fork` runs)."""
     def children() -> list[int]:

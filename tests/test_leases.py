@@ -27,6 +27,7 @@ import pytest
 from tests.clihelp import (
     CHUNK,
     CLI,
+    PID_NAMESPACE,
     assert_restores,
     assert_verify_ok,
     backup,
@@ -117,8 +118,8 @@ def test_backup_in_its_own_pid_namespace_is_not_taken_for_dead(tmp_path: Path) -
     repo, img, sha = setup_repo(tmp_path, random.Random(102))
     before = {p.name for p in chunk_files(repo)}
     proc = subprocess.Popen(
-        ["unshare", "-p", "-f", "--mount-proc", *CLI, "backup", "--repo", str(repo), str(img),
-         "--volume", "disk", "--json"],
+        [*PID_NAMESPACE, *CLI, "backup", "--repo", str(repo), str(img), "--volume", "disk",
+         "--json"],
         env=env_with(None), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
     try:

@@ -19,6 +19,7 @@ from pathlib import Path
 from tests.clihelp import (
     CHUNK,
     CLI,
+    PID_NAMESPACE,
     assert_restores,
     assert_verify_ok,
     backup,
@@ -287,6 +288,6 @@ def test_writers_paused_past_their_lease_beside_gc(tmp_path: Path) -> None:
 def test_writers_in_their_own_pid_namespace_beside_gc(tmp_path: Path) -> None:
     """Writers in their own PID namespace (pid 1 there, as in a container), paused briefly
     while gc runs on the host: gc must judge them by their heartbeat. 0 versions lost."""
-    wrap = ["unshare", "-p", "--fork", "--mount-proc"]
+    wrap = PID_NAMESPACE
     backups, pauses = paused_writers_round(tmp_path, wrap, None, 1.5, SEED + 3)
     assert backups >= 6 and pauses >= 3, (backups, pauses)
